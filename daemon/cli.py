@@ -1,0 +1,202 @@
+"""The ``pacs-triage`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+
+from daemon.config import Config, ConfigError, load_config, parse_peer
+from daemon.logs import setup_logging
+
+app = typer.Typer(
+    name="pacs-triage",
+    help="Automatic triage of CT/MR studies next to a PACS: receive over DICOM, analyse, report back.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Database maintenance.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config", "-c", help="TOML configuration file (see deploy/pacs-triage.example.toml). "
+        "Environment variables PACS_TRIAGE_* override it.", envvar="PACS_TRIAGE_CONFIG",
+        dir_okay=False,
+    ),
+]
+PeerArg = Annotated[str, typer.Argument(help="The peer as AET@HOST:PORT, e.g. ORTHANC@127.0.0.1:4242.")]
+CallingAe = Annotated[str | None, typer.Option(help="Our calling AE title (default: ae_title from the config).")]
+TlsCa = Annotated[Path | None, typer.Option(help="Use DICOM TLS, trusting this CA file.", dir_okay=False)]
+TlsCert = Annotated[Path | None, typer.Option(help="Client certificate for DICOM TLS.", dir_okay=False)]
+TlsKey = Annotated[Path | None, typer.Option(help="Private key of the client certificate.", dir_okay=False)]
+Timeout = Annotated[float, typer.Option(help="Network/ACSE/DIMSE timeout in seconds.")]
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    typer.echo(f"pacs-triage: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _config(path: Path | None) -> Config:
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        _fail(str(exc), code=2)
+    setup_logging(config.logging.level)
+    return config
+
+
+def _peer(text: str) -> tuple[str, str, int]:
+    try:
+        return parse_peer(text)
+    except ValueError as exc:
+        _fail(str(exc), code=2)
+
+
+@app.command()
+def serve(config_path: ConfigOption = None) -> None:
+    """Run the DICOM receiver until SIGTERM/SIGINT.
+
+    With no configuration it listens on port 11112 as PACS_TRIAGE, accepts loopback peers only,
+    and keeps its SQLite database and spool under ~/.local/share/pacs-triage (PACS_TRIAGE_HOME).
+    """
+    from daemon.service import serve as run
+
+    config = _config(config_path)
+    try:
+        run(config)
+    except OSError as exc:
+        _fail(f"cannot start: {exc}")
+
+
+@app.command()
+def status(
+    config_path: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Show what is stored and the job queue by state."""
+    from daemon.node import open_node
+    from storage.errors import StorageUnavailable
+    from storage.stats import counts
+
+    config = _config(config_path)
+    try:
+        node = open_node(config, open_spool=False)
+        result = counts(node.sessions)
+        node.close()
+    except StorageUnavailable as exc:
+        _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(asdict(result), indent=2, sort_keys=True))
+        return
+    typer.echo(f"studies    {result.studies}  ({', '.join(f'{k} {v}' for k, v in result.studies_by_state.items())})")
+    typer.echo(f"series     {result.series}")
+    typer.echo(f"instances  {result.instances}  ({result.bytes_stored / 2**20:.1f} MiB)")
+    typer.echo("jobs       " + ", ".join(f"{k} {v}" for k, v in result.jobs.items()))
+
+
+def _tls(ca: Path | None, cert: Path | None, key: Path | None) -> object:
+    from daemon.scu import TlsClient
+
+    if ca is None and cert is None:
+        return None
+    return TlsClient(ca_certificates=ca, certificate=cert, private_key=key)
+
+
+@app.command()
+def echo(
+    peer: PeerArg,
+    config_path: ConfigOption = None,
+    calling_ae: CallingAe = None,
+    tls_ca: TlsCa = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    timeout: Timeout = 30.0,
+) -> None:
+    """Verify DICOM connectivity to a peer (C-ECHO)."""
+    from daemon.scu import AssociationFailed, Peer, TlsClient
+    from daemon.scu import echo as c_echo
+
+    config = _config(config_path)
+    peer_ae, host, port = _peer(peer)
+    tls = _tls(tls_ca, tls_cert, tls_key)
+    assert tls is None or isinstance(tls, TlsClient)
+    try:
+        code = c_echo(Peer(peer_ae, host, port), calling_ae=calling_ae or config.ae_title, tls=tls,
+                      timeout=timeout)
+    except AssociationFailed as exc:
+        _fail(str(exc))
+    if code != 0:
+        _fail(f"C-ECHO to {peer} answered 0x{code:04X}")
+    typer.echo(f"C-ECHO to {peer}: success")
+
+
+@app.command()
+def send(
+    peer: PeerArg,
+    paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders (searched recursively).",
+                                                exists=True)],
+    config_path: ConfigOption = None,
+    calling_ae: CallingAe = None,
+    tls_ca: TlsCa = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    timeout: Timeout = 60.0,
+) -> None:
+    """Send DICOM files to a peer (C-STORE) and report the status of each file.
+
+    Files are sent byte-for-byte in their own transfer syntax. Exit code 0 when every file was
+    accepted, 1 otherwise.
+    """
+    from daemon.scu import Peer, TlsClient, send_files
+
+    config = _config(config_path)
+    peer_ae, host, port = _peer(peer)
+    tls = _tls(tls_ca, tls_cert, tls_key)
+    assert tls is None or isinstance(tls, TlsClient)
+    ok = failed = 0
+    for result in send_files(Peer(peer_ae, host, port), paths, calling_ae=calling_ae or config.ae_title,
+                             tls=tls, timeout=timeout):
+        code = "------" if result.status is None else f"0x{result.status:04X}"
+        word = "OK    " if result.ok else "FAILED"
+        detail = f"  {result.comment}" if result.comment else ""
+        typer.echo(f"{word} {code} {result.path}{detail}")
+        ok, failed = (ok + 1, failed) if result.ok else (ok, failed + 1)
+    typer.echo(f"{ok} sent, {failed} failed", err=True)
+    if failed or not ok:
+        raise typer.Exit(1)
+
+
+@db_app.command("upgrade")
+def db_upgrade(config_path: ConfigOption = None) -> None:
+    """Apply the database migrations (also done on every start)."""
+    from daemon.node import open_node
+    from storage.errors import StorageUnavailable
+    from storage.migrate import current_revision
+
+    config = _config(config_path)
+    try:
+        node = open_node(config, open_spool=False)
+        typer.echo(f"database at revision {current_revision(node.engine)}")
+        node.close()
+    except StorageUnavailable as exc:
+        _fail(str(exc))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""One typed, validated configuration object, built once at start-up and passed explicitly.
+
+Sources, later wins: embedded defaults < TOML file (``--config``) < environment variables.
+Environment variables are ``PACS_TRIAGE_<KEY>`` for top-level keys (``PACS_TRIAGE_HOME``,
+``PACS_TRIAGE_PORT``, ``PACS_TRIAGE_AE_TITLE``, ``PACS_TRIAGE_DATABASE_URL``,
+``PACS_TRIAGE_DESTINATION``) and ``PACS_TRIAGE_<SECTION>__<KEY>`` for sections
+(e.g. ``PACS_TRIAGE_DICOM__MAX_ASSOCIATIONS=32``). This is the only module that reads the
+environment.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+ENV_PREFIX = "PACS_TRIAGE_"
+DEFAULT_AE_TITLE = "PACS_TRIAGE"
+DEFAULT_PORT = 11112
+DEFAULT_TLS_PORT = 2762  # IANA "dicom-tls"
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names the key. The CLI exits with code 2."""
+
+
+def _parse_size(value: Any) -> Any:
+    if isinstance(value, str):
+        match = _SIZE.match(value)
+        if not match:
+            raise ValueError(f"{value!r} is not a size (examples: 1048576, '512MiB', '2GB')")
+        unit = (match.group(2) or "B").lower()
+        return int(float(match.group(1)) * _UNITS[unit])
+    return value
+
+
+ByteSize = Annotated[int, BeforeValidator(_parse_size), Field(ge=0)]
+
+
+def validate_ae_title(value: str) -> str:
+    """PS3.5 6.2: AE is 1-16 characters of the default repertoire, no backslash or control characters."""
+    title = value.strip()
+    if not 1 <= len(title) <= 16:
+        raise ValueError(f"AE title {value!r} must be 1 to 16 characters")
+    if any(c == "\\" or not (0x20 <= ord(c) < 0x7F) for c in title):
+        raise ValueError(f"AE title {value!r} may only contain printable ASCII other than backslash")
+    return title
+
+
+AETitle = Annotated[str, BeforeValidator(lambda v: validate_ae_title(str(v)))]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DicomConfig(_Section):
+    """DICOM network settings of the receiver."""
+
+    bind_address: str = "0.0.0.0"  # listen everywhere; [access] decides who may associate
+    max_associations: int = Field(default=16, ge=1, le=1000)
+    # 0 = no limit: fewer, larger reads; +15-28 % on 0.5 MB CT slices (shared/notes).
+    max_pdu_size: int = Field(default=0, ge=0)
+    acse_timeout: float = Field(default=30.0, gt=0)
+    dimse_timeout: float = Field(default=60.0, gt=0)
+    network_timeout: float = Field(default=120.0, gt=0)
+
+    @field_validator("bind_address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        ipaddress.ip_address(value)
+        return value
+
+
+class AllowEntry(_Section):
+    """A peer allowed to associate: its calling AE title and the network it connects from."""
+
+    ae_title: AETitle
+    network: str  # CIDR, e.g. "10.20.0.0/16" or a single address
+
+    @field_validator("network")
+    @classmethod
+    def _network(cls, value: str) -> str:
+        return str(ipaddress.ip_network(value, strict=False))
+
+
+class AccessConfig(_Section):
+    """Who may associate. Loopback peers are always allowed when ``allow_loopback`` is true."""
+
+    allow_loopback: bool = True
+    check_called_ae: bool = True  # reject associations addressed to another AE title
+    allow: tuple[AllowEntry, ...] = ()
+
+
+class TlsConfig(_Section):
+    """DICOM TLS (PS3.15 B.1) on its own port, next to the plain port."""
+
+    enabled: bool = False
+    port: int = Field(default=DEFAULT_TLS_PORT, ge=0, le=65535)
+    certificate: Path | None = None
+    private_key: Path | None = None
+    ca_certificates: Path | None = None  # CA bundle for verifying client certificates
+    require_client_certificate: bool = True
+
+    def model_post_init(self, _context: Any) -> None:
+        if not self.enabled:
+            return
+        for key in ("certificate", "private_key"):
+            path = getattr(self, key)
+            if path is None:
+                raise ValueError(f"tls.{key} is required when tls.enabled is true")
+            if not Path(path).is_file():
+                raise ValueError(f"tls.{key}: file {path} does not exist")
+        if self.require_client_certificate and (
+            self.ca_certificates is None or not Path(self.ca_certificates).is_file()
+        ):
+            raise ValueError(
+                "tls.ca_certificates must name an existing CA file when tls.require_client_certificate is true"
+            )
+
+
+class StorageConfig(_Section):
+    """Where bytes and records go."""
+
+    spool_dir: Path | None = None  # default: <home>/spool
+    min_free_bytes: ByteSize = 1 * 2**30  # refuse stores (A700) below this much free space
+
+
+class LoggingConfig(_Section):
+    level: str = "INFO"
+
+    @field_validator("level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        upper = value.upper()
+        if upper not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
+        return upper
+
+
+def default_home() -> Path:
+    return Path.home() / ".local" / "share" / "pacs-triage"
+
+
+class Config(BaseSettings):
+    """The whole configuration of a pacs-triage node."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", frozen=True, extra="forbid", case_sensitive=False
+    )
+
+    home: Path = Field(default_factory=default_home)  # data directory (PACS_TRIAGE_HOME)
+    ae_title: AETitle = DEFAULT_AE_TITLE
+    port: int = Field(default=DEFAULT_PORT, ge=0, le=65535)  # 0: any free port (tests)
+    database_url: str | None = None  # default: sqlite:///<home>/pacs-triage.db
+    destination: str | None = None  # AET@HOST:PORT where results go
+
+    dicom: DicomConfig = DicomConfig()
+    access: AccessConfig = AccessConfig()
+    tls: TlsConfig = TlsConfig()
+    storage: StorageConfig = StorageConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML file arrives as init kwargs; the environment overrides it.
+        return (env_settings, init_settings)
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^(sqlite|postgres(ql)?)(\+\w+)?://", value):
+            raise ValueError("must start with sqlite:// or postgresql://")
+        return value
+
+    @field_validator("destination")
+    @classmethod
+    def _destination(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_peer(value)
+        return value
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.storage.spool_dir or self.home / "spool"
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'pacs-triage.db'}"
+
+
+def parse_peer(text: str) -> tuple[str, str, int]:
+    """Parse ``AET@HOST:PORT`` (HOST may be ``[v6]``) into its parts, validating each."""
+    match = re.fullmatch(r"(?P<ae>[^@]+)@(?P<host>\[[^\]]+\]|[^:\[\]]+):(?P<port>\d{1,5})", text.strip())
+    if not match:
+        raise ValueError(f"{text!r} is not AET@HOST:PORT")
+    port = int(match.group("port"))
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} out of range 1-65535")
+    return validate_ae_title(match.group("ae")), match.group("host").strip("[]"), port
+
+
+def load_config(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Build the configuration from embedded defaults, the TOML file and the environment."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file {path} does not exist") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    env = dict(os.environ if environ is None else environ)
+    saved = dict(os.environ)
+    try:
+        if environ is not None:  # pydantic-settings reads os.environ; scope a given mapping to this call
+            os.environ.clear()
+            os.environ.update(env)
+        return Config(**data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path)) from exc
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    finally:
+        if environ is not None:
+            os.environ.clear()
+            os.environ.update(saved)
+
+
+def _describe(exc: ValidationError, path: Path | None) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        env_name = ENV_PREFIX + "__".join(str(p) for p in err["loc"][:2]).upper()
+        where = f"{path} or {env_name}" if path else env_name
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see deploy/pacs-triage.example.toml)"
+        lines.append(f"{key}: {msg} [set in {where}]")
+    return "invalid configuration:\n  " + "\n  ".join(lines)

@@ -1,0 +1,540 @@
+"""Run a MONAI Model Zoo bundle on an in-memory :class:`~pipeline.volume.Volume`.
+
+A bundle directory has the Model Zoo layout: ``configs/metadata.json``, ``configs/inference.json``
+and its weights in ``models/`` (``model.pt``, a state dict, or ``model.ts``, TorchScript).
+
+Conventions:
+
+- The input volume is indexed ``[i, j, k]`` (column, row, slice) and its affine maps ``(i, j, k, 1)``
+  to **LPS** mm. It is fed to the bundle as a ``MetaTensor`` with that affine, ``meta["space"] = "LPS"``
+  and ``meta["original_channel_dim"] = "no_channel"``, exactly what the bundle's ``LoadImaged`` would
+  have produced; the bundle's own ``Orientationd``/``Spacingd`` then do the rest.
+- Segmentation outputs come back on the **source grid**: ``labels.shape == volume.array.shape``,
+  same ``[i, j, k]`` order, through the bundle's own ``Invertd``.
+
+What is taken from ``inference.json`` (see ``shared/bundles/README.md``):
+
+- honoured: ``network_def``, ``preprocessing`` (orientation, spacing, intensity), ``inferer``,
+  ``postprocessing`` (``Activationsd``, ``Invertd``, ``AsDiscreted``), ``modelname`` and every id those
+  refer to (``pixdim``, ``displayable_configs#...``).
+- replaced: ``LoadImage(d)`` and every ``Save*`` transform by ``Identityd``; ``device`` and
+  ``inferer#device`` by the runtime's device; ``network_def#pretrained`` by ``False`` (no downloads).
+- removed before parsing, so never resolved: :data:`NEVER_RESOLVED` (data loading, handlers,
+  evaluator, checkpoint loader, ``initialize``, ``run``). Weights are loaded here, pinned.
+
+Security: a bundle is code (``_target_`` imports anything, ``$...`` is ``eval``'d). Only a bundle inside
+an allowed directory whose :func:`bundle_sha256` equals the pinned digest is parsed, and the bytes
+parsed and loaded are the bytes that were hashed (no second read from disk).
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import io
+import json
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.errors import BundleError, TransientError
+from pipeline.findings import AlgorithmInfo
+from pipeline.volume import Volume
+
+__all__ = [
+    "NEVER_RESOLVED",
+    "BundleKind",
+    "BundleRuntime",
+    "Prediction",
+    "bundle_sha256",
+    "clear_bundle_cache",
+    "load_bundle",
+]
+
+#: Top-level ids of ``inference.json`` dropped before parsing: the daemon feeds data, loads weights
+#: and drives inference itself. Anything that still refers to them fails with a BundleError.
+NEVER_RESOLVED: tuple[str, ...] = (
+    "datalist",
+    "dataset",
+    "dataloader",
+    "data",
+    "test_imagelist",
+    "test_labellist",
+    "handlers",
+    "evaluator",
+    "checkpointloader",
+    "initialize",
+    "run",
+    "evaluating",
+    "finalize",
+)
+_INFERENCE = "configs/inference.json"
+_METADATA = "configs/metadata.json"
+_DEFAULT_WEIGHTS = ("model.pt", "model.ts")
+_FILE_MACRO = re.compile(r"^%[^#]*\.(json|ya?ml)(#|$)")  # "%other.json#id" reads an unpinned file
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_CACHE_SIZE = 4
+# What MONAI's ConfigParser raises for a config that does not build (bad id, import, expression).
+_BUILD_ERRORS = (KeyError, ValueError, TypeError, AttributeError, ImportError, RuntimeError, SyntaxError)
+
+
+class BundleKind(enum.Enum):
+    """What a bundle's network outputs."""
+
+    SEGMENTATION = "segmentation"  # one value per voxel: (B, C, *spatial)
+    CLASSIFICATION = "classification"  # one value per class: (B, C)
+
+
+@dataclass(frozen=True, eq=False)
+class Prediction:
+    """What one bundle concluded about one volume; arrays are read-only.
+
+    ``labels`` is ``[i, j, k]`` on the source grid (same shape as ``volume.array``), holding channel
+    indices into ``label_names``. ``probabilities`` is ``[C, i, j, k]`` float32 on the source grid where
+    the bundle inverts its probabilities before taking the argmax (spleen does, wholeBody does not:
+    then it is ``None``). ``class_probabilities`` is set for classification bundles only.
+    """
+
+    kind: BundleKind
+    label_names: tuple[str, ...]  # index = output channel
+    algorithm: AlgorithmInfo
+    labels: np.ndarray | None = None
+    probabilities: np.ndarray | None = None
+    class_probabilities: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind is BundleKind.SEGMENTATION and self.labels is None:
+            raise ValueError("a segmentation Prediction needs labels")
+        if self.kind is BundleKind.CLASSIFICATION and self.class_probabilities is None:
+            raise ValueError("a classification Prediction needs class_probabilities")
+        for array in (self.labels, self.probabilities):
+            if array is not None:
+                array.flags.writeable = False
+
+
+# --- pinning -------------------------------------------------------------------------------------
+
+
+def _covered_paths(bundle_dir: Path) -> list[tuple[str, Path]]:
+    paths = [p for p in (bundle_dir / "configs").glob("*.json") if p.is_file()]
+    paths += [p for p in (bundle_dir / "models").rglob("*") if p.is_file()]
+    return sorted((p.relative_to(bundle_dir).as_posix(), p) for p in paths)
+
+
+def _digest(files: Mapping[str, bytes]) -> str:
+    sha = hashlib.sha256()
+    for rel in sorted(files):
+        name = rel.encode("utf-8")
+        data = files[rel]
+        sha.update(len(name).to_bytes(8, "big") + name + len(data).to_bytes(8, "big"))
+        sha.update(data)
+    return sha.hexdigest()
+
+
+def _read_bundle(bundle_dir: Path, roots: Sequence[Path] = ()) -> dict[str, bytes]:
+    files: dict[str, bytes] = {}
+    for rel, path in _covered_paths(bundle_dir):
+        real = path.resolve()
+        if roots and not any(real.is_relative_to(root) for root in roots):
+            raise BundleError(
+                f"bundle file {path} resolves to {real}, outside the allowed bundle directories"
+            )
+        files[rel] = real.read_bytes()
+    return files
+
+
+def bundle_sha256(bundle_dir: str | Path) -> str:
+    """Hex sha256 pinning a bundle: every file of ``configs/*.json`` and ``models/**`` (recursive).
+
+    Files are taken in sorted order of their POSIX path relative to the bundle directory; for each,
+    the digest is fed ``len(path) || path || len(content) || content`` (lengths as 8-byte big-endian,
+    path in UTF-8). Nothing else is covered: ``docs/``, ``LICENSE``, ``configs/*.yaml`` and
+    ``scripts/`` are not read by this runtime (the bundle directory is never put on ``sys.path``).
+    """
+    return _digest(_read_bundle(Path(bundle_dir)))
+
+
+# --- parsing -------------------------------------------------------------------------------------
+
+
+def _target_name(item: object) -> str:
+    target = item.get("_target_") if isinstance(item, dict) else None
+    return target.rsplit(".", 1)[-1] if isinstance(target, str) else ""
+
+
+def _walk_strings(node: object) -> Iterator[str]:
+    if isinstance(node, str):
+        yield node
+    elif isinstance(node, dict):
+        for value in node.values():
+            yield from _walk_strings(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _walk_strings(value)
+
+
+def _json(files: Mapping[str, bytes], rel: str) -> dict[str, Any]:
+    try:
+        content = json.loads(files[rel])
+    except KeyError:
+        raise BundleError(f"bundle has no {rel}") from None
+    except ValueError as exc:
+        raise BundleError(f"{rel} is not valid JSON: {exc}") from exc
+    if not isinstance(content, dict):
+        raise BundleError(f"{rel} must hold a JSON object")
+    return content
+
+
+def _label_names(meta: Mapping[str, Any]) -> tuple[str, ...]:
+    """Channel names from ``network_data_format.outputs.pred.channel_def`` (or the only output)."""
+    outputs = meta.get("network_data_format", {}).get("outputs", {})
+    output = outputs.get("pred") or (next(iter(outputs.values())) if len(outputs) == 1 else None)
+    channel_def = output.get("channel_def") if isinstance(output, dict) else None
+    if not isinstance(channel_def, dict) or not channel_def:
+        raise BundleError(
+            f"{_METADATA} has no network_data_format.outputs.pred.channel_def naming the labels"
+        )
+    try:
+        by_index = {int(k): str(v) for k, v in channel_def.items()}
+    except ValueError as exc:
+        raise BundleError(f"{_METADATA}: channel_def keys must be channel indices: {exc}") from exc
+    if sorted(by_index) != list(range(len(by_index))):
+        raise BundleError(f"{_METADATA}: channel_def indices must be 0..C-1, got {sorted(by_index)}")
+    return tuple(by_index[i] for i in range(len(by_index)))
+
+
+def _replace_io(parser: Any, section: str, names: tuple[str, ...], prefix: str = "") -> None:
+    """Replace the file loaders/writers of ``section#transforms`` by ``Identityd`` on the same keys."""
+    transforms = parser.get(f"{section}#transforms")
+    if not isinstance(transforms, list):
+        return
+    for index, item in enumerate(transforms):
+        name = _target_name(item)
+        if name in names or (prefix and name.startswith(prefix)):
+            parser[f"{section}#transforms#{index}"] = {"_target_": "Identityd", "keys": item.get("keys")}
+
+
+def _build_parser(files: Mapping[str, bytes], overrides: Mapping[str, Any], device: torch.device) -> Any:
+    from monai.bundle import ConfigParser
+
+    config = _json(files, _INFERENCE)
+    for key in NEVER_RESOLVED:
+        config.pop(key, None)
+    for text in _walk_strings(config):
+        if _FILE_MACRO.match(text):
+            raise BundleError(
+                f"{_INFERENCE}: macro {text!r} reads another file; only same-file macros are allowed"
+            )
+    parser = ConfigParser()
+    parser.read_meta(_json(files, _METADATA))
+    parser.read_config(config)
+    for key, value in overrides.items():
+        try:
+            parser[key] = value
+        except (KeyError, IndexError, ValueError) as exc:
+            raise BundleError(f"override {key!r}: no such id in {_INFERENCE} ({exc})") from exc
+    parser["device"] = device
+    if isinstance(parser.get("inferer"), dict) and "device" in parser["inferer"]:
+        parser["inferer#device"] = device
+    if isinstance(parser.get("network_def"), dict) and "pretrained" in parser["network_def"]:
+        parser["network_def#pretrained"] = False
+    _replace_io(parser, "preprocessing", ("LoadImaged", "LoadImage"))
+    _replace_io(parser, "postprocessing", (), prefix="Save")
+    return parser
+
+
+def _load_network(parser: Any, files: Mapping[str, bytes], device: torch.device) -> torch.nn.Module:
+    """The network with the pinned weights, on ``device``, in eval mode."""
+    if "modelname" in parser:
+        name = parser.get_parsed_content("modelname")
+        if not isinstance(name, str) or Path(name).name != name:
+            raise BundleError(f"modelname must be a file name in models/, got {name!r}")
+        candidates: tuple[str, ...] = (name,)
+    else:
+        candidates = _DEFAULT_WEIGHTS
+    found = [f"models/{n}" for n in candidates if f"models/{n}" in files]
+    if not found:
+        raise BundleError(f"bundle has no weights: none of {['models/' + n for n in candidates]} exists")
+    rel = found[0]
+    data = io.BytesIO(files[rel])
+    if rel.endswith(".ts"):
+        try:
+            network: torch.nn.Module = torch.jit.load(data, map_location=device)
+        except RuntimeError as exc:
+            raise BundleError(f"{rel} is not a TorchScript module: {exc}") from exc
+        return network.eval()
+    network = parser.get_parsed_content("network_def")
+    if not isinstance(network, torch.nn.Module):
+        raise BundleError(f"network_def built a {type(network).__name__}, not a torch.nn.Module")
+    try:
+        state = torch.load(data, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and len(state) == 1 and isinstance(state.get("model"), dict):
+            state = state["model"]  # a CheckpointSaver file with load_dict {"model": ...}
+        network.load_state_dict(state, strict=True)
+    except (RuntimeError, TypeError, ValueError, AttributeError) as exc:
+        raise BundleError(f"{rel} does not hold a state dict for network_def: {exc}") from exc
+    return network.to(device).eval()
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and resolved.index is None:
+        resolved = torch.device("cuda", torch.cuda.current_device())
+    return resolved
+
+
+# --- the runtime ---------------------------------------------------------------------------------
+
+
+class BundleRuntime:
+    """One loaded, pinned bundle: parser, network, transforms and inferer, kept warm per process.
+
+    Build it with :func:`load_bundle` (cached) or :meth:`load`; call :meth:`predict` per volume.
+    """
+
+    def __init__(
+        self,
+        *,
+        path: Path,
+        sha256: str,
+        device: torch.device,
+        amp: bool,
+        parser: Any,
+        network: torch.nn.Module,
+        label_names: tuple[str, ...],
+    ) -> None:
+        self.path = path
+        self.sha256 = sha256
+        self.device = device
+        self.amp = amp and device.type == "cuda"
+        self.parser = parser
+        self.network = network
+        self.label_names = label_names
+        meta = parser.get("_meta_", {})
+        self.name = str(meta.get("name") or path.name)
+        self.version = str(meta.get("version") or "unknown")
+        self.image_key = str(parser.get_parsed_content("image_key")) if "image_key" in parser else "image"
+        self.preprocessing = parser.get_parsed_content("preprocessing")
+        self.inferer = parser.get_parsed_content("inferer")
+        self.postprocessing = (
+            parser.get_parsed_content("postprocessing") if "postprocessing" in parser else None
+        )
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(
+        cls,
+        bundle_dir: str | Path,
+        *,
+        sha256: str,
+        allowed_dirs: Sequence[str | Path],
+        device: str | torch.device | None = None,
+        overrides: Mapping[str, Any] | None = None,
+        amp: bool = True,
+    ) -> BundleRuntime:
+        """Check path and pin, then parse and build; no cache (see :func:`load_bundle`)."""
+        path = Path(bundle_dir).resolve()
+        roots = [Path(d).resolve() for d in allowed_dirs]
+        if not any(path.is_relative_to(root) for root in roots):
+            raise BundleError(
+                f"bundle {path} is outside the allowed bundle directories "
+                f"{[str(r) for r in roots]}; install it under one of them"
+            )
+        if not path.is_dir():
+            raise BundleError(f"bundle directory {path} does not exist")
+        pinned = sha256.strip().lower()
+        if not _HEX64.match(pinned):
+            raise BundleError(f"pinned sha256 for bundle {path} must be 64 hex digits, got {sha256!r}")
+        files = _read_bundle(path, roots)
+        if not any(rel.startswith("models/") for rel in files):
+            raise BundleError(f"bundle {path} has no weights: models/ is missing or empty")
+        actual = _digest(files)
+        if actual != pinned:
+            raise BundleError(
+                f"bundle {path} sha256 mismatch: pinned {pinned}, found {actual}; "
+                "the bundle changed since it was pinned (re-pin it only if the change is trusted)"
+            )
+        device_ = _resolve_device(device)
+        try:
+            parser = _build_parser(files, overrides or {}, device_)
+            network = _load_network(parser, files, device_)
+            label_names = _label_names(parser.get("_meta_", {}))
+            return cls(
+                path=path,
+                sha256=actual,
+                device=device_,
+                amp=amp,
+                parser=parser,
+                network=network,
+                label_names=label_names,
+            )
+        except BundleError:
+            raise
+        except _BUILD_ERRORS as exc:
+            raise BundleError(f"bundle {path} ({_INFERENCE}) could not be built: {exc}") from exc
+
+    def algorithm(self, pipeline: str) -> AlgorithmInfo:
+        """The TID 4019 algorithm identification of this bundle for ``pipeline``."""
+        return AlgorithmInfo(name=self.name, version=self.version, sha256=self.sha256, pipeline=pipeline)
+
+    def _autocast(self) -> AbstractContextManager[Any]:
+        if self.amp:
+            return torch.autocast(device_type="cuda", dtype=torch.float16)
+        return nullcontext()
+
+    def _image(self, volume: Volume) -> Any:
+        from monai.data import MetaTensor
+        from monai.utils import MetaKeys, SpaceKeys
+
+        array = np.ascontiguousarray(volume.array, dtype=np.float32)
+        meta = {
+            MetaKeys.SPACE: SpaceKeys.LPS,  # DICOM patient space; without it MONAI assumes RAS, silently
+            MetaKeys.ORIGINAL_CHANNEL_DIM: "no_channel",
+            MetaKeys.SPATIAL_SHAPE: np.asarray(array.shape),
+            MetaKeys.ORIGINAL_AFFINE: volume.affine.astype(np.float64),
+            "filename_or_obj": volume.series_instance_uid,
+        }
+        return MetaTensor(
+            torch.from_numpy(array), affine=torch.as_tensor(volume.affine, dtype=torch.float64), meta=meta
+        )
+
+    def predict(self, volume: Volume, pipeline: str = "") -> Prediction:
+        """Run preprocessing, inferer and postprocessing on ``volume``; outputs on its grid."""
+        try:
+            with self._lock, torch.no_grad():
+                data = self.preprocessing({self.image_key: self._image(volume)})
+                batch = torch.as_tensor(data[self.image_key]).unsqueeze(0).to(self.device)
+                with self._autocast():
+                    output = self.inferer(batch, self.network)
+                if not isinstance(output, torch.Tensor):
+                    raise BundleError(
+                        f"bundle {self.name}: the network returned {type(output).__name__}, not one tensor"
+                    )
+                data["pred"] = output[0].float()
+                if output.ndim == 2:
+                    return self._classification(data, pipeline)
+                return self._segmentation(data, volume, pipeline)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise TransientError(f"bundle {self.name}: out of GPU memory on {self.device}: {exc}") from exc
+
+    def _classification(self, data: dict[str, Any], pipeline: str) -> Prediction:
+        if self.postprocessing is not None:
+            data = self.postprocessing(data)
+        probs = torch.as_tensor(data["pred"]).detach().float().cpu().reshape(-1)
+        if probs.numel() != len(self.label_names):
+            raise BundleError(
+                f"bundle {self.name}: {probs.numel()} outputs but {len(self.label_names)} labels in channel_def"
+            )
+        if bool(((probs < -1e-6) | (probs > 1 + 1e-6)).any()):
+            raise BundleError(
+                f"bundle {self.name}: outputs {probs.tolist()} are not probabilities; "
+                "end postprocessing with Activationsd(sigmoid or softmax)"
+            )
+        return Prediction(
+            kind=BundleKind.CLASSIFICATION,
+            label_names=self.label_names,
+            algorithm=self.algorithm(pipeline),
+            class_probabilities=tuple(float(p) for p in probs.clamp(0.0, 1.0)),
+        )
+
+    def _segmentation(self, data: dict[str, Any], volume: Volume, pipeline: str) -> Prediction:
+        shape = tuple(volume.array.shape)
+        probabilities: torch.Tensor | None = None
+
+        def source_grid_probabilities(pred: Any) -> bool:
+            return (
+                isinstance(pred, torch.Tensor)
+                and pred.is_floating_point()
+                and pred.ndim == 4
+                and pred.shape[0] > 1
+                and tuple(pred.shape[1:]) == shape
+            )
+
+        # Step through postprocessing to keep the last multi-channel map already on the source grid
+        # (spleen inverts the softmax, then takes the argmax: that map is the probabilities).
+        steps = list(getattr(self.postprocessing, "transforms", [self.postprocessing]))
+        steps = [step for step in steps if step is not None]
+        for step in steps:
+            if source_grid_probabilities(data["pred"]):
+                probabilities = data["pred"]
+            data = step(data)
+        pred = torch.as_tensor(data["pred"]).detach()
+        if source_grid_probabilities(pred):
+            probabilities = pred
+            pred = pred.argmax(dim=0, keepdim=True)
+        if pred.ndim != 4 or pred.shape[0] != 1 or tuple(pred.shape[1:]) != shape:
+            raise BundleError(
+                f"bundle {self.name}: postprocessing returned shape {tuple(pred.shape)}, expected "
+                f"(1, {', '.join(map(str, shape))}) on the source grid; it needs Invertd after the inferer"
+            )
+        dtype = np.uint8 if len(self.label_names) <= 256 else np.uint16
+        labels = pred[0].round().cpu().numpy().astype(dtype)
+        probs_np = None if probabilities is None else probabilities.float().cpu().numpy().astype(np.float32)
+        return Prediction(
+            kind=BundleKind.SEGMENTATION,
+            label_names=self.label_names,
+            algorithm=self.algorithm(pipeline),
+            labels=labels,
+            probabilities=probs_np,
+        )
+
+
+# --- per-process cache ---------------------------------------------------------------------------
+
+_cache: OrderedDict[tuple[str, str, str, str, bool], BundleRuntime] = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def load_bundle(
+    bundle_dir: str | Path,
+    *,
+    sha256: str,
+    allowed_dirs: Sequence[str | Path],
+    device: str | torch.device | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    amp: bool = True,
+) -> BundleRuntime:
+    """Load a pinned bundle once per process; later calls with the same key return the warm runtime.
+
+    The key is (resolved path, pinned sha256, device, overrides, amp). ``device`` defaults to CUDA
+    when present, else CPU. ``overrides`` maps config ids to values, e.g.
+    ``{"displayable_configs#highres": False, "inferer#sw_batch_size": 1}``.
+    Raises :class:`BundleError` for a path outside ``allowed_dirs``, a sha256 mismatch, missing weights
+    or a config that does not build.
+    """
+    device_ = _resolve_device(device)
+    key = (
+        str(Path(bundle_dir).resolve()),
+        sha256.strip().lower(),
+        str(device_),
+        json.dumps(dict(overrides or {}), sort_keys=True, default=repr),
+        amp,
+    )
+    with _cache_lock:
+        runtime = _cache.get(key)
+        if runtime is not None:
+            _cache.move_to_end(key)
+            return runtime
+        runtime = BundleRuntime.load(
+            bundle_dir, sha256=sha256, allowed_dirs=allowed_dirs, device=device_, overrides=overrides, amp=amp
+        )
+        _cache[key] = runtime
+        while len(_cache) > _CACHE_SIZE:
+            _cache.popitem(last=False)
+        return runtime
+
+
+def clear_bundle_cache() -> None:
+    """Forget every loaded bundle (tests; a worker reloading its configuration)."""
+    with _cache_lock:
+        _cache.clear()

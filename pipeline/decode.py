@@ -1,0 +1,349 @@
+"""Reading DICOM files: the header values geometry needs, and pixel data decoded into a volume.
+
+Headers are read with ``stop_before_pixels=True`` into small frozen value objects
+(:class:`InstanceHeader`, one :class:`FrameHeader` per frame), so no data set with pixels is held.
+Pixels are decoded frame by frame, straight into a preallocated array, on a thread pool: the
+codecs (gdcm, openjpeg, pylibjpeg-rle, CharLS) do their work in C, so the cores are used while
+memory stays near the size of the output volume.
+
+What is geometry (sorting, spacing, the affine) lives in ``geometry.py``; this module only reads.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Generator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import iter_pixels
+from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+from pipeline.errors import GeometryError
+
+# PS3.5 9.1: a UID is dot-separated numeric components without leading zeros, at most 64 chars.
+_UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+_UID_MAX_LEN = 64
+
+# What pydicom and the codec plugins raise on data they cannot decode (never a bare Exception).
+_DECODE_ERRORS = (
+    ValueError,
+    AttributeError,
+    KeyError,
+    IndexError,
+    RuntimeError,
+    NotImplementedError,
+    OSError,
+)
+
+
+def is_valid_uid(value: str) -> bool:
+    """True when ``value`` is a syntactically valid UID (PS3.5 9.1)."""
+    return 0 < len(value) <= _UID_MAX_LEN and _UID_RE.fullmatch(value) is not None
+
+
+@dataclass(frozen=True)
+class FrameHeader:
+    """Geometry and value-transform attributes of one frame; ``None`` where the file lacks them."""
+
+    frame_number: int | None  # 1-based frame of a multi-frame instance; None for a single-frame one
+    position: tuple[float, float, float] | None  # ImagePositionPatient, mm LPS
+    orientation: tuple[float, float, float, float, float, float] | None  # ImageOrientationPatient
+    pixel_spacing: tuple[float, float] | None  # PixelSpacing: (row spacing, column spacing), mm
+    slice_thickness: float | None
+    spacing_between_slices: float | None
+    rescale: tuple[float, float]  # (RescaleSlope, RescaleIntercept); (1, 0) when absent
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """The header of one SOP instance, as far as selection and geometry need it."""
+
+    path: Path
+    transfer_syntax_uid: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    meta_sop_class_uid: str  # MediaStorageSOPClassUID of the file meta ('' when absent)
+    meta_sop_instance_uid: str  # MediaStorageSOPInstanceUID of the file meta ('' when absent)
+    study_instance_uid: str
+    series_instance_uid: str
+    frame_of_reference_uid: str
+    modality: str
+    series_number: int | None
+    series_description: str
+    instance_number: int | None  # a label for messages only: never used to order slices
+    image_type: tuple[str, ...]
+    rows: int | None
+    columns: int | None
+    samples_per_pixel: int | None
+    number_of_frames: int
+    has_functional_groups: bool  # PerFrameFunctionalGroupsSequence present (enhanced multi-frame)
+    has_modality_lut: bool  # ModalityLUTSequence present (a non-linear modality LUT)
+    gantry_detector_tilt: float | None
+    frames: tuple[FrameHeader, ...]  # one per frame; empty for a multi-frame without functional groups
+
+    @property
+    def name(self) -> str:
+        """How messages name this instance: its SOP Instance UID, or its file when that is unusable."""
+        if is_valid_uid(self.sop_instance_uid):
+            return f"instance {self.sop_instance_uid}"
+        return f"file {self.path.name}"
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    return "" if value is None else str(value).strip()
+
+
+def _floats(value: Any, n: int) -> tuple[float, ...] | None:
+    """``n`` finite floats from a DS/FD value (single or multi-valued), or None when absent/invalid."""
+    if value is None:
+        return None
+    items = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value]
+    if len(items) != n:
+        return None
+    try:
+        out = tuple(float(v) for v in items)
+    except (TypeError, ValueError):
+        return None
+    return out if all(np.isfinite(out)) else None
+
+
+def _float(value: Any) -> float | None:
+    got = _floats(value, 1)
+    return None if got is None else got[0]
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return None if value is None or value == "" else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _rescale(item: Dataset | None, where: str, path: Path) -> tuple[float, float]:
+    """(slope, intercept) of a Modality LUT module or Pixel Value Transformation item (PS3.3 C.11.1)."""
+    if item is None or ("RescaleSlope" not in item and "RescaleIntercept" not in item):
+        return (1.0, 0.0)
+    slope, intercept = _float(item.get("RescaleSlope", 1.0)), _float(item.get("RescaleIntercept", 0.0))
+    if slope is None or intercept is None or slope == 0.0:
+        raise GeometryError(
+            f"{path.name}: invalid RescaleSlope/RescaleIntercept {item.get('RescaleSlope')!r}/"
+            f"{item.get('RescaleIntercept')!r} in {where}; cannot map stored values to output units"
+        )
+    return (slope, intercept)
+
+
+def _frame_from(
+    holder: Dataset | None,
+    *,
+    frame_number: int | None,
+    rescale_item: Dataset | None,
+    where: str,
+    path: Path,
+) -> FrameHeader:
+    """Read the plane attributes from ``holder`` (the data set itself, or a merged functional group)."""
+    get = (lambda k: None) if holder is None else holder.get
+    pos = _floats(get("ImagePositionPatient"), 3)
+    iop = _floats(get("ImageOrientationPatient"), 6)
+    ps = _floats(get("PixelSpacing"), 2)
+    return FrameHeader(
+        frame_number=frame_number,
+        position=None if pos is None else (pos[0], pos[1], pos[2]),
+        orientation=None if iop is None else (iop[0], iop[1], iop[2], iop[3], iop[4], iop[5]),
+        pixel_spacing=None if ps is None else (ps[0], ps[1]),
+        slice_thickness=_float(get("SliceThickness")),
+        spacing_between_slices=_float(get("SpacingBetweenSlices")),
+        rescale=_rescale(rescale_item, where, path),
+    )
+
+
+def _functional_group(item: Dataset, shared: Dataset | None, keyword: str) -> Dataset | None:
+    """The one item of a functional group macro: per-frame if present, else shared (PS3.3 C.7.6.16)."""
+    for container in (item, shared):
+        if container is not None and keyword in container and len(container[keyword].value) > 0:
+            group: Dataset = container[keyword].value[0]
+            return group
+    return None
+
+
+def _enhanced_frames(ds: Dataset, path: Path, number_of_frames: int) -> tuple[FrameHeader, ...]:
+    """Per-frame geometry of an enhanced multi-frame image (PS3.3 C.7.6.16, C.7.6.16.2.*)."""
+    per_frame = ds.PerFrameFunctionalGroupsSequence
+    if len(per_frame) != number_of_frames:
+        raise GeometryError(
+            f"{path.name}: PerFrameFunctionalGroupsSequence has {len(per_frame)} items but "
+            f"NumberOfFrames is {number_of_frames} (PS3.3 C.7.6.16 requires one item per frame)"
+        )
+    shared_seq = ds.get("SharedFunctionalGroupsSequence")
+    shared = shared_seq[0] if shared_seq else None
+    frames = []
+    for index, item in enumerate(per_frame):
+        merged = Dataset()
+        for keyword in ("PixelMeasuresSequence", "PlaneOrientationSequence", "PlanePositionSequence"):
+            group = _functional_group(item, shared, keyword)
+            if group is not None:
+                merged.update(group)
+        frames.append(
+            _frame_from(
+                merged,
+                frame_number=index + 1,
+                rescale_item=_functional_group(item, shared, "PixelValueTransformationSequence"),
+                where=f"frame {index + 1} PixelValueTransformationSequence",
+                path=path,
+            )
+        )
+    return tuple(frames)
+
+
+def read_header(path: str | os.PathLike[str]) -> InstanceHeader:
+    """Read one file's header (never its pixels); raise GeometryError when it is not readable DICOM."""
+    p = Path(path)
+    try:
+        ds = dcmread(p, stop_before_pixels=True)
+    except InvalidDicomError as exc:
+        raise GeometryError(f"{p.name}: not a DICOM file ({exc})") from exc
+    except (OSError, EOFError, ValueError, KeyError, TypeError) as exc:
+        raise GeometryError(f"{p.name}: unreadable DICOM header ({type(exc).__name__}: {exc})") from exc
+    meta = getattr(ds, "file_meta", Dataset())
+    number_of_frames = _int(ds.get("NumberOfFrames")) or 1
+    has_groups = "PerFrameFunctionalGroupsSequence" in ds
+    if has_groups:
+        frames = _enhanced_frames(ds, p, number_of_frames)
+    elif number_of_frames == 1:
+        frames = (_frame_from(ds, frame_number=None, rescale_item=ds, where="the data set", path=p),)
+    else:
+        frames = ()  # positions of the frames are unknown: geometry refuses it, selection skips it
+    image_type = ds.get("ImageType")
+    if isinstance(image_type, str):
+        image_type = [image_type]
+    return InstanceHeader(
+        path=p,
+        transfer_syntax_uid=str(meta.get("TransferSyntaxUID", "")),
+        sop_class_uid=_text(ds, "SOPClassUID"),
+        sop_instance_uid=_text(ds, "SOPInstanceUID"),
+        meta_sop_class_uid=_text(meta, "MediaStorageSOPClassUID"),
+        meta_sop_instance_uid=_text(meta, "MediaStorageSOPInstanceUID"),
+        study_instance_uid=_text(ds, "StudyInstanceUID"),
+        series_instance_uid=_text(ds, "SeriesInstanceUID"),
+        frame_of_reference_uid=_text(ds, "FrameOfReferenceUID"),
+        modality=_text(ds, "Modality").upper(),
+        series_number=_int(ds.get("SeriesNumber")),
+        series_description=_text(ds, "SeriesDescription"),
+        instance_number=_int(ds.get("InstanceNumber")),
+        image_type=tuple(str(v).strip().upper() for v in (image_type or ())),
+        rows=_int(ds.get("Rows")),
+        columns=_int(ds.get("Columns")),
+        samples_per_pixel=_int(ds.get("SamplesPerPixel")),
+        number_of_frames=number_of_frames,
+        has_functional_groups=has_groups,
+        has_modality_lut="ModalityLUTSequence" in ds,
+        gantry_detector_tilt=_float(ds.get("GantryDetectorTilt")),
+        frames=frames,
+    )
+
+
+def read_frames(
+    path: str | os.PathLike[str], indices: Sequence[int] | None = None, *, transfer_syntax_uid: str = ""
+) -> Generator[np.ndarray, None, None]:
+    """Yield decoded stored values, one frame at a time ((rows, columns) or (rows, columns, samples)).
+
+    ``indices`` are 0-based frame indices (all frames when None). The file is read lazily frame by
+    frame, except Deflated Explicit VR Little Endian (PS3.5 A.5), whose whole data set must be
+    inflated first. Colour YBR data is converted to RGB, as pydicom does by default.
+    """
+    p = Path(path)
+    ts = transfer_syntax_uid
+    if not ts:
+        meta = dcmread(p, stop_before_pixels=True).file_meta
+        ts = str(meta.get("TransferSyntaxUID", ""))
+    src: Path | Dataset = dcmread(p) if ts == DeflatedExplicitVRLittleEndian else p
+    yield from iter_pixels(src, indices=None if indices is None else list(indices))
+
+
+@dataclass(frozen=True)
+class FrameJob:
+    """Decode one frame of ``path`` into slice ``k`` of the output, as ``stored * slope + intercept``."""
+
+    path: Path
+    transfer_syntax_uid: str
+    frame_index: int | None  # 0-based index in a multi-frame file; None for a single-frame file
+    k: int
+    slope: float
+    intercept: float
+    instance_name: str  # for messages
+
+
+def _chunks(jobs: Sequence[FrameJob], n_chunks: int) -> list[list[FrameJob]]:
+    """Group jobs by file (one header parse per chunk), splitting big multi-frame files across workers."""
+    by_file: dict[Path, list[FrameJob]] = {}
+    for job in jobs:
+        by_file.setdefault(job.path, []).append(job)
+    chunks: list[list[FrameJob]] = []
+    for file_jobs in by_file.values():
+        file_jobs.sort(key=lambda j: -1 if j.frame_index is None else j.frame_index)
+        size = max(1, -(-len(file_jobs) // n_chunks))
+        chunks.extend(file_jobs[i : i + size] for i in range(0, len(file_jobs), size))
+    return chunks
+
+
+def _decode_chunk(out: np.ndarray, chunk: list[FrameJob], series_uid: str) -> None:
+    first = chunk[0]
+    multi = first.frame_index is not None
+    indices = [j.frame_index for j in chunk if j.frame_index is not None] if multi else None
+    rows, columns = out.shape[1], out.shape[0]
+    frames = read_frames(first.path, indices, transfer_syntax_uid=first.transfer_syntax_uid)
+    try:
+        for job in chunk:
+            try:
+                frame = next(frames)
+            except StopIteration:
+                raise GeometryError(
+                    f"series {series_uid}: {job.instance_name} has fewer frames than its header says"
+                ) from None
+            except _DECODE_ERRORS as exc:
+                raise GeometryError(
+                    f"series {series_uid}: cannot decode the pixel data of {job.instance_name} "
+                    f"(transfer syntax {job.transfer_syntax_uid or 'unknown'}): {type(exc).__name__}: {exc}"
+                ) from exc
+            if frame.shape != (rows, columns):
+                raise GeometryError(
+                    f"series {series_uid}: {job.instance_name} decoded to shape {frame.shape}, "
+                    f"expected (Rows, Columns) = ({rows}, {columns})"
+                )
+            # Array index [i, j] = [column, row]: the transposed frame (volume.py conventions).
+            dst = out[:, :, job.k]
+            np.multiply(frame.T, job.slope, out=dst, casting="unsafe")
+            if job.intercept != 0.0:
+                np.add(dst, job.intercept, out=dst, casting="unsafe")
+    finally:
+        frames.close()
+
+
+def decode_into(
+    out: np.ndarray, jobs: Sequence[FrameJob], *, series_uid: str, workers: int | None = None
+) -> None:
+    """Fill ``out[:, :, k]`` for every job, decoding on ``workers`` threads (default: all cores)."""
+    if not jobs:
+        return
+    n_workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
+    chunks = _chunks(jobs, n_workers)
+    n_workers = min(n_workers, len(chunks))
+    if n_workers == 1:
+        for chunk in chunks:
+            _decode_chunk(out, chunk, series_uid)
+        return
+    pool = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="decode")
+    try:
+        futures: list[Future[None]] = [pool.submit(_decode_chunk, out, c, series_uid) for c in chunks]
+        for future in futures:
+            future.result()  # re-raises the first failure in submission order (deterministic message)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,493 @@
+"""Synthetic abdominal CT phantoms with lesions of known size: DICOM series and in-memory volumes.
+
+A phantom is a pure function of its seed and options (no clock, no global RNG): anatomy, lesions and
+noise come from three independent streams of ``numpy.random.default_rng((seed, stream))``, so the same
+seed with ``lesions=0`` is the same body and noise without lesions (a paired control). UIDs are
+``2.25.<uuid5(seed, role)>`` and dates derive from the seed.
+
+The body (portal-venous contrast): subcutaneous fat, muscle wall, lung bases, liver (the host organ),
+spleen, kidneys, aorta, IVC, spine with discs, and rib arcs. Lesions are rotated ellipsoids inside the
+liver, hypodense by default, rendered with partial volume (supersampled coverage); the ground-truth
+mask is "voxel centre inside the lesion". Geometry follows ``pipeline.volume``: array ``[i, j, k]``,
+affine to LPS mm, axial slices with ImageOrientationPatient ``1\\0\\0\\0\\1\\0``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
+
+from pipeline.volume import InstanceRef, Volume
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+UID_ROOT = "2.25."  # PS3.5 B.2: UIDs derived from a UUID
+_UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/pacs-triage/pacs-triage/phantom")
+_ANATOMY, _LESIONS, _NOISE = 0, 1, 2  # independent RNG streams per seed
+
+# Tissue ids (painter's order) and their HU, (low, high) drawn per seed.
+_TISSUE_HU: tuple[tuple[str, float, float], ...] = (
+    ("air", -1000, -1000), ("fat", -110, -90), ("muscle", 45, 60), ("lung", -870, -830),
+    ("liver", 100, 115), ("spleen", 110, 125), ("kidney", 150, 175), ("aorta", 150, 190),
+    ("ivc", 120, 145), ("cortical", 650, 800), ("cancellous", 200, 280), ("canal", 10, 25),
+    ("disc", 70, 95),
+)  # fmt: skip
+_T = {name: index for index, (name, _, _) in enumerate(_TISSUE_HU)}
+HOST_ORGAN = "liver"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PhantomOptions:
+    """How a phantom is drawn; ranges are (low, high) and sampled per seed."""
+
+    matrix: int = 512
+    pixel_spacing_mm: float | None = None  # None: drawn from the seed in [0.70, 0.80]
+    slice_thickness_mm: float = 2.5  # slices are contiguous: spacing equals thickness
+    lesion_volume_ml: tuple[float, float] = (2.0, 30.0)  # log-uniform
+    contrast_hu: tuple[float, float] = (40.0, 80.0)  # |lesion - liver|
+    noise_sd_hu: tuple[float, float] = (10.0, 20.0)
+    hyperdense: bool = False  # lesions brighter than the liver instead of darker
+
+    def __post_init__(self) -> None:
+        for name in ("lesion_volume_ml", "contrast_hu", "noise_sd_hu"):
+            low, high = getattr(self, name)
+            if not 0 <= low <= high:
+                raise ValueError(f"PhantomOptions.{name} must be 0 <= low <= high, got {(low, high)}")
+        if self.matrix < 64 or self.slice_thickness_mm <= 0:
+            raise ValueError(f"PhantomOptions: matrix >= 64 and slice thickness > 0, got {self}")
+
+    @classmethod
+    def small_lesions(cls) -> PhantomOptions:
+        """Lesions of 0.2-2 mL (radius ~3.6-7.8 mm)."""
+        return cls(lesion_volume_ml=(0.2, 2.0))
+
+    @classmethod
+    def faint_lesions(cls) -> PhantomOptions:
+        """Default sizes but only 15-40 HU of contrast."""
+        return cls(contrast_hu=(15.0, 40.0))
+
+
+@dataclass(frozen=True)
+class Lesion:
+    """One ellipsoidal lesion; ``label`` is its value in the ground-truth label map."""
+
+    label: int
+    centre_lps: tuple[float, float, float]  # mm
+    semi_axes_mm: tuple[float, float, float]
+    rotation: tuple[tuple[float, float, float], ...]  # columns: the semi-axis directions (LPS)
+    radius_mm: float  # radius of the sphere of the same volume
+    volume_ml: float  # analytic, 4/3 pi abc
+    voxel_count: int  # voxel centres inside, on the phantom's grid
+    voxel_volume_ml: float  # voxel_count x voxel volume
+    contrast_hu: float  # lesion minus host organ (negative: hypodense)
+
+
+@dataclass(frozen=True)
+class GroundTruth:
+    """What a phantom contains, in patient (LPS) coordinates and on its voxel grid."""
+
+    seed: int
+    lesions: tuple[Lesion, ...]
+    shape: tuple[int, int, int]  # [i, j, k] of the full series grid
+    affine: tuple[tuple[float, ...], ...]  # (i, j, k, 1) -> LPS mm
+    organ: str
+    organ_hu: float
+    noise_sd_hu: float
+    study_instance_uid: str
+    series_instance_uid: str
+    frame_of_reference_uid: str
+    options: PhantomOptions = field(default_factory=PhantomOptions)
+
+    def to_json(self) -> str:
+        """The ground truth as indented JSON (``ground_truth.json``)."""
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> GroundTruth:
+        """Inverse of :meth:`to_json`."""
+        raw = json.loads(text)
+        lesions = tuple(
+            Lesion(**{k: _tuples(v) if isinstance(v, list) else v for k, v in lz.items()})
+            for lz in raw.pop("lesions")
+        )
+        options = PhantomOptions(**{k: _tuples(v) if isinstance(v, list) else v for k, v in raw.pop("options").items()})
+        rest = {k: _tuples(v) if isinstance(v, list) else v for k, v in raw.items()}
+        return cls(lesions=lesions, options=options, **rest)
+
+
+def _tuples(value: list) -> tuple:  # type: ignore[type-arg]
+    return tuple(_tuples(v) if isinstance(v, list) else v for v in value)
+
+
+def phantom_uid(seed: int, role: str) -> str:
+    """A deterministic UID for one role ("study", "series", "sop/12", ...) of one seed."""
+    return f"{UID_ROOT}{uuid.uuid5(_UID_NAMESPACE, f'{seed}/{role}').int}"
+
+
+@dataclass(frozen=True)
+class _Ellipsoid:
+    centre: np.ndarray  # (3,) LPS mm
+    axes: np.ndarray  # (3,) semi-axes mm
+    rotation: np.ndarray  # (3, 3), columns are the axis directions
+
+    @property
+    def form(self) -> np.ndarray:
+        """M with inside <=> d^T M d <= 1, d = point - centre."""
+        return np.asarray(self.rotation @ np.diag(self.axes**-2.0) @ self.rotation.T)
+
+    def inside(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
+        """Boolean mask for points given as broadcastable coordinate arrays (mm)."""
+        m = self.form
+        dx, dy, dz = x - self.centre[0], y - self.centre[1], z - self.centre[2]
+        q = m[0, 0] * dx * dx + m[1, 1] * dy * dy + m[2, 2] * dz * dz
+        q = q + 2 * (m[0, 1] * dx * dy + m[0, 2] * dx * dz + m[1, 2] * dy * dz)
+        return np.asarray(q <= 1.0)
+
+
+@dataclass(frozen=True)
+class _Anatomy:
+    """The body of one seed; ``tissue`` paints ids in painter's order on one axial plane."""
+
+    a: float  # body semi-axes (x, y), mm
+    b: float
+    cy: float  # body centre y
+    zc: float  # body reference z (couch position)
+    fat: float  # subcutaneous fat thickness
+    organs: tuple[tuple[int, _Ellipsoid], ...]  # lungs, liver, spleen, kidneys (drawn in order)
+    rib_phase: float
+    disc_phase: float
+    hu: np.ndarray  # HU per tissue id
+
+    def tissue(self, x: np.ndarray, y: np.ndarray, z: np.ndarray | float) -> np.ndarray:
+        """Tissue ids at LPS points given as broadcastable arrays x, y, z (mm)."""
+        return self.paint(self.plane(x, y), x, y, z)
+
+    def plane(self, x: np.ndarray, y: np.ndarray) -> _Plane:
+        """The z-independent part (elliptic cylinders) on points x, y."""
+        u, v = np.broadcast_arrays(np.asarray(x, float), np.asarray(y, float) - self.cy)
+        base = np.zeros(u.shape, dtype=np.uint8)
+        base[(u / self.a) ** 2 + (v / self.b) ** 2 <= 1] = _T["fat"]
+        ai, bi = self.a - self.fat, self.b - self.fat
+        base[(u / ai) ** 2 + (v / bi) ** 2 <= 1] = _T["muscle"]
+        inner = (u / (0.96 * ai)) ** 2 + (v / (0.96 * bi)) ** 2 <= 1
+        late = np.zeros(u.shape, dtype=np.uint8)  # drawn over the organs
+        ys = bi - 62.0  # vertebral body centre, relative to the body centre
+        for name, (cx, cyy, ra, rb) in (("aorta", (20, ys - 32, 12, 12)), ("ivc", (-24, ys - 34, 15, 11))):
+            late[((u - cx) / ra) ** 2 + ((v - cyy) / rb) ** 2 <= 1] = _T[name]
+        vertebra = u**2 + (v - ys) ** 2
+        late[vertebra <= 18.0**2] = _T["cortical"]
+        late[vertebra <= 16.0**2] = _T["cancellous"]
+        late[(u / 24.0) ** 2 + ((v - ys - 38) / 9.0) ** 2 <= 1] = _T["cortical"]
+        late[u**2 + (v - ys - 27) ** 2 <= 8.0**2] = _T["canal"]
+        # Rib arcs on a ring inside the muscle wall, sparing the front and the spine.
+        ring = (u / (ai - 6)) ** 2 + (v / (bi - 6)) ** 2
+        phi = np.arctan2(v / bi, u / ai)
+        ring = (ring <= 1.0) & (ring >= ((ai - 14) / (ai - 6)) ** 2)
+        ring &= (np.abs(phi + np.pi / 2) > 0.3 * np.pi) & (np.abs(phi - np.pi / 2) > 0.12 * np.pi)
+        return _Plane(base, inner, late, np.nonzero(ring), phi[ring] * 6 / np.pi)
+
+    def paint(self, plane: _Plane, x: np.ndarray, y: np.ndarray, z: np.ndarray | float) -> np.ndarray:
+        """Add the z-dependent structures (organs, discs, ribs) to ``plane``."""
+        ids = plane.base.copy()
+        x, y, z = np.asarray(x, float), np.asarray(y, float), np.asarray(z, float)
+        grid = x.ndim == y.ndim == 2 and x.shape[1] == y.shape[0] == 1 and z.ndim == 0
+        for tissue_id, ellipsoid in self.organs:
+            if np.all(np.abs(z - ellipsoid.centre[2]) > ellipsoid.axes.max()):
+                continue
+            if grid:  # an axial plane: only the block around the organ
+                reach = np.sqrt(np.diag(np.linalg.inv(ellipsoid.form)))
+                bx = np.abs(x[:, 0] - ellipsoid.centre[0]) <= reach[0]
+                by = np.abs(y[0, :] - ellipsoid.centre[1]) <= reach[1]
+                block = np.ix_(bx, by)
+                hit = plane.inner[block] & ellipsoid.inside(x[bx], y[:, by], z)
+                ids[block] = np.where(hit, np.uint8(tissue_id), ids[block])
+            else:
+                hit = plane.inner & ellipsoid.inside(x, y, z)
+                ids[np.broadcast_to(hit, ids.shape)] = tissue_id
+        x, y, z = np.broadcast_arrays(x, y, z)
+        ids[plane.late > 0] = plane.late[plane.late > 0]
+        w = z - self.zc
+        ids[(plane.late == _T["cancellous"]) & ((w - self.disc_phase) % 32.0 < 6.0)] = _T["disc"]
+        # An arc's angular position drifts with z, as an oblique rib's does.
+        w_ring = w[plane.ring]
+        rib = ((plane.ring_angle + w_ring / 40.0 + self.rib_phase) % 1.0 < 0.3) & (w_ring > -70.0)
+        ids[tuple(index[rib] for index in plane.ring)] = _T["cortical"]
+        return ids
+
+
+@dataclass(frozen=True)
+class _Plane:
+    base: np.ndarray  # fat and muscle ids
+    inner: np.ndarray  # where organs may be drawn
+    late: np.ndarray  # vessels and spine ids, 0 elsewhere
+    ring: tuple[np.ndarray, ...]  # indices of the rib ring
+    ring_angle: np.ndarray  # angle on the ring, in units of the rib period
+
+
+def _rotation(rng: np.random.Generator) -> np.ndarray:
+    q, r = np.linalg.qr(rng.standard_normal((3, 3)))
+    q = q * np.sign(np.diag(r))
+    return q if np.linalg.det(q) > 0 else -q
+
+
+def _rot_z(angle: float) -> np.ndarray:
+    c, s = np.cos(angle), np.sin(angle)
+    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+
+
+def _anatomy(seed: int) -> _Anatomy:
+    rng = np.random.default_rng((seed, _ANATOMY))
+    a, b, cy = rng.uniform(150, 175), rng.uniform(108, 130), rng.uniform(-10, 10)
+    zc, fat = rng.uniform(-220, -120), rng.uniform(8, 22)
+    zl = zc + rng.uniform(-10, 15)  # liver centre z
+    organs: list[tuple[int, _Ellipsoid]] = []
+    for side in (-1, 1):
+        centre = np.array([side * 0.45 * a, cy + 0.1 * b, zc + rng.uniform(140, 160)])
+        organs.append((_T["lung"], _Ellipsoid(centre, np.array([0.42 * a, 0.7 * b, 110.0]), np.eye(3))))
+    liver_axes = np.array([rng.uniform(72, 85), rng.uniform(70, 82), rng.uniform(68, 80)])
+    liver_centre = np.array([-0.38 * a, cy - 0.08 * b, zl])
+    organs.append((_T["liver"], _Ellipsoid(liver_centre, liver_axes, _rot_z(rng.uniform(-0.3, 0.3)))))
+    spleen_centre = np.array([0.55 * a, cy + 0.3 * b, zl + rng.uniform(10, 30)])
+    organs.append((_T["spleen"], _Ellipsoid(spleen_centre, np.array([25.0, 50, 50]), _rot_z(0.5))))
+    for side in (-1, 1):
+        centre = np.array([side * 62.0, cy + b - fat - 70, zl - rng.uniform(55, 70)])
+        organs.append((_T["kidney"], _Ellipsoid(centre, np.array([28.0, 25, 52]), _rot_z(side * 0.4))))
+    hu = np.array([rng.uniform(lo, hi) for _, lo, hi in _TISSUE_HU], dtype=np.float32)
+    return _Anatomy(a, b, cy, zc, fat, tuple(organs), rng.uniform(0, 1), rng.uniform(0, 32), hu)
+
+
+def _grid(seed: int, slices: int, options: PhantomOptions) -> np.ndarray:
+    """Affine of the full axial grid: centred in x/y, slab centred on the body reference z."""
+    rng = np.random.default_rng((seed, _ANATOMY, 1))
+    ps = options.pixel_spacing_mm or round(float(rng.uniform(0.70, 0.80)), 4)
+    dz, n = options.slice_thickness_mm, options.matrix
+    zc = _anatomy(seed).zc
+    origin = [round(c, 3) for c in (-(n - 1) / 2 * ps, -(n - 1) / 2 * ps, zc - (slices - 1) / 2 * dz)]
+    affine = np.diag([ps, ps, dz, 1.0])
+    affine[:3, 3] = origin
+    return affine
+
+
+def _axes(affine: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if np.any(np.abs(affine[:3, :3] - np.diag(np.diag(affine[:3, :3]))) > 1e-6):
+        raise ValueError("phantoms render only on axis-aligned grids")
+    x, y, z = (affine[d, d] * np.arange(shape[d]) + affine[d, 3] for d in range(3))
+    return x, y, z
+
+
+def _lesion_box(lesion: _Ellipsoid, affine: np.ndarray, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """Index box (clipped to the grid) that holds the lesion."""
+    step = np.diag(affine)[:3]
+    centre = (lesion.centre - affine[:3, 3]) / step
+    reach = (float(lesion.axes.max()) + 1e-3) / np.abs(step)
+    lo = np.clip(np.floor(centre - reach) - 1, 0, shape).astype(int)
+    hi = np.clip(np.ceil(centre + reach) + 2, lo, shape).astype(int)
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+
+
+def _coverage(lesion: _Ellipsoid, affine: np.ndarray, shape: tuple[int, ...]) -> tuple[tuple[slice, ...], np.ndarray]:
+    """Bounding box and the fraction of each of its voxels inside the lesion (~0.35 mm supersampling)."""
+    box = _lesion_box(lesion, affine, shape)
+    x, y, z = (c[b] for c, b in zip(_axes(affine, shape), box, strict=True))
+    n = [max(3, int(np.ceil(abs(affine[d, d]) / 0.35))) for d in range(3)]
+    offs = [((np.arange(m) + 0.5) / m - 0.5) * affine[d, d] for d, m in enumerate(n)]
+    frac = np.zeros((len(x), len(y), len(z)))
+    for ox in offs[0]:
+        for oy in offs[1]:
+            zz = z[None, None, :, None] + offs[2]
+            frac += lesion.inside(x[:, None, None, None] + ox, y[None, :, None, None] + oy, zz).mean(axis=-1)
+    return box, frac / (n[0] * n[1])
+
+
+def _centres_inside(lesion: _Ellipsoid, affine: np.ndarray, shape: tuple[int, ...]) -> tuple[tuple[slice, ...], np.ndarray]:
+    """Bounding box and which of its voxel centres lie inside the lesion (the ground-truth mask)."""
+    box = _lesion_box(lesion, affine, shape)
+    x, y, z = (c[b] for c, b in zip(_axes(affine, shape), box, strict=True))
+    return box, lesion.inside(x[:, None, None], y[None, :, None], z[None, None, :])
+
+
+def _place_lesions(
+    seed: int, count: int, anatomy: _Anatomy, z_range: tuple[float, float], options: PhantomOptions
+) -> list[tuple[_Ellipsoid, float]]:
+    """Ellipsoids fully inside the liver (3 mm margin) and the imaged slab, apart from each other."""
+    rng = np.random.default_rng((seed, _LESIONS))
+    liver = next(e for t, e in anatomy.organs if t == _T[HOST_ORGAN])
+    log_lo, log_hi = np.log(options.lesion_volume_ml)
+    volumes = sorted(np.exp(rng.uniform(log_lo, log_hi, count)), reverse=True)
+    directions = rng.standard_normal((256, 3))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    placed: list[tuple[_Ellipsoid, float]] = []
+    for volume in volumes:
+        radius = (3 * volume * 1000 / (4 * np.pi)) ** (1 / 3)
+        stretch = rng.uniform(0.8, 1.25, 2)
+        axes = radius * np.array([stretch[0], stretch[1], 1 / (stretch[0] * stretch[1])])
+        rotation, contrast = _rotation(rng), float(rng.uniform(*options.contrast_hu))
+        bound = float(axes.max()) + 3.0
+        for _ in range(2000):
+            centre = liver.centre + rng.uniform(-1, 1, 3) * liver.axes
+            if not z_range[0] + bound <= centre[2] <= z_range[1] - bound:
+                continue
+            if any(np.linalg.norm(centre - e.centre) < bound + e.axes.max() + 2 for e, _ in placed):
+                continue
+            shell = centre + bound * directions
+            if np.all(anatomy.tissue(shell[:, 0], shell[:, 1], shell[:, 2]) == _T[HOST_ORGAN]):
+                placed.append((_Ellipsoid(centre, axes, rotation), contrast))
+                break
+        else:
+            raise ValueError(f"phantom seed {seed}: cannot fit {count} lesions of {volumes} mL in the {HOST_ORGAN}")
+    return placed
+
+
+def _lesion_record(label: int, lesion: _Ellipsoid, contrast: float, count: int, voxel_ml: float) -> Lesion:
+    return Lesion(
+        label=label,
+        centre_lps=(float(lesion.centre[0]), float(lesion.centre[1]), float(lesion.centre[2])),
+        semi_axes_mm=(float(lesion.axes[0]), float(lesion.axes[1]), float(lesion.axes[2])),
+        rotation=tuple((float(r[0]), float(r[1]), float(r[2])) for r in lesion.rotation),
+        radius_mm=float(np.prod(lesion.axes) ** (1 / 3)),
+        volume_ml=float(4 / 3 * np.pi * np.prod(lesion.axes) / 1000),
+        voxel_count=count,
+        voxel_volume_ml=count * voxel_ml,
+        contrast_hu=contrast,
+    )
+
+
+def make_phantom_volume(
+    seed: int = 0,
+    lesions: int = 1,
+    slices: int = 64,
+    *,
+    options: PhantomOptions | None = None,
+    region: tuple[slice, slice, slice] | None = None,
+) -> tuple[Volume, np.ndarray, GroundTruth]:
+    """Render a phantom in memory: (HU volume, lesion label map ``[i, j, k]`` uint8, ground truth).
+
+    The ground truth always describes the full series grid (``options.matrix`` squared x ``slices``).
+    ``region`` (index slices, step 1) renders only part of that grid, e.g. a training patch; the volume
+    and the label map are then the region's. Noise is drawn for what is rendered, so a region has the
+    same noise statistics as the full volume but not the same values.
+    """
+    options = options or PhantomOptions()
+    anatomy, full_affine = _anatomy(seed), _grid(seed, slices, options)
+    full_shape = (options.matrix, options.matrix, slices)
+    window = [range(*s.indices(n)) for s, n in zip(region or (slice(None),) * 3, full_shape, strict=True)]
+    shape = (len(window[0]), len(window[1]), len(window[2]))
+    affine = full_affine.copy()
+    affine[:3, 3] += np.diag(full_affine)[:3] * [w.start for w in window]
+    x, y, z = _axes(affine, shape)
+    xx, yy = x[:, None], y[None, :]
+    plane = anatomy.plane(xx, yy)
+    image = anatomy.hu[np.stack([anatomy.paint(plane, xx, yy, zk) for zk in z], axis=-1)]
+    label = np.zeros(shape, dtype=np.uint8)
+    organ_hu = float(anatomy.hu[_T[HOST_ORGAN]])
+    sign = 1.0 if options.hyperdense else -1.0
+    z_full = _axes(full_affine, full_shape)[2]
+    truth = []
+    voxel_ml = float(np.prod(np.diag(full_affine)[:3])) / 1000.0
+    placed = _place_lesions(seed, lesions, anatomy, (float(z_full[0]), float(z_full[-1])), options)
+    for index, (ellipsoid, contrast) in enumerate(placed, start=1):
+        box, frac = _coverage(ellipsoid, affine, shape)
+        image[box] = image[box] * (1 - frac) + (organ_hu + sign * contrast) * frac
+        box, inside = _centres_inside(ellipsoid, affine, shape)
+        label[box][inside] = index
+        count = int(_centres_inside(ellipsoid, full_affine, full_shape)[1].sum())
+        truth.append(_lesion_record(index, ellipsoid, sign * contrast, count, voxel_ml))
+    noise_rng = np.random.default_rng((seed, _NOISE))
+    noise_sd = float(noise_rng.uniform(*options.noise_sd_hu))
+    image += noise_rng.standard_normal(shape, dtype=np.float32) * noise_sd
+    image = np.clip(np.rint(image), -1024, 3071).astype(np.float32)  # what 12-bit storage keeps
+    study, series, frame = (phantom_uid(seed, role) for role in ("study", "series", "frame_of_reference"))
+    instances = tuple(InstanceRef(CT_IMAGE_STORAGE, phantom_uid(seed, f"sop/{k}")) for k in window[2])
+    volume = Volume(image, affine, study, series, frame, "CT", instances)
+    gt = GroundTruth(
+        seed=seed,
+        lesions=tuple(truth),
+        shape=full_shape,
+        affine=tuple(tuple(float(c) for c in row) for row in full_affine),
+        organ=HOST_ORGAN,
+        organ_hu=organ_hu,
+        noise_sd_hu=noise_sd,
+        study_instance_uid=study,
+        series_instance_uid=series,
+        frame_of_reference_uid=frame,
+        options=options,
+    )
+    return volume, label, gt
+
+
+def _dates(seed: int) -> dict[str, str]:
+    """Study, content and birth dates/times derived from the seed (no clock)."""
+    h = int.from_bytes(hashlib.sha256(f"pacs-triage-phantom/{seed}".encode()).digest()[:8], "big")
+    study = datetime.date(2021, 1, 1) + datetime.timedelta(days=h % 1461)
+    age = 35 + (h >> 12) % 50
+    birth = study - datetime.timedelta(days=365 * age + (h >> 20) % 365)
+    time = f"{8 + (h >> 32) % 10:02d}{(h >> 40) % 60:02d}{(h >> 48) % 60:02d}"
+    return {"date": study.strftime("%Y%m%d"), "time": time, "birth": birth.strftime("%Y%m%d"), "age": f"{age:03d}Y"}
+
+
+def _ds(value: float) -> str:
+    return f"{value:.10g}"  # DS holds at most 16 characters
+
+
+def write_phantom_series(
+    out_dir: str | Path, seed: int = 0, lesions: int = 1, slices: int = 64, *, options: PhantomOptions | None = None
+) -> GroundTruth:
+    """Write a CT Image Storage series (one file per slice), ``ground_truth.json`` and ``ground_truth_mask.npy``.
+
+    The mask is the lesion label map ``[i, j, k]`` (0 background, n = lesion n) on the series grid.
+    """
+    volume, label, gt = make_phantom_volume(seed, lesions, slices, options=options)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    when, affine = _dates(seed), volume.affine
+    common = {
+        "SpecificCharacterSet": "ISO_IR 100", "SOPClassUID": CT_IMAGE_STORAGE,
+        "PatientName": f"PHANTOM^SEED{seed}", "PatientID": f"PH{seed:08d}", "PatientBirthDate": when["birth"],
+        "PatientSex": "FM"[seed % 2], "PatientAge": when["age"],
+        "StudyInstanceUID": gt.study_instance_uid, "StudyDate": when["date"], "StudyTime": when["time"],
+        "AccessionNumber": f"PA{seed:08d}", "ReferringPhysicianName": "REFERRER^PHANTOM", "StudyID": f"{seed % 10**8}",
+        "StudyDescription": "CT ABDOMEN PHANTOM", "Modality": "CT", "SeriesInstanceUID": gt.series_instance_uid,
+        "SeriesNumber": 2, "SeriesDescription": "Abdomen portal venous 2.5 mm (phantom)", "BodyPartExamined": "ABDOMEN",
+        "PatientPosition": "HFS", "SeriesDate": when["date"], "SeriesTime": when["time"],
+        "FrameOfReferenceUID": gt.frame_of_reference_uid, "PositionReferenceIndicator": "",
+        "Manufacturer": "pacs-triage", "ManufacturerModelName": "phantom", "SoftwareVersions": "1",
+        "ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"], "AcquisitionNumber": 1,
+        "ContentDate": when["date"], "ContentTime": when["time"],
+        "PixelSpacing": [_ds(affine[1, 1]), _ds(affine[0, 0])],  # PS3.3 C.7.6.2.1.1: row, column spacing
+        "ImageOrientationPatient": ["1", "0", "0", "0", "1", "0"], "SliceThickness": _ds(affine[2, 2]),
+        "KVP": "120", "XRayTubeCurrent": 250, "ExposureTime": 500, "ConvolutionKernel": "STANDARD",
+        "GantryDetectorTilt": "0", "ReconstructionDiameter": _ds(affine[0, 0] * volume.array.shape[0]),
+        "SamplesPerPixel": 1, "PhotometricInterpretation": "MONOCHROME2",
+        "Rows": volume.array.shape[1], "Columns": volume.array.shape[0],
+        "BitsAllocated": 16, "BitsStored": 12, "HighBit": 11, "PixelRepresentation": 0,
+        "RescaleIntercept": "-1024", "RescaleSlope": "1", "RescaleType": "HU", "WindowCenter": "40", "WindowWidth": "400",
+    }  # fmt: skip
+    stored = (volume.array + 1024).astype(np.uint16)
+    slices_total = len(volume.source_instances)
+    for k, ref in enumerate(volume.source_instances):
+        instance = slices_total - k  # numbered from the head down, as scanners do
+        ds = pydicom.Dataset()
+        for keyword, value in common.items():
+            setattr(ds, keyword, value)
+        position = affine[:3, 3] + k * affine[:3, 2]
+        ds.SOPInstanceUID, ds.InstanceNumber = ref.sop_instance_uid, instance
+        ds.ImagePositionPatient = [_ds(c) for c in position]
+        ds.SliceLocation = _ds(position[2])
+        ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()  # rows (j) x columns (i)
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
+        ds.file_meta.MediaStorageSOPInstanceUID = ref.sop_instance_uid
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+        ds.save_as(out / f"CT{instance:04d}.dcm", enforce_file_format=True)
+    (out / "ground_truth.json").write_text(gt.to_json())
+    np.save(out / "ground_truth_mask.npy", label)
+    return gt

@@ -1,0 +1,399 @@
+"""Findings -> a Comprehensive 3D SR holding a TID 1500 Measurement Report (PS3.16 A.35.x).
+
+Document tree (one row per content item kind; template ids from PS3.16):
+
+    CONTAINER (126000, DCM, "Imaging Measurement Report")             TID 1500
+      language, observation context: device observer (TID 1002/1004)
+      "Procedure reported": CID 100 code for the series' Modality
+      Image Library (TID 1600): one entry per source image
+      Imaging Measurements
+        per finding    TID 1411 Volumetric ROI group: tracking identifier and UID (TID 4108),
+                       finding category / type / site, TID 4019 algorithm identification,
+                       ROI = the SEG segment (Referenced Segment) when a SEG was written, else the
+                       centroid as a SCOORD3D POINT with geometric purpose "Center of Mass"
+                       (CID 219) in the slice that holds it; NUM Volume (ml), NUM Diameter (mm,
+                       derivation Maximum)
+        per classification  TID 1501 group: NUM Probability (UCUM "1")
+        triage          TID 1501 group: CODE Priority = Routine / Urgent / Stat (SNOMED CT)
+      TEXT (121111, DCM, "Summary"): findings.summary, for viewers that only render text
+
+Why the centroid is not repeated when a SEG exists: TID 1411 allows exactly one ROI reference per
+group (highdicom enforces it), and the segment is the exact region; its centre follows from it.
+
+Patient and study come from the source so the SR lands in the same study; series and instance UIDs
+come from ``pipeline.uids`` so a re-run is a duplicate. Text is decoded from the source's character
+set and written as ISO_IR 192 (UTF-8) when anything is outside ASCII: every source character set
+decodes into it, and our own text may need it.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+from collections.abc import Sequence
+from typing import TypedDict
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.uid import UID, SegmentationStorage
+from pydicom.valuerep import DA, TM
+
+from pipeline import codes
+from pipeline.findings import AlgorithmInfo, Classification, Finding, Findings
+from pipeline.uids import (
+    DEVICE_OBSERVER_UID,
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    MANUFACTURER,
+    PRODUCT_NAME,
+    SOFTWARE_VERSION,
+    finding_tracking_uid,
+    result_uids,
+    tracking_uid,
+)
+from pipeline.volume import InstanceRef, Volume
+
+SR_SERIES_NUMBER = 9901
+OUTPUT_CHARACTER_SET = "ISO_IR 192"
+_TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UT", "UC", "PN"})
+# Type 2 attributes highdicom reads from the first source (PS3.3 C.7.1.1, C.7.2.1): empty if absent.
+_PATIENT_STUDY_TYPE2 = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+_PIXEL_DATA_GROUP = 0x7FE00000
+
+
+def write_sr(
+    findings: Findings,
+    source_datasets: Sequence[Dataset],
+    volume: Volume,
+    *,
+    input_fingerprint: str,
+    seg: Dataset | None = None,
+    series_number: int = SR_SERIES_NUMBER,
+    instance_number: int = 1,
+    series_description: str = "AI triage findings",
+    manufacturer: str = MANUFACTURER,
+    product_name: str = PRODUCT_NAME,
+    software_version: str = SOFTWARE_VERSION,
+    institution_name: str | None = None,
+    content_datetime: datetime.datetime | None = None,
+) -> Dataset:
+    """Build the TID 1500 Comprehensive 3D SR for ``findings`` on ``volume``.
+
+    ``source_datasets`` are the headers of the selected series' instances in volume order (pixel
+    data is not needed). ``seg`` is the SEG from ``write_seg`` for the same findings, if one was
+    made: each finding's group then references its segment. ``content_datetime`` (from the
+    caller, which owns the clock) fixes Content/Instance Creation Date and Time; without it
+    highdicom uses the current time. UIDs never depend on it.
+    """
+    headers = _source_headers(source_datasets, volume)
+    if seg is not None:
+        _check_seg(seg, volume)
+    algorithm = findings.algorithm
+    algorithm_id = _algorithm_identification(algorithm)
+    groups: list[
+        hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations
+    ] = [
+        _finding_group(f, volume, seg, input_fingerprint, algorithm, algorithm_id) for f in findings.findings
+    ]
+    groups += [
+        _classification_group(c, input_fingerprint, algorithm, algorithm_id) for c in findings.classifications
+    ]
+    groups.append(_triage_group(findings, input_fingerprint, algorithm_id))
+
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.coded(codes.OBSERVER_TYPE_DEVICE),
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=DEVICE_OBSERVER_UID,
+            name=product_name,
+            manufacturer_name=manufacturer,
+            model_name=f"{product_name} {software_version}",
+        ),
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=codes.coded(codes.procedure_reported(volume.modality)),
+        imaging_measurements=groups,
+        title=codes.coded(codes.IMAGING_MEASUREMENT_REPORT),
+        referenced_images=headers,
+    )
+    if findings.summary:
+        report[0].ContentSequence.append(
+            hd.sr.TextContentItem(
+                name=codes.coded(codes.SUMMARY),
+                value=findings.summary,
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        )
+
+    uids = result_uids(input_fingerprint, algorithm, "sr")
+    evidence: list[Dataset] = [*headers, seg] if seg is not None else headers
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=report,
+        series_instance_uid=uids.series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=uids.sop_instance_uid,
+        instance_number=instance_number,
+        manufacturer=manufacturer,
+        is_complete=True,
+        is_final=False,  # PreliminaryFlag PRELIMINARY: no physician has read it
+        is_verified=False,
+        institution_name=institution_name,
+        series_description=series_description,
+        manufacturer_model_name=product_name,
+        software_versions=software_version,
+        specific_character_set=OUTPUT_CHARACTER_SET,
+    )
+    finalize_output(sr, content_datetime)
+    return sr
+
+
+def _source_headers(source_datasets: Sequence[Dataset], volume: Volume) -> list[Dataset]:
+    """Check the sources against the volume and return header-only copies (no pixel data)."""
+    if not source_datasets:
+        raise ValueError("write_sr needs the source datasets of the selected series; got none")
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in source_datasets}
+    for ds in source_datasets:
+        if ds.StudyInstanceUID != volume.study_instance_uid:
+            raise ValueError(
+                f"source instance {ds.SOPInstanceUID} is in study {ds.StudyInstanceUID}, "
+                f"the volume in study {volume.study_instance_uid}"
+            )
+    for ref in volume.source_instances:
+        if ref.sop_instance_uid not in by_uid:
+            raise ValueError(
+                f"volume slice source {ref.sop_instance_uid} is not among the source datasets of "
+                f"series {volume.series_instance_uid}"
+            )
+    headers = [
+        Dataset({tag: elem for tag, elem in ds.items() if tag < _PIXEL_DATA_GROUP}) for ds in source_datasets
+    ]
+    headers[0] = patient_study_header(source_datasets[0])
+    return headers
+
+
+def patient_study_header(source: Dataset) -> Dataset:
+    """A decoded, pixel-free copy of ``source`` from which highdicom copies patient and study.
+
+    Every text value is decoded from the source's character set into ``str`` (sequences too), so
+    the output can re-encode it in its own; Type 2 patient/study attributes that are absent become
+    empty (PS3.3 C.7.1.1, C.7.2.1) so highdicom can copy them.
+    """
+    header = copy.deepcopy(Dataset({tag: elem for tag, elem in source.items() if tag < _PIXEL_DATA_GROUP}))
+    header.decode()
+    for keyword in _PATIENT_STUDY_TYPE2:
+        if keyword not in header:
+            setattr(header, keyword, "")
+    return header
+
+
+def set_character_set(dataset: Dataset) -> None:
+    """ISO_IR 192 (UTF-8) when any text is outside ASCII, else the default repertoire (PS3.5 6.1).
+
+    Leaving plain-ASCII objects on the default repertoire keeps them readable by the oldest PACS
+    and lets ``dciodvfy`` check every string (its VR checker skips ISO_IR 192 text).
+    """
+    if _has_non_ascii(dataset):
+        dataset.SpecificCharacterSet = OUTPUT_CHARACTER_SET
+    elif "SpecificCharacterSet" in dataset:
+        del dataset.SpecificCharacterSet
+
+
+def _has_non_ascii(dataset: Dataset) -> bool:
+    for elem in dataset:
+        if elem.VR == "SQ":
+            if any(_has_non_ascii(item) for item in elem.value):
+                return True
+        elif elem.VR in _TEXT_VRS and elem.value is not None:
+            values = elem.value if isinstance(elem.value, MultiValue | list) else [elem.value]
+            if any(not str(value).isascii() for value in values):
+                return True
+    return False
+
+
+def _check_seg(seg: Dataset, volume: Volume) -> None:
+    if seg.SOPClassUID != SegmentationStorage:
+        raise ValueError(
+            f"seg {seg.SOPInstanceUID} has SOP Class {seg.SOPClassUID}, not Segmentation Storage"
+        )
+    if seg.StudyInstanceUID != volume.study_instance_uid:
+        raise ValueError(
+            f"seg {seg.SOPInstanceUID} is in study {seg.StudyInstanceUID}, "
+            f"the volume in study {volume.study_instance_uid}"
+        )
+
+
+def _algorithm_identification(algorithm: AlgorithmInfo) -> hd.sr.AlgorithmIdentification:
+    """TID 4019: bundle name, version, and the sha256 it is pinned by as a parameter."""
+    return hd.sr.AlgorithmIdentification(
+        name=algorithm.name,
+        version=algorithm.version,
+        parameters=[f"sha256={algorithm.sha256}", f"pipeline={algorithm.pipeline}"],
+        family=codes.coded(codes.ALGORITHM_FAMILY),
+    )
+
+
+class _GroupArgs(TypedDict):
+    """The arguments a finding's group takes whatever its ROI reference (TID 1411 / TID 1501)."""
+
+    tracking_identifier: hd.sr.TrackingIdentifier
+    finding_type: hd.sr.CodedConcept | None
+    finding_category: hd.sr.CodedConcept | None
+    finding_sites: list[hd.sr.FindingSite] | None
+    algorithm_id: hd.sr.AlgorithmIdentification
+    measurements: list[hd.sr.Measurement]
+
+
+def _finding_group(
+    finding: Finding,
+    volume: Volume,
+    seg: Dataset | None,
+    input_fingerprint: str,
+    algorithm: AlgorithmInfo,
+    algorithm_id: hd.sr.AlgorithmIdentification,
+) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1411 group of one finding (TID 1501 when it has neither segment nor centroid)."""
+    uid = finding_tracking_uid(input_fingerprint, algorithm, finding)
+    common: _GroupArgs = {
+        "tracking_identifier": hd.sr.TrackingIdentifier(uid=uid, identifier=finding.name),
+        "finding_type": codes.coded(finding.type) if finding.type is not None else None,
+        "finding_category": codes.coded(finding.category) if finding.category is not None else None,
+        "finding_sites": (
+            [hd.sr.FindingSite(anatomic_location=codes.coded(finding.finding_site))]
+            if finding.finding_site is not None
+            else None
+        ),
+        "algorithm_id": algorithm_id,
+        "measurements": [
+            hd.sr.Measurement(
+                name=codes.coded(codes.VOLUME),
+                value=finding.volume_ml,
+                unit=codes.coded(codes.UNIT_ML),
+                method=codes.coded(codes.VOLUME_METHOD),
+            ),
+            hd.sr.Measurement(
+                name=codes.coded(codes.DIAMETER),
+                value=finding.largest_diameter_mm,
+                unit=codes.coded(codes.UNIT_MM),
+                derivation=codes.coded(codes.MAXIMUM),
+            ),
+        ],
+    }
+    segment_number = _segment_number(seg, uid) if seg is not None else None
+    if seg is not None and segment_number is not None:
+        return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            referenced_segment=hd.sr.ReferencedSegment.from_segmentation(seg, segment_number),
+            **common,
+        )
+    centroid = np.asarray(finding.centroid_lps, dtype=float)
+    if finding.volume_ml > 0 and np.all(np.isfinite(centroid)):
+        surface = hd.sr.VolumeSurface(
+            graphic_type=hd.sr.GraphicTypeValues3D.POINT,
+            graphic_data=centroid.reshape(1, 3),
+            frame_of_reference_uid=volume.frame_of_reference_uid,
+            source_images=[_source_image(_slice_of(volume, centroid))],
+        )
+        return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            referenced_volume_surface=surface,
+            geometric_purpose=codes.coded(codes.CENTER_OF_MASS),
+            **common,
+        )
+    return hd.sr.MeasurementsAndQualitativeEvaluations(**common)
+
+
+def _segment_number(seg: Dataset, uid: str) -> int | None:
+    """The SEG segment carrying this Tracking UID, if it has any frame (PS3.3 C.8.20.4)."""
+    for item in seg.SegmentSequence:
+        if item.get("TrackingUID") == uid:
+            number = int(item.SegmentNumber)
+            frames = seg.get("PerFrameFunctionalGroupsSequence", [])
+            if any(
+                int(frame.SegmentIdentificationSequence[0].ReferencedSegmentNumber) == number
+                for frame in frames
+            ):
+                return number
+    return None
+
+
+def _slice_of(volume: Volume, point_lps: np.ndarray) -> InstanceRef:
+    """The source image of the slice nearest to a patient-space point."""
+    ijk = np.linalg.solve(volume.affine, np.append(point_lps, 1.0))
+    k = int(np.clip(np.rint(ijk[2]), 0, len(volume.source_instances) - 1))
+    return volume.source_instances[k]
+
+
+def _source_image(ref: InstanceRef) -> hd.sr.SourceImageForSegmentation:
+    return hd.sr.SourceImageForSegmentation(
+        referenced_sop_class_uid=ref.sop_class_uid,
+        referenced_sop_instance_uid=ref.sop_instance_uid,
+        referenced_frame_numbers=[ref.frame_number] if ref.frame_number is not None else None,
+    )
+
+
+def _classification_group(
+    classification: Classification,
+    input_fingerprint: str,
+    algorithm: AlgorithmInfo,
+    algorithm_id: hd.sr.AlgorithmIdentification,
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group: the probability that ``classification.name`` is present (TID 300 NUM)."""
+    uid = tracking_uid(input_fingerprint, algorithm, "classification", classification.name)
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=uid, identifier=f"{classification.name} (classification)"
+        ),
+        algorithm_id=algorithm_id,
+        measurements=[
+            hd.sr.Measurement(
+                name=codes.coded(codes.PROBABILITY),
+                value=classification.probability,
+                unit=codes.coded(codes.UNIT_NONE),
+            )
+        ],
+    )
+
+
+def _triage_group(
+    findings: Findings, input_fingerprint: str, algorithm_id: hd.sr.AlgorithmIdentification
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group: the study's triage priority as a coded qualitative evaluation."""
+    uid = tracking_uid(input_fingerprint, findings.algorithm, "triage")
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier="Triage priority"),
+        algorithm_id=algorithm_id,
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(
+                name=codes.coded(codes.PRIORITY),
+                value=codes.coded(codes.PRIORITY_VALUES[findings.priority]),
+            )
+        ],
+    )
+
+
+def finalize_output(dataset: Dataset, content_datetime: datetime.datetime | None) -> None:
+    """Last touches shared by the SR and SEG writers: character set, implementation, date/time."""
+    set_character_set(dataset)
+    dataset.file_meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
+    dataset.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    if content_datetime is not None:
+        _stamp_datetime(dataset, content_datetime)
+
+
+def _stamp_datetime(dataset: Dataset, when: datetime.datetime) -> None:
+    """Set Content, Series and Instance Creation Date/Time to ``when``."""
+    date, time = DA(when.date()), TM(when.time())
+    for prefix in ("Content", "Series", "InstanceCreation"):
+        setattr(dataset, f"{prefix}Date", date)
+        setattr(dataset, f"{prefix}Time", time)

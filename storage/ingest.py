@@ -1,0 +1,248 @@
+"""Record received instances: spool file + study/series/instance rows, in one transaction.
+
+The caller (the DICOM SCP) acknowledges only after :meth:`Ingest.store` returns. Any exception
+means nothing new is visible: no row, and no spool file that a row points to.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from storage.db import transaction
+from storage.errors import IntegrityProblem
+from storage.models import Association, Event, Instance, Series, Study, StudyState
+from storage.spool import Spool
+
+log = logging.getLogger(__name__)
+
+_RACE_RETRIES = 3
+
+
+class StoreOutcome(enum.StrEnum):
+    STORED = "stored"  # a new instance
+    DUPLICATE = "duplicate"  # identical bytes were already stored: nothing new
+    REPLACED = "replaced"  # same SOP Instance UID, different bytes: replaced, series marked changed
+
+
+@dataclass(frozen=True)
+class AssociationInfo:
+    """Who delivered an instance (all validated by the caller; none of it reaches a path)."""
+
+    id: str
+    calling_ae: str
+    called_ae: str
+    source_address: str
+    started_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class IncomingInstance:
+    """The validated identifying attributes of one received instance."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    patient_id: str | None = None
+    accession_number: str | None = None
+    modality: str | None = None
+    body_part_examined: str | None = None
+    series_description: str | None = None
+    series_number: int | None = None
+
+
+def add_event(session: Session, entity: str, entity_id: str | int, kind: str, **detail: object) -> None:
+    """Append one audit row (in the caller's transaction)."""
+    session.add(
+        Event(
+            at=dt.datetime.now(dt.UTC),
+            entity=entity,
+            entity_id=str(entity_id),
+            kind=kind,
+            detail=json.dumps(detail, default=str, sort_keys=True) if detail else "",
+        )
+    )
+
+
+class Ingest:
+    """Stores instances durably and records them."""
+
+    def __init__(self, sessions: sessionmaker[Session], spool: Spool) -> None:
+        self.sessions = sessions
+        self.spool = spool
+
+    def store(
+        self,
+        incoming: IncomingInstance,
+        chunks: Sequence[bytes],
+        association: AssociationInfo,
+        received_at: dt.datetime | None = None,
+    ) -> StoreOutcome:
+        """Write the bytes durably, then record them; raises StorageUnavailable on disk/db failure."""
+        received_at = received_at or dt.datetime.now(dt.UTC)
+        pending = self.spool.write_pending(tuple(chunks))
+        rel = self.spool.relative_path_for(incoming.sop_instance_uid, pending.sha256)
+        already_on_disk = self.spool.path_of(rel).exists()
+        if already_on_disk:
+            # Same UID and same content hash: the file of record (or an unrecorded orphan of a
+            # crash) already holds exactly these bytes.
+            self.spool.discard(pending)
+        else:
+            self.spool.commit(pending, incoming.sop_instance_uid)
+        try:
+            outcome, old_path = self._record(incoming, rel, pending.size_bytes, pending.sha256,
+                                             association, received_at)
+        except BaseException:
+            if not already_on_disk:
+                self.spool.remove(rel)
+            raise
+        if old_path is not None and old_path != rel:
+            self.spool.remove(old_path)
+        return outcome
+
+    def _record(
+        self,
+        incoming: IncomingInstance,
+        rel: str,
+        size: int,
+        sha256: str,
+        association: AssociationInfo,
+        received_at: dt.datetime,
+    ) -> tuple[StoreOutcome, str | None]:
+        for attempt in range(_RACE_RETRIES):
+            try:
+                with transaction(self.sessions, "recording an instance") as session:
+                    return self._record_in(session, incoming, rel, size, sha256, association, received_at)
+            except IntegrityError as exc:
+                # Two associations created the same study/series/instance at once (PostgreSQL);
+                # the retry finds the other's row.
+                if attempt == _RACE_RETRIES - 1:
+                    raise IntegrityProblem(f"could not record {incoming.sop_instance_uid}: {exc.orig}") from exc
+        raise AssertionError("unreachable")
+
+    def _record_in(
+        self,
+        session: Session,
+        incoming: IncomingInstance,
+        rel: str,
+        size: int,
+        sha256: str,
+        association: AssociationInfo,
+        received_at: dt.datetime,
+    ) -> tuple[StoreOutcome, str | None]:
+        if session.get(Association, association.id) is None:
+            session.add(
+                Association(
+                    id=association.id,
+                    calling_ae=association.calling_ae,
+                    called_ae=association.called_ae,
+                    source_address=association.source_address,
+                    started_at=association.started_at,
+                )
+            )
+        study = session.scalars(
+            select(Study).where(Study.study_instance_uid == incoming.study_instance_uid)
+        ).one_or_none()
+        if study is None:
+            study = Study(
+                study_instance_uid=incoming.study_instance_uid,
+                patient_id=incoming.patient_id,
+                accession_number=incoming.accession_number,
+                state=StudyState.RECEIVING,
+                first_received_at=received_at,
+                last_received_at=received_at,
+            )
+            session.add(study)
+            session.flush()
+            add_event(session, "study", study.id, "created", calling_ae=association.calling_ae)
+        else:
+            study.last_received_at = received_at
+            if study.state != StudyState.RECEIVING:
+                add_event(session, "study", study.id, "reopened", previous=study.state,
+                          sop_instance_uid=incoming.sop_instance_uid)
+                study.state = StudyState.RECEIVING
+                study.completed_at = None
+
+        series = session.scalars(
+            select(Series).where(Series.series_instance_uid == incoming.series_instance_uid)
+        ).one_or_none()
+        if series is None:
+            series = Series(
+                study_id=study.id,
+                series_instance_uid=incoming.series_instance_uid,
+                modality=incoming.modality,
+                body_part_examined=incoming.body_part_examined,
+                series_description=incoming.series_description,
+                series_number=incoming.series_number,
+                last_received_at=received_at,
+            )
+            session.add(series)
+            session.flush()
+        elif series.study_id != study.id:
+            raise IntegrityProblem(
+                f"series {incoming.series_instance_uid} already belongs to another study than "
+                f"{incoming.study_instance_uid}"
+            )
+        series.last_received_at = received_at
+        series.last_association_id = association.id
+
+        instance = session.scalars(
+            select(Instance).where(Instance.sop_instance_uid == incoming.sop_instance_uid)
+        ).one_or_none()
+        if instance is not None and instance.sha256 == sha256:
+            return StoreOutcome.DUPLICATE, None
+        if instance is not None:
+            if instance.series_id != series.id:
+                raise IntegrityProblem(
+                    f"instance {incoming.sop_instance_uid} already belongs to series other than "
+                    f"{incoming.series_instance_uid}"
+                )
+            old_path = instance.path
+            instance.path = rel
+            instance.size_bytes = size
+            instance.sha256 = sha256
+            instance.sop_class_uid = incoming.sop_class_uid
+            instance.transfer_syntax_uid = incoming.transfer_syntax_uid
+            instance.calling_ae = association.calling_ae
+            instance.source_address = association.source_address
+            instance.association_id = association.id
+            instance.received_at = received_at
+            instance.replaced_count += 1
+            series.changed = True
+            add_event(session, "series", series.id, "instance_replaced",
+                      sop_instance_uid=incoming.sop_instance_uid, calling_ae=association.calling_ae)
+            return StoreOutcome.REPLACED, old_path
+        session.add(
+            Instance(
+                series_id=series.id,
+                sop_instance_uid=incoming.sop_instance_uid,
+                sop_class_uid=incoming.sop_class_uid,
+                transfer_syntax_uid=incoming.transfer_syntax_uid,
+                path=rel,
+                size_bytes=size,
+                sha256=sha256,
+                calling_ae=association.calling_ae,
+                source_address=association.source_address,
+                association_id=association.id,
+                received_at=received_at,
+            )
+        )
+        return StoreOutcome.STORED, None
+
+    def end_association(self, association_id: str, *, released: bool) -> None:
+        """Record that an association ended (released, or aborted/lost). No row: nothing was stored."""
+        with transaction(self.sessions, "recording the end of an association") as session:
+            row = session.get(Association, association_id)
+            if row is not None:
+                row.ended_at = dt.datetime.now(dt.UTC)
+                row.released = released

@@ -1,0 +1,187 @@
+"""The spool: received bytes on disk, written so that nothing half-written is ever visible.
+
+Layout under the spool root (all names are server-derived; no peer string becomes a path):
+
+    tmp/                       files being written (never read by anyone else; emptied on start)
+    objects/ab/cd/<h>-<c>.dcm  h = sha256(SOP Instance UID), c = sha256 of the
+                               content, so a replacement never overwrites the file of record
+
+Write protocol: temp file -> write -> fsync -> rename into objects/ -> fsync the directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import re
+import shutil
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from storage.errors import SpoolUnavailable
+
+log = logging.getLogger(__name__)
+
+TMP_DIR = "tmp"
+STALE_TMP_SECONDS = 3600
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64] or "host"
+OBJECTS_DIR = "objects"
+
+
+@dataclass(frozen=True)
+class PendingFile:
+    """Bytes written and fsynced to a private temp file, not yet visible in the spool."""
+
+    tmp_path: Path
+    size_bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """A file of record in the spool (``relative_path`` is what the database keeps)."""
+
+    relative_path: str
+    size_bytes: int
+    sha256: str
+
+
+def uid_key(uid: str) -> str:
+    """Server-side name for a (validated) UID: its sha256 in hex."""
+    return hashlib.sha256(uid.encode("ascii")).hexdigest()
+
+
+class Spool:
+    """Durable file store rooted at ``root``; refuses writes below ``min_free_bytes`` of free space."""
+
+    def __init__(self, root: Path, *, min_free_bytes: int = 0) -> None:
+        self.root = root.resolve()
+        self.min_free_bytes = min_free_bytes
+        self.tmp = self.root / TMP_DIR
+        self.objects = self.root / OBJECTS_DIR
+
+    def open(self) -> None:
+        """Create the layout and remove temp files left by crashed writers (never acknowledged).
+
+        Several receivers may share one spool, so only files of dead processes of this host, and
+        files older than ``STALE_TMP_SECONDS``, are removed.
+        """
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.objects.mkdir(parents=True, exist_ok=True)
+        removed = 0
+        for leftover in self.tmp.iterdir():
+            if _is_abandoned(leftover):
+                leftover.unlink(missing_ok=True)
+                removed += 1
+        if removed:
+            log.warning("removed %d unacknowledged temp files from %s", removed, self.tmp)
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def check_space(self, incoming: int = 0) -> None:
+        """Raise :class:`SpoolUnavailable` if storing ``incoming`` bytes would cross the threshold."""
+        try:
+            free = self.free_bytes()
+        except OSError as exc:
+            raise SpoolUnavailable(f"cannot read free space of {self.root}: {exc}") from exc
+        if free - incoming < self.min_free_bytes:
+            raise SpoolUnavailable(
+                f"spool {self.root} has {free} bytes free; {incoming} more would go below the "
+                f"configured minimum of {self.min_free_bytes} (storage.min_free_bytes)"
+            )
+
+    def write_pending(self, chunks: list[bytes] | tuple[bytes, ...]) -> PendingFile:
+        """Write ``chunks`` to a fresh temp file and fsync it; hash while writing."""
+        total = sum(len(c) for c in chunks)
+        self.check_space(total)
+        tmp_path = self.tmp / f"{_HOST}.{os.getpid()}.{uuid.uuid4().hex}.part"
+        digest = hashlib.sha256()
+        try:
+            fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            try:
+                for chunk in chunks:
+                    view = memoryview(chunk)
+                    while view:
+                        written = os.write(fd, view)
+                        view = view[written:]
+                    digest.update(chunk)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            tmp_path.unlink(missing_ok=True)
+            raise _spool_error(exc, f"writing {tmp_path.name}") from exc
+        return PendingFile(tmp_path=tmp_path, size_bytes=total, sha256=digest.hexdigest())
+
+    def relative_path_for(self, sop_instance_uid: str, sha256: str) -> str:
+        key = uid_key(sop_instance_uid)
+        return f"{OBJECTS_DIR}/{key[:2]}/{key[2:4]}/{key}-{sha256}.dcm"
+
+    def commit(self, pending: PendingFile, sop_instance_uid: str) -> StoredFile:
+        """Rename the temp file into its final place and fsync the directory."""
+        rel = self.relative_path_for(sop_instance_uid, pending.sha256)
+        final = self.root / rel
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(pending.tmp_path, final)
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            pending.tmp_path.unlink(missing_ok=True)
+            raise _spool_error(exc, f"moving {pending.tmp_path.name} into place") from exc
+        return StoredFile(relative_path=rel, size_bytes=pending.size_bytes, sha256=pending.sha256)
+
+    def discard(self, pending: PendingFile) -> None:
+        pending.tmp_path.unlink(missing_ok=True)
+
+    def remove(self, relative_path: str) -> None:
+        """Remove a file of record (after its row was committed away, or to undo a failed record)."""
+        path = self.path_of(relative_path)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            _fsync_dir(path.parent)
+
+    def path_of(self, relative_path: str) -> Path:
+        path = (self.root / relative_path).resolve()
+        if not path.is_relative_to(self.objects):
+            raise ValueError(f"{relative_path!r} is not inside the spool's objects directory")
+        return path
+
+
+def _is_abandoned(path: Path) -> bool:
+    host, _, rest = path.name.partition(".")
+    pid_text = rest.partition(".")[0]
+    if host == _HOST and pid_text.isdigit():
+        pid = int(pid_text)
+        if pid == os.getpid():
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+    try:
+        return time.time() - path.stat().st_mtime > STALE_TMP_SECONDS
+    except FileNotFoundError:
+        return False
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _spool_error(exc: OSError, what: str) -> SpoolUnavailable:
+    reason = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else (exc.strerror or str(exc))
+    return SpoolUnavailable(f"spool error while {what}: {reason}")
