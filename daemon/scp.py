@@ -185,7 +185,7 @@ class Receiver:
         pynetdicom ignores a request missing a required command field, leaving the peer waiting for
         its DIMSE timeout; we answer C000 at once instead.
         """
-        command = event.message.command_set  # type: ignore[attr-defined]
+        command = event.message.command_set
         if command.get("CommandField") != 0x0001:  # C-STORE-RQ
             return
         if command.get("AffectedSOPInstanceUID") and command.get("AffectedSOPClassUID"):
@@ -195,7 +195,7 @@ class Receiver:
         rsp.Status = int(StoreStatus.CANNOT_UNDERSTAND)
         log.warning("C-STORE without SOP Class/Instance UID from %s refused with 0x%04X",
                     event.assoc.requestor.ae_title, rsp.Status)
-        event.assoc.dimse.send_msg(rsp, cast(int, event.message.context_id))  # type: ignore[attr-defined]
+        event.assoc.dimse.send_msg(rsp, cast(int, event.message.context_id))
 
     def _on_store(self, event: Event) -> Dataset:
         started = time.perf_counter()
