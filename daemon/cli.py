@@ -26,13 +26,18 @@ app.add_typer(db_app, name="db")
 ConfigOption = Annotated[
     Path | None,
     typer.Option(
-        "--config", "-c", help="TOML configuration file (see deploy/pacs-triage.example.toml). "
-        "Environment variables PACS_TRIAGE_* override it.", envvar="PACS_TRIAGE_CONFIG",
+        "--config",
+        "-c",
+        help="TOML configuration file (see deploy/pacs-triage.example.toml). "
+        "Environment variables PACS_TRIAGE_* override it.",
+        envvar="PACS_TRIAGE_CONFIG",
         dir_okay=False,
     ),
 ]
 PeerArg = Annotated[str, typer.Argument(help="The peer as AET@HOST:PORT, e.g. ORTHANC@127.0.0.1:4242.")]
-CallingAe = Annotated[str | None, typer.Option(help="Our calling AE title (default: ae_title from the config).")]
+CallingAe = Annotated[
+    str | None, typer.Option(help="Our calling AE title (default: ae_title from the config).")
+]
 TlsCa = Annotated[Path | None, typer.Option(help="Use DICOM TLS, trusting this CA file.", dir_okay=False)]
 TlsCert = Annotated[Path | None, typer.Option(help="Client certificate for DICOM TLS.", dir_okay=False)]
 TlsKey = Annotated[Path | None, typer.Option(help="Private key of the client certificate.", dir_okay=False)]
@@ -96,7 +101,9 @@ def status(
     if as_json:
         typer.echo(json.dumps(asdict(result), indent=2, sort_keys=True))
         return
-    typer.echo(f"studies    {result.studies}  ({', '.join(f'{k} {v}' for k, v in result.studies_by_state.items())})")
+    typer.echo(
+        f"studies    {result.studies}  ({', '.join(f'{k} {v}' for k, v in result.studies_by_state.items())})"
+    )
     typer.echo(f"series     {result.series}")
     typer.echo(f"instances  {result.instances}  ({result.bytes_stored / 2**20:.1f} MiB)")
     typer.echo("jobs       " + ", ".join(f"{k} {v}" for k, v in result.jobs.items()))
@@ -129,8 +136,9 @@ def echo(
     tls = _tls(tls_ca, tls_cert, tls_key)
     assert tls is None or isinstance(tls, TlsClient)
     try:
-        code = c_echo(Peer(peer_ae, host, port), calling_ae=calling_ae or config.ae_title, tls=tls,
-                      timeout=timeout)
+        code = c_echo(
+            Peer(peer_ae, host, port), calling_ae=calling_ae or config.ae_title, tls=tls, timeout=timeout
+        )
     except AssociationFailed as exc:
         _fail(str(exc))
     if code != 0:
@@ -141,8 +149,9 @@ def echo(
 @app.command()
 def send(
     peer: PeerArg,
-    paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders (searched recursively).",
-                                                exists=True)],
+    paths: Annotated[
+        list[Path], typer.Argument(help="DICOM files or folders (searched recursively).", exists=True)
+    ],
     config_path: ConfigOption = None,
     calling_ae: CallingAe = None,
     tls_ca: TlsCa = None,
@@ -162,8 +171,9 @@ def send(
     tls = _tls(tls_ca, tls_cert, tls_key)
     assert tls is None or isinstance(tls, TlsClient)
     ok = failed = 0
-    for result in send_files(Peer(peer_ae, host, port), paths, calling_ae=calling_ae or config.ae_title,
-                             tls=tls, timeout=timeout):
+    for result in send_files(
+        Peer(peer_ae, host, port), paths, calling_ae=calling_ae or config.ae_title, tls=tls, timeout=timeout
+    ):
         code = "------" if result.status is None else f"0x{result.status:04X}"
         word = "OK    " if result.ok else "FAILED"
         detail = f"  {result.comment}" if result.comment else ""

@@ -1,9 +1,9 @@
 """Typed errors of the receiver; ``daemon/status.py`` maps each to one DIMSE status.
 
-    ReceiveError
-    ├── InvalidDataset      cannot be parsed, required attributes missing, UIDs invalid   -> C000
-    └── DatasetMismatch     the data set's SOP Class/Instance UID differ from the request -> A900
-    (storage.errors.StorageUnavailable: disk or database unavailable, disk nearly full    -> A700)
+ReceiveError
+├── InvalidDataset      cannot be parsed, required attributes missing, UIDs invalid   -> C000
+└── DatasetMismatch     the data set's SOP Class/Instance UID differ from the request -> A900
+(storage.errors.StorageUnavailable: disk or database unavailable, disk nearly full    -> A700)
 """
 
 from __future__ import annotations

@@ -35,7 +35,9 @@ def open_node(config: Config, *, migrate: bool = True, open_spool: bool = True) 
     engine = make_engine(config.effective_database_url, pool_size=max(5, config.dicom.max_associations))
     if migrate:
         revision = upgrade(engine)
-        log.info("database %s at schema revision %s", engine.url.render_as_string(hide_password=True), revision)
+        log.info(
+            "database %s at schema revision %s", engine.url.render_as_string(hide_password=True), revision
+        )
     sessions = make_session_factory(engine)
     spool = Spool(config.spool_dir, min_free_bytes=config.storage.min_free_bytes)
     if open_spool:

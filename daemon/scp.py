@@ -122,7 +122,9 @@ class Receiver:
             self._servers.append(tls_server)
             bound.append((host, tls_server.server_address[1], True))
         for address, port, tls in bound:
-            log.info("listening as %s on %s:%d%s", self.config.ae_title, address, port, " (TLS)" if tls else "")
+            log.info(
+                "listening as %s on %s:%d%s", self.config.ae_title, address, port, " (TLS)" if tls else ""
+            )
         return bound
 
     def active_associations(self) -> list[Association]:
@@ -159,7 +161,10 @@ class Receiver:
         assert decision.refusal is not None
         log.warning(
             "rejected association from %r at %s (called %r): %s",
-            assoc.requestor.ae_title, assoc.requestor.address, called, decision.reason,
+            assoc.requestor.ae_title,
+            assoc.requestor.address,
+            called,
+            decision.reason,
         )
         assoc.acse.send_reject(0x01, 0x01, _REJECT_DIAGNOSTIC[decision.refusal])
 
@@ -193,8 +198,11 @@ class Receiver:
         rsp = C_STORE()
         rsp.MessageIDBeingRespondedTo = command.MessageID
         rsp.Status = int(StoreStatus.CANNOT_UNDERSTAND)
-        log.warning("C-STORE without SOP Class/Instance UID from %s refused with 0x%04X",
-                    event.assoc.requestor.ae_title, rsp.Status)
+        log.warning(
+            "C-STORE without SOP Class/Instance UID from %s refused with 0x%04X",
+            event.assoc.requestor.ae_title,
+            rsp.Status,
+        )
         event.assoc.dimse.send_msg(rsp, cast(int, event.message.context_id))
 
     def _on_store(self, event: Event) -> Dataset:
@@ -209,7 +217,7 @@ class Receiver:
             transfer_syntax = str(event.context.transfer_syntax)
             try:
                 ds = event.dataset
-            except Exception as exc:  # noqa: BLE001 - any decoding failure means "cannot understand"
+            except Exception as exc:
                 raise InvalidDataset(f"data set cannot be decoded as {transfer_syntax}: {exc}") from exc
             incoming = validate_received(
                 ds,
@@ -227,7 +235,10 @@ class Receiver:
             status = status_for(exc)
             log.warning(
                 "C-STORE %s from %s refused with 0x%04X: %s",
-                str(request.AffectedSOPInstanceUID)[:70], event.assoc.requestor.ae_title, status, exc,
+                str(request.AffectedSOPInstanceUID)[:70],
+                event.assoc.requestor.ae_title,
+                status,
+                exc,
             )
             return _status(status, str(exc))
         except Exception as exc:
@@ -236,7 +247,9 @@ class Receiver:
             log.exception("C-STORE %s failed unexpectedly", request.AffectedSOPInstanceUID)
             return _status(status_for(exc), "internal error; see the pacs-triage log")
         log.debug(
-            "C-STORE %s %s in %.1f ms", incoming.sop_instance_uid, outcome.value,
+            "C-STORE %s %s in %.1f ms",
+            incoming.sop_instance_uid,
+            outcome.value,
             (time.perf_counter() - started) * 1000,
         )
         return _status(StoreStatus.SUCCESS)

@@ -85,8 +85,9 @@ def _associate(ae: AE, peer: Peer, tls: TlsClient | None) -> Association:
     return assoc
 
 
-def echo(peer: Peer, *, calling_ae: str = "PACS_TRIAGE", tls: TlsClient | None = None,
-         timeout: float = 30.0) -> int:
+def echo(
+    peer: Peer, *, calling_ae: str = "PACS_TRIAGE", tls: TlsClient | None = None, timeout: float = 30.0
+) -> int:
     """C-ECHO the peer; returns the response status (0x0000 is success)."""
     ae = _ae(calling_ae, timeout)
     ae.add_requested_context(sop_classes.VERIFICATION)
@@ -195,9 +196,11 @@ def _send_one(assoc: Association, item: _Prepared) -> SendResult:
     )
     if not accepted:
         return SendResult(
-            item.path, None,
+            item.path,
+            None,
             f"not sent: peer accepted no context for {sop_classes.describe(item.sop_class)} "
-            f"in {item.transfer_syntax}", item.sop_instance,
+            f"in {item.transfer_syntax}",
+            item.sop_instance,
         )
     try:
         rsp = assoc.send_c_store(item.path)

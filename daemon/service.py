@@ -14,7 +14,9 @@ from daemon.scp import Receiver
 log = logging.getLogger(__name__)
 
 
-def serve(config: Config, *, ready: threading.Event | None = None, stop: threading.Event | None = None) -> None:
+def serve(
+    config: Config, *, ready: threading.Event | None = None, stop: threading.Event | None = None
+) -> None:
     """Run until ``stop`` is set or SIGTERM/SIGINT arrives; stop cleanly (in-flight stores finish)."""
     stop = stop or threading.Event()
 
@@ -32,7 +34,8 @@ def serve(config: Config, *, ready: threading.Event | None = None, stop: threadi
         receiver.start()
         log.info(
             "pacs-triage ready: database %s, spool %s (%.1f GiB free)",
-            node.engine.url.render_as_string(hide_password=True), node.spool.root,
+            node.engine.url.render_as_string(hide_password=True),
+            node.spool.root,
             node.spool.free_bytes() / 2**30,
         )
         if ready is not None:

@@ -5,8 +5,8 @@ One table, one place. ``True`` marks image classes, whose Pixel Data the receive
 
 from __future__ import annotations
 
-from pydicom.uid import AllTransferSyntaxes, UID
 import pydicom.uid as sc
+from pydicom.uid import UID, AllTransferSyntaxes
 
 VERIFICATION = "1.2.840.10008.1.1"  # PS3.4 A.4, the Verification SOP Class (C-ECHO)
 

@@ -22,13 +22,17 @@ MAX_UID_LENGTH = 64
 
 
 def is_valid_uid(value: object) -> bool:
-    return isinstance(value, str) and 0 < len(value) <= MAX_UID_LENGTH and _UID_RE.fullmatch(value) is not None
+    return (
+        isinstance(value, str) and 0 < len(value) <= MAX_UID_LENGTH and _UID_RE.fullmatch(value) is not None
+    )
 
 
 def require_uid(value: object, what: str) -> str:
     if not is_valid_uid(value):
         shown = repr(value)[:80]
-        raise InvalidDataset(f"{what} {shown} is not a valid UID (PS3.5 9.1: digits and dots, 1-64 characters)")
+        raise InvalidDataset(
+            f"{what} {shown} is not a valid UID (PS3.5 9.1: digits and dots, 1-64 characters)"
+        )
     return str(value)
 
 
@@ -64,7 +68,7 @@ def validate_received(
         sop_instance = ds.get("SOPInstanceUID")
         study = ds.get("StudyInstanceUID")
         series = ds.get("SeriesInstanceUID")
-    except Exception as exc:  # noqa: BLE001 - pydicom raises many types on garbage input
+    except Exception as exc:
         raise InvalidDataset(f"data set cannot be parsed: {exc}") from exc
     sop_class = require_uid(sop_class, "SOP Class UID (0008,0016)")
     sop_instance = require_uid(sop_instance, "SOP Instance UID (0008,0018)")

@@ -1,10 +1,10 @@
 """Errors of the storage layer. Callers never see driver exceptions (sqlite3, psycopg, OSError).
 
-    StorageError
-    ├── StorageUnavailable     the database or the disk cannot take writes now: try again later
-    │   ├── DatabaseUnavailable   connection refused, server restarting, locked past the busy timeout
-    │   └── SpoolUnavailable      disk full, free space under the threshold, I/O error
-    └── IntegrityProblem       the request contradicts what is stored (a programming or data error)
+StorageError
+├── StorageUnavailable     the database or the disk cannot take writes now: try again later
+│   ├── DatabaseUnavailable   connection refused, server restarting, locked past the busy timeout
+│   └── SpoolUnavailable      disk full, free space under the threshold, I/O error
+└── IntegrityProblem       the request contradicts what is stored (a programming or data error)
 """
 
 from __future__ import annotations

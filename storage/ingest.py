@@ -100,8 +100,9 @@ class Ingest:
         else:
             self.spool.commit(pending, incoming.sop_instance_uid)
         try:
-            outcome, old_path = self._record(incoming, rel, pending.size_bytes, pending.sha256,
-                                             association, received_at)
+            outcome, old_path = self._record(
+                incoming, rel, pending.size_bytes, pending.sha256, association, received_at
+            )
         except BaseException:
             if not already_on_disk:
                 self.spool.remove(rel)
@@ -127,7 +128,9 @@ class Ingest:
                 # Two associations created the same study/series/instance at once (PostgreSQL);
                 # the retry finds the other's row.
                 if attempt == _RACE_RETRIES - 1:
-                    raise IntegrityProblem(f"could not record {incoming.sop_instance_uid}: {exc.orig}") from exc
+                    raise IntegrityProblem(
+                        f"could not record {incoming.sop_instance_uid}: {exc.orig}"
+                    ) from exc
         raise AssertionError("unreachable")
 
     def _record_in(
@@ -168,8 +171,14 @@ class Ingest:
         else:
             study.last_received_at = received_at
             if study.state != StudyState.RECEIVING:
-                add_event(session, "study", study.id, "reopened", previous=study.state,
-                          sop_instance_uid=incoming.sop_instance_uid)
+                add_event(
+                    session,
+                    "study",
+                    study.id,
+                    "reopened",
+                    previous=study.state,
+                    sop_instance_uid=incoming.sop_instance_uid,
+                )
                 study.state = StudyState.RECEIVING
                 study.completed_at = None
 
@@ -219,8 +228,14 @@ class Ingest:
             instance.received_at = received_at
             instance.replaced_count += 1
             series.changed = True
-            add_event(session, "series", series.id, "instance_replaced",
-                      sop_instance_uid=incoming.sop_instance_uid, calling_ae=association.calling_ae)
+            add_event(
+                session,
+                "series",
+                series.id,
+                "instance_replaced",
+                sop_instance_uid=incoming.sop_instance_uid,
+                calling_ae=association.calling_ae,
+            )
             return StoreOutcome.REPLACED, old_path
         session.add(
             Instance(

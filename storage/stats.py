@@ -35,6 +35,10 @@ def counts(sessions: sessionmaker[Session]) -> Counts:
         for job_state, n in session.execute(select(Job.state, func.count()).group_by(Job.state)):
             jobs[str(job_state)] = n
     return Counts(
-        studies=studies, series=series, instances=int(instances), bytes_stored=int(size),
-        studies_by_state=by_state, jobs=jobs,
+        studies=studies,
+        series=series,
+        instances=int(instances),
+        bytes_stored=int(size),
+        studies_by_state=by_state,
+        jobs=jobs,
     )

@@ -49,7 +49,7 @@ def _pg_available() -> bool:
             conn.execute(text("select 1"))
         engine.dispose()
         return True
-    except Exception:  # noqa: BLE001 - any failure means "not available"
+    except Exception:
         return False
 
 
