@@ -36,8 +36,7 @@ import json
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,37 +48,19 @@ from pipeline.errors import BundleError, TransientError
 from pipeline.findings import AlgorithmInfo
 from pipeline.volume import Volume
 
-__all__ = [
-    "NEVER_RESOLVED",
-    "BundleKind",
-    "BundleRuntime",
-    "Prediction",
-    "bundle_sha256",
-    "clear_bundle_cache",
-    "load_bundle",
-]
+__all__ = ["NEVER_RESOLVED", "BundleKind", "BundleRuntime", "Prediction"]
+__all__ += ["bundle_sha256", "clear_bundle_cache", "load_bundle"]
 
 #: Top-level ids of ``inference.json`` dropped before parsing: the daemon feeds data, loads weights
 #: and drives inference itself. Anything that still refers to them fails with a BundleError.
 NEVER_RESOLVED: tuple[str, ...] = (
-    "datalist",
-    "dataset",
-    "dataloader",
-    "data",
-    "test_imagelist",
-    "test_labellist",
-    "handlers",
-    "evaluator",
-    "checkpointloader",
-    "initialize",
-    "run",
-    "evaluating",
-    "finalize",
+    *("datalist", "dataset", "dataloader", "data", "test_imagelist", "test_labellist", "handlers"),
+    *("evaluator", "checkpointloader", "initialize", "run", "evaluating", "finalize"),
 )
 _INFERENCE = "configs/inference.json"
 _METADATA = "configs/metadata.json"
 _DEFAULT_WEIGHTS = ("model.pt", "model.ts")
-_FILE_MACRO = re.compile(r"^%[^#]*\.(json|ya?ml)(#|$)")  # "%other.json#id" reads an unpinned file
+_FILE_MACRO = re.compile(r'"%[^"#]*\.(json|ya?ml)[#"]')  # "%other.json#id" reads an unpinned file
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _CACHE_SIZE = 4
 # What MONAI's ConfigParser raises for a config that does not build (bad id, import, expression).
@@ -123,12 +104,6 @@ class Prediction:
 # --- pinning -------------------------------------------------------------------------------------
 
 
-def _covered_paths(bundle_dir: Path) -> list[tuple[str, Path]]:
-    paths = [p for p in (bundle_dir / "configs").glob("*.json") if p.is_file()]
-    paths += [p for p in (bundle_dir / "models").rglob("*") if p.is_file()]
-    return sorted((p.relative_to(bundle_dir).as_posix(), p) for p in paths)
-
-
 def _digest(files: Mapping[str, bytes]) -> str:
     sha = hashlib.sha256()
     for rel in sorted(files):
@@ -140,14 +115,17 @@ def _digest(files: Mapping[str, bytes]) -> str:
 
 
 def _read_bundle(bundle_dir: Path, roots: Sequence[Path] = ()) -> dict[str, bytes]:
+    """The covered files (see :func:`bundle_sha256`) by relative POSIX path, each read once."""
+    paths = [p for p in (bundle_dir / "configs").glob("*.json") if p.is_file()]
+    paths += [p for p in (bundle_dir / "models").rglob("*") if p.is_file()]
     files: dict[str, bytes] = {}
-    for rel, path in _covered_paths(bundle_dir):
+    for path in sorted(paths):
         real = path.resolve()
         if roots and not any(real.is_relative_to(root) for root in roots):
             raise BundleError(
                 f"bundle file {path} resolves to {real}, outside the allowed bundle directories"
             )
-        files[rel] = real.read_bytes()
+        files[path.relative_to(bundle_dir).as_posix()] = real.read_bytes()
     return files
 
 
@@ -168,17 +146,6 @@ def bundle_sha256(bundle_dir: str | Path) -> str:
 def _target_name(item: object) -> str:
     target = item.get("_target_") if isinstance(item, dict) else None
     return target.rsplit(".", 1)[-1] if isinstance(target, str) else ""
-
-
-def _walk_strings(node: object) -> Iterator[str]:
-    if isinstance(node, str):
-        yield node
-    elif isinstance(node, dict):
-        for value in node.values():
-            yield from _walk_strings(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from _walk_strings(value)
 
 
 def _json(files: Mapping[str, bytes], rel: str) -> dict[str, Any]:
@@ -228,11 +195,11 @@ def _build_parser(files: Mapping[str, bytes], overrides: Mapping[str, Any], devi
     config = _json(files, _INFERENCE)
     for key in NEVER_RESOLVED:
         config.pop(key, None)
-    for text in _walk_strings(config):
-        if _FILE_MACRO.match(text):
-            raise BundleError(
-                f"{_INFERENCE}: macro {text!r} reads another file; only same-file macros are allowed"
-            )
+    macro = _FILE_MACRO.search(json.dumps(config))
+    if macro:
+        raise BundleError(
+            f"{_INFERENCE}: macro {macro.group(0)} reads another file; only same-file macros are allowed"
+        )
     parser = ConfigParser()
     parser.read_meta(_json(files, _METADATA))
     parser.read_config(config)
@@ -284,6 +251,12 @@ def _load_network(parser: Any, files: Mapping[str, bytes], device: torch.device)
     return network.to(device).eval()
 
 
+def _import_error(exc: BaseException | None) -> ImportError | None:
+    while exc is not None and not isinstance(exc, ImportError):
+        exc = exc.__cause__ or exc.__context__
+    return exc
+
+
 def _resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -311,7 +284,6 @@ class BundleRuntime:
         amp: bool,
         parser: Any,
         network: torch.nn.Module,
-        label_names: tuple[str, ...],
     ) -> None:
         self.path = path
         self.sha256 = sha256
@@ -319,8 +291,8 @@ class BundleRuntime:
         self.amp = amp and device.type == "cuda"
         self.parser = parser
         self.network = network
-        self.label_names = label_names
         meta = parser.get("_meta_", {})
+        self.label_names = _label_names(meta)
         self.name = str(meta.get("name") or path.name)
         self.version = str(meta.get("version") or "unknown")
         self.image_key = str(parser.get_parsed_content("image_key")) if "image_key" in parser else "image"
@@ -368,16 +340,7 @@ class BundleRuntime:
         try:
             parser = _build_parser(files, overrides or {}, device_)
             network = _load_network(parser, files, device_)
-            label_names = _label_names(parser.get("_meta_", {}))
-            return cls(
-                path=path,
-                sha256=actual,
-                device=device_,
-                amp=amp,
-                parser=parser,
-                network=network,
-                label_names=label_names,
-            )
+            return cls(path=path, sha256=actual, device=device_, amp=amp, parser=parser, network=network)
         except BundleError:
             raise
         except _BUILD_ERRORS as exc:
@@ -386,11 +349,6 @@ class BundleRuntime:
     def algorithm(self, pipeline: str) -> AlgorithmInfo:
         """The TID 4019 algorithm identification of this bundle for ``pipeline``."""
         return AlgorithmInfo(name=self.name, version=self.version, sha256=self.sha256, pipeline=pipeline)
-
-    def _autocast(self) -> AbstractContextManager[Any]:
-        if self.amp:
-            return torch.autocast(device_type="cuda", dtype=torch.float16)
-        return nullcontext()
 
     def _image(self, volume: Volume) -> Any:
         from monai.data import MetaTensor
@@ -413,19 +371,28 @@ class BundleRuntime:
         try:
             with self._lock, torch.no_grad():
                 data = self.preprocessing({self.image_key: self._image(volume)})
-                batch = torch.as_tensor(data[self.image_key]).unsqueeze(0).to(self.device)
-                with self._autocast():
+                # Postprocessing runs on the inference device, as in the bundle's own evaluator.
+                image = data[self.image_key] = data[self.image_key].to(self.device)
+                batch = torch.as_tensor(image).as_subclass(torch.Tensor).unsqueeze(0)
+                with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
                     output = self.inferer(batch, self.network)
                 if not isinstance(output, torch.Tensor):
                     raise BundleError(
                         f"bundle {self.name}: the network returned {type(output).__name__}, not one tensor"
                     )
                 data["pred"] = output[0].float()
-                if output.ndim == 2:
+                if output.ndim == 2 or output[0, 0].numel() == 1:  # (B, C) or globally pooled (B, C, 1, ...)
+                    data["pred"] = data["pred"].reshape(-1)
                     return self._classification(data, pipeline)
                 return self._segmentation(data, volume, pipeline)
         except torch.cuda.OutOfMemoryError as exc:
             raise TransientError(f"bundle {self.name}: out of GPU memory on {self.device}: {exc}") from exc
+        except (ImportError, RuntimeError) as exc:  # MONAI wraps a transform's errors in RuntimeError
+            missing = _import_error(exc)
+            if missing is None:
+                raise
+            # e.g. Orientationd needs nibabel: a deployment fault, the same on every retry
+            raise BundleError(f"bundle {self.name} needs a package that is not installed: {missing}") from exc
 
     def _classification(self, data: dict[str, Any], pipeline: str) -> Prediction:
         if self.postprocessing is not None:
@@ -462,9 +429,8 @@ class BundleRuntime:
 
         # Step through postprocessing to keep the last multi-channel map already on the source grid
         # (spleen inverts the softmax, then takes the argmax: that map is the probabilities).
-        steps = list(getattr(self.postprocessing, "transforms", [self.postprocessing]))
-        steps = [step for step in steps if step is not None]
-        for step in steps:
+        steps = getattr(self.postprocessing, "transforms", [self.postprocessing])
+        for step in (s for s in steps if s is not None):
             if source_grid_probabilities(data["pred"]):
                 probabilities = data["pred"]
             data = step(data)
