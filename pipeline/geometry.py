@@ -21,8 +21,12 @@ table axis, not along the slice normal: the stack is sheared. We keep it, exactl
 ``affine @ (i, j, k, 1)`` reproduces every slice's ImagePositionPatient and direction cosines
 without resampling. :func:`shear_angle_deg` tells a consumer how far from orthogonal the affine is.
 Shears beyond ``MAX_SHEAR_DEG`` (more than any gantry tilts) are refused as not a tilt at all.
+GantryDetectorTilt is only quoted in messages: the positions and orientations are what place the
+pixels. Variable spacing (as in a tilted head CT whose thickness changes mid-series) is refused,
+never resampled.
 
-Output: float32, RescaleSlope/Intercept applied (Hounsfield units for CT, PS3.3 C.11.1.1.2).
+Output: ``Volume.array`` float32 ``[i, j, k]``, C-contiguous, RescaleSlope/Intercept applied (Hounsfield units for CT, PS3.3 C.11.1.1.2); MONOCHROME1
+is not inverted (it is a display rule, PS3.3 C.7.6.3.1.2).
 """
 
 from __future__ import annotations
@@ -45,8 +49,11 @@ IOP_TOL = 1e-3  # |rowcos|, |colcos| within 1 +- IOP_TOL and |rowcos . colcos| <
 ORIENTATION_TOL = 1e-3  # max difference of any direction cosine between slices of one volume
 SPACING_TOL_MM = 0.01  # slice steps may differ by max(SPACING_TOL_MM, SPACING_TOL_REL * spacing)
 SPACING_TOL_REL = 0.01
+PIXEL_SPACING_TOL_MM = 1e-3  # PixelSpacing may differ this much between slices of one volume
 DUPLICATE_TOL_MM = 0.01  # two slices closer than this along the normal occupy the same position
-SHEAR_MIN_DEG = 0.01  # below this the stack is treated as orthogonal (k column = normal * spacing)
+# An in-plane drift this small over the whole stack is rounding noise: k column = normal * spacing.
+SNAP_TOL_MM = 1e-3
+SHEAR_REPORT_DEG = 0.1  # shears from this angle up are mentioned in spacing errors
 MAX_SHEAR_DEG = 30.0  # CT gantries tilt at most about +-30 degrees
 
 
@@ -219,7 +226,10 @@ def _check_uniform(slices: Sequence[_Slice], series: str) -> None:
         if (s.header.rows, s.header.columns) != (ref.header.rows, ref.header.columns):
             sizes = sorted({f"{x.header.rows}x{x.header.columns}" for x in slices})
             raise GeometryError(f"series {series}: mixed image sizes Rows x Columns {sizes}")
-        if max(abs(a - b) for a, b in zip(s.pixel_spacing, ref.pixel_spacing, strict=True)) > 1e-3:
+        if (
+            max(abs(a - b) for a, b in zip(s.pixel_spacing, ref.pixel_spacing, strict=True))
+            > PIXEL_SPACING_TOL_MM
+        ):
             spacings = sorted({_fmt(x.pixel_spacing) for x in slices})
             raise GeometryError(f"series {series}: mixed PixelSpacing (row, column) {spacings}")
 
@@ -248,7 +258,7 @@ def _spacing_error(
     first_step = slices[1].position - slices[0].position
     shear = math.degrees(math.acos(min(1.0, float(steps[0]) / float(np.linalg.norm(first_step)))))
     tilt = slices[0].header.gantry_detector_tilt
-    tilt_note = f" The stack is also sheared by {shear:.1f} deg" if shear >= SHEAR_MIN_DEG else ""
+    tilt_note = f" The stack is also sheared by {shear:.1f} deg" if shear >= SHEAR_REPORT_DEG else ""
     tilt_note += f" (GantryDetectorTilt {tilt:g} deg)." if tilt else ("." if tilt_note else "")
     return GeometryError(
         f"series {series}: {kind}. Positions along the slice normal run {d[0]:.3f} .. {d[-1]:.3f} mm "
@@ -312,7 +322,8 @@ def _slice_step(slices: Sequence[_Slice], normal: np.ndarray, series: str) -> np
             f"series {series}: slices are sheared by {shear:.1f} deg (step {_fmt(mean_step, 3)} mm vs "
             f"normal {_fmt(normal)}), more than a gantry tilts ({MAX_SHEAR_DEG:g} deg)"
         )
-    return normal * along if shear < SHEAR_MIN_DEG else mean_step
+    in_plane_total = float(np.linalg.norm(mean_step - along * normal)) * (len(slices) - 1)
+    return normal * along if in_plane_total <= SNAP_TOL_MM else mean_step
 
 
 def geometry_of(
@@ -321,9 +332,10 @@ def geometry_of(
     """Check the headers of one series and return (affine, frames in volume order); no pixels read."""
     if not headers:
         raise GeometryError("no files given: a volume needs at least one image")
-    series = _check_instances(headers)
-    # A canonical order first, so that the result never depends on the order the files came in.
-    ordered = sorted(headers, key=lambda h: h.sop_instance_uid)
+    # A canonical order first, so that neither the result nor the first error reported depends on
+    # the order the files came in.
+    ordered = sorted(headers, key=lambda h: (h.sop_instance_uid, str(h.path)))
+    series = _check_instances(ordered)
     slices = _slices(ordered, series)
     _check_uniform(slices, series)
     normal = slice_normal(slices[0].orientation)
@@ -332,8 +344,10 @@ def geometry_of(
     first = slices[0]
     row_spacing, column_spacing = first.pixel_spacing
     affine = np.eye(4)
-    affine[:3, 0] = first.orientation[:3] * column_spacing  # i moves along a row: column spacing
-    affine[:3, 1] = first.orientation[3:] * row_spacing  # j moves down a column: row spacing
+    row_cosines, column_cosines = first.orientation[:3], first.orientation[3:]
+    # i moves along a row: column spacing; j moves down a column: row spacing (PS3.3 10.7.1.3).
+    affine[:3, 0] = row_cosines / np.linalg.norm(row_cosines) * column_spacing
+    affine[:3, 1] = column_cosines / np.linalg.norm(column_cosines) * row_spacing
     affine[:3, 2] = k_column
     affine[:3, 3] = first.position
     # The guarantee: the affine puts every slice's origin where its header says it is.
@@ -358,9 +372,8 @@ def load_volume(paths: Iterable[str | os.PathLike[str]], *, workers: int | None 
     affine, frames = geometry_of(headers)
     first = frames[0][0]
     assert first.rows is not None and first.columns is not None
-    # Fortran order makes each [:, :, k] slice contiguous, so a decoded (rows, columns) frame lands
-    # in one contiguous write; values and indexing are those of any ndarray.
-    array = np.empty((first.columns, first.rows, len(frames)), dtype=np.float32, order="F")
+    # C order, so the array feeds torch/MONAI without a copy; decode.py writes it in slice blocks.
+    array = np.empty((first.columns, first.rows, len(frames)), dtype=np.float32)
     jobs = [
         FrameJob(
             path=h.path,

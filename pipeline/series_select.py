@@ -27,7 +27,7 @@ from pydicom.uid import (
     MRImageStorage,
 )
 
-from pipeline.decode import InstanceHeader, read_header
+from pipeline.decode import InstanceHeader, is_valid_uid, read_header
 from pipeline.errors import GeometryError, NoUsableSeries
 from pipeline.geometry import DUPLICATE_TOL_MM, slice_normal
 
@@ -242,7 +242,10 @@ def select_series(paths: Iterable[str | os.PathLike[str]], rule: SelectionRule) 
     qualified: list[_Candidate] = []
     rejected: list[tuple[_Candidate, str]] = []
     for c in candidates:
-        why = "no SeriesInstanceUID" if not c.uid else _evaluate(c, rule)
+        if not is_valid_uid(c.uid):
+            why: str | None = f"SeriesInstanceUID {c.uid!r} missing or not a valid UID (PS3.5 9.1)"
+        else:
+            why = _evaluate(c, rule)
         if why is None:
             qualified.append(c)
         else:
