@@ -24,12 +24,13 @@ from pydicom.dataset import Dataset
 
 from pipeline import codes
 from pipeline.findings import AlgorithmInfo, Finding, Findings
-from pipeline.sr_writer import finalize_output, patient_study_header
+from pipeline.sr_writer import OUTPUT_CHARACTER_SET, finalize_output, header_copies
 from pipeline.uids import (
     DEVICE_OBSERVER_UID,
     MANUFACTURER,
     PRODUCT_NAME,
     SOFTWARE_VERSION,
+    derive_uid,
     finding_tracking_uid,
     result_uids,
 )
@@ -37,7 +38,6 @@ from pipeline.volume import Volume
 
 SEG_SERIES_NUMBER = 9902
 CONTENT_LABEL = "PACS_TRIAGE"  # CS: upper case, digits, underscore (PS3.5 6.2)
-_PIXEL_DATA_GROUP = 0x7FE00000
 
 
 def write_seg(
@@ -81,10 +81,7 @@ def write_seg(
         for number, finding in enumerate(segmented, start=1)
     ]
     coded_items = [c for f in segmented for c in (codes.finding_category(f), codes.finding_type(f))]
-    headers = [patient_study_header(source_datasets[0])] + [
-        Dataset({tag: elem for tag, elem in ds.items() if tag < _PIXEL_DATA_GROUP})
-        for ds in source_datasets[1:]
-    ]
+    headers = header_copies(source_datasets)
     uids = result_uids(input_fingerprint, algorithm, "seg")
     seg = hd.seg.Segmentation(
         source_images=headers,
@@ -103,10 +100,15 @@ def write_seg(
         content_label=CONTENT_LABEL,
         content_description=f"{algorithm.name} {algorithm.version}"[:64],
         series_description=series_description,
+        specific_character_set=OUTPUT_CHARACTER_SET,  # finalize_output drops it if all is ASCII
         coding_schemes=(
             [codes.private_scheme_identification()] if codes.uses_private_scheme(coded_items) else None
         ),
     )
+    # highdicom draws a random Dimension Organization UID; ours follows from the result's UIDs.
+    dimension_uid = derive_uid(uids.sop_instance_uid, "dimension-organization")
+    for item in [*seg.DimensionOrganizationSequence, *seg.DimensionIndexSequence]:
+        item.DimensionOrganizationUID = dimension_uid
     finalize_output(seg, content_datetime)
     return seg
 

@@ -1,4 +1,4 @@
-"""Findings -> a Comprehensive 3D SR holding a TID 1500 Measurement Report (PS3.16 A.35.x).
+"""Findings -> a Comprehensive 3D SR (PS3.3 A.35.13) holding a PS3.16 TID 1500 Measurement Report.
 
 Document tree (one row per content item kind; template ids from PS3.16):
 
@@ -15,7 +15,8 @@ Document tree (one row per content item kind; template ids from PS3.16):
                        derivation Maximum)
         per classification  TID 1501 group: NUM Probability (UCUM "1")
         triage          TID 1501 group: CODE Priority = Routine / Urgent / Stat (SNOMED CT)
-      TEXT (121111, DCM, "Summary"): findings.summary, for viewers that only render text
+      TEXT (121111, DCM, "Summary"): findings.summary, for viewers that only render text (a row
+                       added to TID 1500, which is an extensible template)
 
 Why the centroid is not repeated when a SEG exists: TID 1411 allows exactly one ROI reference per
 group (highdicom enforces it), and the segment is the exact region; its centre follows from it.
@@ -38,7 +39,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID, SegmentationStorage
-from pydicom.valuerep import DA, TM
+from pydicom.valuerep import DA, DT, TM
 
 from pipeline import codes
 from pipeline.findings import AlgorithmInfo, Classification, Finding, Findings
@@ -71,6 +72,7 @@ _PATIENT_STUDY_TYPE2 = (
     "ReferringPhysicianName",
 )
 _PIXEL_DATA_GROUP = 0x7FE00000
+DEIDENTIFICATION_METHOD_UNSTATED = "not stated in the source images"
 
 
 def write_sr(
@@ -177,11 +179,19 @@ def _source_headers(source_datasets: Sequence[Dataset], volume: Volume) -> list[
                 f"volume slice source {ref.sop_instance_uid} is not among the source datasets of "
                 f"series {volume.series_instance_uid}"
             )
-    headers = [
-        Dataset({tag: elem for tag, elem in ds.items() if tag < _PIXEL_DATA_GROUP}) for ds in source_datasets
-    ]
-    headers[0] = patient_study_header(source_datasets[0])
-    return headers
+    return header_copies(source_datasets)
+
+
+def header_copies(source_datasets: Sequence[Dataset]) -> list[Dataset]:
+    """Pixel-free copies of the sources for highdicom; the first one decoded (``patient_study_header``).
+
+    The others are shallow: highdicom reads only their UIDs and geometry.
+    """
+    return [patient_study_header(source_datasets[0])] + [_pixel_free(ds) for ds in source_datasets[1:]]
+
+
+def _pixel_free(ds: Dataset) -> Dataset:
+    return Dataset({tag: elem for tag, elem in ds.items() if tag < _PIXEL_DATA_GROUP})
 
 
 def patient_study_header(source: Dataset) -> Dataset:
@@ -189,13 +199,21 @@ def patient_study_header(source: Dataset) -> Dataset:
 
     Every text value is decoded from the source's character set into ``str`` (sequences too), so
     the output can re-encode it in its own; Type 2 patient/study attributes that are absent become
-    empty (PS3.3 C.7.1.1, C.7.2.1) so highdicom can copy them.
+    empty (PS3.3 C.7.1.1, C.7.2.1) so highdicom can copy them, and a de-identified patient
+    whose source left the method empty gets a method that says so.
     """
-    header = copy.deepcopy(Dataset({tag: elem for tag, elem in source.items() if tag < _PIXEL_DATA_GROUP}))
+    header = copy.deepcopy(_pixel_free(source))
     header.decode()
     for keyword in _PATIENT_STUDY_TYPE2:
         if keyword not in header:
             setattr(header, keyword, "")
+    # PS3.3 C.7.1.1: a de-identified patient needs a method (1C); some anonymisers leave it empty.
+    if (
+        header.get("PatientIdentityRemoved") == "YES"
+        and not header.get("DeidentificationMethod")
+        and not header.get("DeidentificationMethodCodeSequence")
+    ):
+        header.DeidentificationMethod = DEIDENTIFICATION_METHOD_UNSTATED
     return header
 
 
@@ -203,7 +221,7 @@ def set_character_set(dataset: Dataset) -> None:
     """ISO_IR 192 (UTF-8) when any text is outside ASCII, else the default repertoire (PS3.5 6.1).
 
     Leaving plain-ASCII objects on the default repertoire keeps them readable by the oldest PACS
-    and lets ``dciodvfy`` check every string (its VR checker skips ISO_IR 192 text).
+    and fully checkable by validators (dcmtk's VR checker skips ISO_IR 192 text).
     """
     if _has_non_ascii(dataset):
         dataset.SpecificCharacterSet = OUTPUT_CHARACTER_SET
@@ -397,3 +415,6 @@ def _stamp_datetime(dataset: Dataset, when: datetime.datetime) -> None:
     for prefix in ("Content", "Series", "InstanceCreation"):
         setattr(dataset, f"{prefix}Date", date)
         setattr(dataset, f"{prefix}Time", time)
+    equipment = dataset.get("ContributingEquipmentSequence")
+    if equipment:  # highdicom appends itself, stamped with the current time, as the last item
+        equipment[-1].ContributionDateTime = DT(when)
