@@ -184,6 +184,33 @@ def send(
         raise typer.Exit(1)
 
 
+@app.command()
+def phantom(
+    out: Annotated[Path, typer.Option("--out", help="Folder to write the series into (created).",
+                                      file_okay=False)],
+    seed: Annotated[int, typer.Option(help="Seed: the same seed gives the same study, UIDs included.")] = 0,
+    lesions: Annotated[int, typer.Option(min=0, max=20, help="Number of lesions (0 = lesion-free).")] = 1,
+    slices: Annotated[int, typer.Option(min=8, max=1000, help="Number of axial slices.")] = 64,
+    small: Annotated[bool, typer.Option(help="Lesions of 0.2-2 mL instead of the default 2-30 mL.")] = False,
+    faint: Annotated[bool, typer.Option(help="Fainter lesions: 15-40 HU of contrast instead of 40-80.")] = False,
+) -> None:
+    """Write a synthetic CT study with lesions of known volume, plus its ground truth.
+
+    The series is real CT Image Storage (512x512, valid UIDs); ground_truth.json lists each
+    lesion's centre (LPS, mm) and volume (mL); ground_truth_mask.npy is the voxel mask.
+    """
+    from pipeline.phantom import PhantomOptions, write_phantom_series
+
+    if small and faint:
+        _fail("choose --small or --faint, not both", code=2)
+    options = PhantomOptions.small_lesions() if small else PhantomOptions.faint_lesions() if faint else None
+    truth = write_phantom_series(out, seed=seed, lesions=lesions, slices=slices, options=options)
+    typer.echo(f"wrote {slices} CT slices to {out} (study {truth.study_instance_uid})")
+    for lesion in truth.lesions:
+        centre = ", ".join(f"{c:.1f}" for c in lesion.centre_lps)
+        typer.echo(f"  lesion {lesion.label}: {lesion.volume_ml:.2f} mL at ({centre}) mm LPS")
+
+
 @db_app.command("upgrade")
 def db_upgrade(config_path: ConfigOption = None) -> None:
     """Apply the database migrations (also done on every start)."""
