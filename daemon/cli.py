@@ -6,12 +6,16 @@ import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 
-from daemon.config import Config, ConfigError, load_config, parse_peer
-from daemon.logs import setup_logging
+from daemon.cli_common import ConfigOption
+from daemon.cli_common import fail as _fail
+from daemon.cli_common import load as _config
+from daemon.cli_jobs import echo_queue
+from daemon.cli_jobs import register as register_job_commands
+from daemon.config import parse_peer
 
 app = typer.Typer(
     name="pacs-triage",
@@ -23,17 +27,6 @@ app = typer.Typer(
 db_app = typer.Typer(help="Database maintenance.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--config",
-        "-c",
-        help="TOML configuration file (see deploy/pacs-triage.example.toml). "
-        "Environment variables PACS_TRIAGE_* override it.",
-        envvar="PACS_TRIAGE_CONFIG",
-        dir_okay=False,
-    ),
-]
 PeerArg = Annotated[str, typer.Argument(help="The peer as AET@HOST:PORT, e.g. ORTHANC@127.0.0.1:4242.")]
 CallingAe = Annotated[
     str | None, typer.Option(help="Our calling AE title (default: ae_title from the config).")
@@ -44,20 +37,6 @@ TlsKey = Annotated[Path | None, typer.Option(help="Private key of the client cer
 Timeout = Annotated[float, typer.Option(help="Network/ACSE/DIMSE timeout in seconds.")]
 
 
-def _fail(message: str, code: int = 1) -> NoReturn:
-    typer.echo(f"pacs-triage: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def _config(path: Path | None) -> Config:
-    try:
-        config = load_config(path)
-    except ConfigError as exc:
-        _fail(str(exc), code=2)
-    setup_logging(config.logging.level)
-    return config
-
-
 def _peer(text: str) -> tuple[str, str, int]:
     try:
         return parse_peer(text)
@@ -66,17 +45,25 @@ def _peer(text: str) -> tuple[str, str, int]:
 
 
 @app.command()
-def serve(config_path: ConfigOption = None) -> None:
-    """Run the DICOM receiver until SIGTERM/SIGINT.
+def serve(
+    config_path: ConfigOption = None,
+    workers: Annotated[
+        int | None, typer.Option("--workers", min=0, help="Worker processes (default: workers.count, 1).")
+    ] = None,
+) -> None:
+    """Run the DICOM receiver, scheduler, dispatchers and workers until SIGTERM/SIGINT.
 
     With no configuration it listens on port 11112 as PACS_TRIAGE, accepts loopback peers only,
     and keeps its SQLite database and spool under ~/.local/share/pacs-triage (PACS_TRIAGE_HOME).
     """
+    from daemon.config import ConfigError
     from daemon.service import serve as run
 
     config = _config(config_path)
     try:
-        run(config)
+        run(config, workers=workers)
+    except ConfigError as exc:
+        _fail(str(exc), code=2)
     except OSError as exc:
         _fail(f"cannot start: {exc}")
 
@@ -86,20 +73,22 @@ def status(
     config_path: ConfigOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """Show what is stored and the job queue by state."""
+    """Show what is stored, the queue by state and priority, and what is stuck (dead, not routed)."""
     from daemon.node import open_node
     from storage.errors import StorageUnavailable
-    from storage.stats import counts
+    from storage.models import utcnow
+    from storage.stats import counts, queue_summary
 
     config = _config(config_path)
     try:
         node = open_node(config, open_spool=False)
         result = counts(node.sessions)
+        queue = queue_summary(node.sessions, utcnow())
         node.close()
     except StorageUnavailable as exc:
         _fail(str(exc))
     if as_json:
-        typer.echo(json.dumps(asdict(result), indent=2, sort_keys=True))
+        typer.echo(json.dumps({**asdict(result), "queue": asdict(queue)}, indent=2, sort_keys=True))
         return
     typer.echo(
         f"studies    {result.studies}  ({', '.join(f'{k} {v}' for k, v in result.studies_by_state.items())})"
@@ -107,6 +96,7 @@ def status(
     typer.echo(f"series     {result.series}")
     typer.echo(f"instances  {result.instances}  ({result.bytes_stored / 2**20:.1f} MiB)")
     typer.echo("jobs       " + ", ".join(f"{k} {v}" for k, v in result.jobs.items()))
+    echo_queue(queue)
 
 
 def _tls(ca: Path | None, cert: Path | None, key: Path | None) -> object:
@@ -225,6 +215,9 @@ def db_upgrade(config_path: ConfigOption = None) -> None:
         node.close()
     except StorageUnavailable as exc:
         _fail(str(exc))
+
+
+register_job_commands(app)
 
 
 def main() -> None:

@@ -16,10 +16,22 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from storage.models import JobPriority
+from storage.retry import Backoff
 
 ENV_PREFIX = "PACS_TRIAGE_"
 DEFAULT_AE_TITLE = "PACS_TRIAGE"
@@ -84,6 +96,9 @@ class DicomConfig(_Section):
     acse_timeout: float = Field(default=30.0, gt=0)
     dimse_timeout: float = Field(default=60.0, gt=0)
     network_timeout: float = Field(default=120.0, gt=0)
+    # Receiver processes sharing the port (SO_REUSEPORT), each with its own GIL and database
+    # connection; 1 = receive in the serve process itself. See daemon/receivers.py.
+    receivers: int = Field(default=1, ge=1, le=64)
 
     @field_validator("bind_address")
     @classmethod
@@ -158,6 +173,198 @@ class LoggingConfig(_Section):
         return upper
 
 
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+PriorityName = Literal["stat", "urgent", "routine"]
+DEFAULT_DESTINATION_NAME = "default"  # the name PACS_TRIAGE_DESTINATION's destination gets
+
+
+def _name(value: str) -> str:
+    if not _NAME.match(value):
+        raise ValueError(
+            f"{value!r} must be 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
+        )
+    return value
+
+
+Name = Annotated[str, AfterValidator(_name)]
+
+
+class BackoffConfig(_Section):
+    """Exponential backoff with jitter: ``base * factor**(n-1)`` seconds after n failures, capped."""
+
+    base_seconds: float = Field(default=5.0, ge=0)
+    factor: float = Field(default=2.0, ge=1)
+    max_seconds: float = Field(default=600.0, ge=0)
+    jitter: float = Field(default=0.25, ge=0, le=1)  # +/- this fraction, spreads simultaneous retries
+
+    @model_validator(mode="after")
+    def _cap(self) -> BackoffConfig:
+        if self.max_seconds < self.base_seconds:
+            raise ValueError(
+                f"max_seconds ({self.max_seconds}) must be >= base_seconds ({self.base_seconds})"
+            )
+        return self
+
+    def policy(self) -> Backoff:
+        return Backoff(
+            base_seconds=self.base_seconds,
+            factor=self.factor,
+            max_seconds=self.max_seconds,
+            jitter=self.jitter,
+        )
+
+
+class CompletionConfig(_Section):
+    """When a study counts as complete (seconds): released + quiet period, or the idle timeout."""
+
+    quiet_seconds: float = Field(default=10.0, ge=0)  # after the delivering associations were released
+    idle_timeout_seconds: float = Field(default=60.0, gt=0)  # no instance for this long, no release needed
+    sweep_interval_seconds: float = Field(default=1.0, gt=0)  # how often the scheduler looks
+
+    @model_validator(mode="after")
+    def _order(self) -> CompletionConfig:
+        if self.quiet_seconds > self.idle_timeout_seconds:
+            raise ValueError(
+                f"quiet_seconds ({self.quiet_seconds}) must not exceed idle_timeout_seconds "
+                f"({self.idle_timeout_seconds})"
+            )
+        return self
+
+
+class RouteRule(_Section):
+    """A study matches when one of its series matches every criterion given (criteria left out match all).
+
+    Rules are tried in order; the first match routes the study to ``pipeline`` at ``priority``.
+    """
+
+    name: Name
+    pipeline: Name
+    priority: PriorityName = "routine"
+    destinations: tuple[Name, ...] = ()  # destination names; empty: every configured destination
+    modality: tuple[str, ...] = ()  # any of these (e.g. ["CT"])
+    body_part: tuple[str, ...] = ()  # BodyPartExamined, any of these (e.g. ["CHEST", "ABDOMEN"])
+    series_description: str | None = None  # regular expression searched in SeriesDescription
+    image_type: tuple[str, ...] = ()  # every value must be in ImageType (e.g. ["ORIGINAL", "PRIMARY"])
+    min_slices: int | None = Field(default=None, ge=1)
+    max_slices: int | None = Field(default=None, ge=1)
+    min_slice_thickness: float | None = Field(default=None, ge=0)  # mm
+    max_slice_thickness: float | None = Field(default=None, ge=0)  # mm
+    calling_ae: tuple[AETitle, ...] = ()  # the series came from one of these AE titles
+
+    @field_validator("modality", "body_part", "image_type")
+    @classmethod
+    def _upper(cls, values: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(v.strip().upper() for v in values)
+
+    @field_validator("series_description")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"{value!r} is not a valid regular expression: {exc}") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _ranges(self) -> RouteRule:
+        for low, high in (("min_slices", "max_slices"), ("min_slice_thickness", "max_slice_thickness")):
+            lo, hi = getattr(self, low), getattr(self, high)
+            if lo is not None and hi is not None and lo > hi:
+                raise ValueError(f"rule {self.name!r}: {low} ({lo}) is greater than {high} ({hi})")
+        return self
+
+    @property
+    def job_priority(self) -> JobPriority:
+        return JobPriority[self.priority.upper()]
+
+
+class RoutingConfig(_Section):
+    """Routing rules, tried in order. The embedded default sends every study to the ``echo`` stand-in."""
+
+    rules: tuple[RouteRule, ...] = (RouteRule(name="default", pipeline="echo"),)
+
+    @model_validator(mode="after")
+    def _unique(self) -> RoutingConfig:
+        names = [r.name for r in self.rules]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"rule names must be unique; repeated: {', '.join(duplicates)}")
+        return self
+
+    def rule(self, name: str | None) -> RouteRule | None:
+        return next((r for r in self.rules if r.name == name), None)
+
+
+class WorkersConfig(_Section):
+    """Analysis workers: ``serve`` starts ``count`` processes (``serve --workers N`` overrides)."""
+
+    count: int = Field(default=1, ge=0, le=64)
+    lease_seconds: float = Field(default=60.0, gt=0)  # requeued when its worker stops heartbeating
+    heartbeat_seconds: float | None = Field(default=None, gt=0)  # default: a third of lease_seconds
+    poll_seconds: float = Field(default=1.0, gt=0)  # idle workers look for work this often
+    max_attempts: int = Field(default=5, ge=1)  # transient failures, then the job is dead
+    shutdown_grace_seconds: float = Field(default=30.0, ge=0)  # SIGTERM: finish, else give back
+    reap_interval_seconds: float = Field(default=5.0, gt=0)
+    backoff: BackoffConfig = BackoffConfig()
+
+    @model_validator(mode="after")
+    def _heartbeat(self) -> WorkersConfig:
+        if self.heartbeat_seconds is not None and self.heartbeat_seconds >= self.lease_seconds:
+            raise ValueError(
+                f"heartbeat_seconds ({self.heartbeat_seconds}) must be shorter than lease_seconds "
+                f"({self.lease_seconds}) or every lease expires"
+            )
+        return self
+
+    @property
+    def heartbeat_interval(self) -> float:
+        return self.heartbeat_seconds or self.lease_seconds / 3
+
+
+class DestinationConfig(_Section):
+    """A DICOM peer that receives results (C-STORE)."""
+
+    name: Name
+    ae_title: AETitle
+    host: str = Field(min_length=1, max_length=253)
+    port: int = Field(ge=1, le=65535)
+    tls: bool = False
+    ca_certificates: Path | None = None  # trust this CA for the peer's certificate (default: system CAs)
+    certificate: Path | None = None  # our client certificate, when the peer wants one
+    private_key: Path | None = None
+    timeout_seconds: float = Field(default=30.0, gt=0)  # connection, ACSE and DIMSE timeouts
+
+    @property
+    def peer(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.ae_title}@{host}:{self.port}"
+
+
+class DispatchConfig(_Section):
+    """Sending results: retries with backoff, then ``dead`` (visible in ``status``, retryable by hand)."""
+
+    threads: int = Field(default=2, ge=0, le=32)  # senders in ``serve``; 0: this node sends nothing
+    poll_seconds: float = Field(default=1.0, gt=0)
+    max_attempts: int = Field(default=10, ge=1)
+    lease_seconds: float = Field(default=300.0, gt=0)  # must exceed a send's timeouts
+    reap_interval_seconds: float = Field(default=10.0, gt=0)
+    backoff: BackoffConfig = BackoffConfig(base_seconds=10.0, max_seconds=900.0)
+
+
+class RetentionConfig(_Section):
+    """Removing spool files of studies whose results were all delivered long enough ago."""
+
+    delete_after_days: float | None = Field(default=None, gt=0)  # None: keep everything
+    interval_seconds: float = Field(default=3600.0, gt=0)
+
+
+class PipelinesConfig(_Section):
+    """Settings of the built-in stand-in pipelines (the MONAI pipeline is configured by its bundle)."""
+
+    echo_delay_seconds: float = Field(default=0.0, ge=0)  # the echo pipeline waits this long (demos, tests)
+
+
 def default_home() -> Path:
     return Path.home() / ".local" / "share" / "pacs-triage"
 
@@ -180,6 +387,13 @@ class Config(BaseSettings):
     tls: TlsConfig = TlsConfig()
     storage: StorageConfig = StorageConfig()
     logging: LoggingConfig = LoggingConfig()
+    completion: CompletionConfig = CompletionConfig()
+    routing: RoutingConfig = RoutingConfig()
+    workers: WorkersConfig = WorkersConfig()
+    destinations: tuple[DestinationConfig, ...] = ()
+    dispatch: DispatchConfig = DispatchConfig()
+    retention: RetentionConfig = RetentionConfig()
+    pipelines: PipelinesConfig = PipelinesConfig()
 
     @classmethod
     def settings_customise_sources(
@@ -207,9 +421,47 @@ class Config(BaseSettings):
             parse_peer(value)
         return value
 
+    @model_validator(mode="after")
+    def _destination_names(self) -> Config:
+        names = [d.name for d in self.all_destinations]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"destinations: names must be unique; repeated: {', '.join(repeated)}")
+        for rule in self.routing.rules:
+            unknown = [d for d in rule.destinations if d not in names]
+            if unknown:
+                raise ValueError(
+                    f"routing.rules {rule.name!r}: unknown destination(s) {', '.join(unknown)}; "
+                    f"configured: {', '.join(names) or 'none'}"
+                )
+        return self
+
+    @property
+    def all_destinations(self) -> tuple[DestinationConfig, ...]:
+        """``[[destinations]]`` plus the one ``destination = "AET@HOST:PORT"`` names (as "default")."""
+        if self.destination is None:
+            return self.destinations
+        ae, host, port = parse_peer(self.destination)
+        return (
+            *self.destinations,
+            DestinationConfig(name=DEFAULT_DESTINATION_NAME, ae_title=ae, host=host, port=port),
+        )
+
+    def destinations_for(self, rule_name: str | None) -> tuple[DestinationConfig, ...]:
+        """Where results of a job routed by ``rule_name`` go: the rule's list, else every destination."""
+        rule = self.routing.rule(rule_name)
+        if rule is None or not rule.destinations:
+            return self.all_destinations
+        return tuple(d for d in self.all_destinations if d.name in rule.destinations)
+
     @property
     def spool_dir(self) -> Path:
         return self.storage.spool_dir or self.home / "spool"
+
+    @property
+    def results_dir(self) -> Path:
+        """Where workers keep result objects until retention (apart from received instances)."""
+        return self.spool_dir / "results"
 
     @property
     def effective_database_url(self) -> str:

@@ -43,6 +43,9 @@ class Finding:
     category: Code | None = None  # SNOMED segmented property category
     type: Code | None = None  # SNOMED segmented property type
     finding_site: Code | None = None  # SNOMED anatomic site, where the labels give one
+    # How volume_ml was estimated: "voxel count" (sum of segmented voxels) or "probability sum"
+    # (sum of the model's foreground probabilities: a sub-voxel estimate).
+    volume_method: str = "voxel count"
 
     def __post_init__(self) -> None:
         if self.volume_ml < 0 or self.n_components < 0 or self.largest_diameter_mm < 0:

@@ -91,6 +91,7 @@ class LabelMeasurement:
             category=codes.category if codes else None,
             type=codes.type if codes else None,
             finding_site=codes.finding_site if codes else None,
+            volume_method=self.volume_method.value,
         )
 
 

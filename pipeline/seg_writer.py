@@ -15,6 +15,8 @@ transpose ``[i, j, k] -> [k, j, i]``. Empty frames are omitted.
 
 from __future__ import annotations
 
+import copy
+
 import datetime
 from collections.abc import Sequence
 
@@ -109,6 +111,7 @@ def write_seg(
     dimension_uid = derive_uid(uids.sop_instance_uid, "dimension-organization")
     for item in [*seg.DimensionOrganizationSequence, *seg.DimensionIndexSequence]:
         item.DimensionOrganizationUID = dimension_uid
+    _segment_identification_per_frame(seg)
     finalize_output(seg, content_datetime)
     return seg
 
@@ -174,3 +177,19 @@ def _segment_description(
         tracking_id=finding.name[:64],
         anatomic_regions=[codes.coded(finding.finding_site)] if finding.finding_site is not None else None,
     )
+
+
+def _segment_identification_per_frame(seg: Dataset) -> None:
+    """Keep Segment Identification per frame even when there is one segment.
+
+    highdicom puts it in the shared functional groups for a single segment; both layouts are valid
+    (PS3.3 C.8.20.2), but readers that follow segment references by frame (highdicom's own
+    ReferencedSegment.from_segmentation, our SR writer) look per frame only.
+    """
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    if "SegmentIdentificationSequence" not in shared:
+        return
+    identification = shared.SegmentIdentificationSequence
+    del shared.SegmentIdentificationSequence
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        frame.SegmentIdentificationSequence = copy.deepcopy(identification)

@@ -299,7 +299,9 @@ def _finding_group(
                 name=codes.coded(codes.VOLUME),
                 value=finding.volume_ml,
                 unit=codes.coded(codes.UNIT_ML),
-                method=codes.coded(codes.VOLUME_METHOD),
+                # 126030 names voxel counting; a probability-sum estimate has no standard code,
+                # so the method is then left out rather than mis-stated.
+                method=codes.coded(codes.VOLUME_METHOD) if finding.volume_method == "voxel count" else None,
             ),
             hd.sr.Measurement(
                 name=codes.coded(codes.DIAMETER),

@@ -4,7 +4,9 @@ StorageError
 ├── StorageUnavailable     the database or the disk cannot take writes now: try again later
 │   ├── DatabaseUnavailable   connection refused, server restarting, locked past the busy timeout
 │   └── SpoolUnavailable      disk full, free space under the threshold, I/O error
-└── IntegrityProblem       the request contradicts what is stored (a programming or data error)
+├── IntegrityProblem       the request contradicts what is stored (a programming or data error)
+├── NotFound               no job, delivery or study with that id or UID
+└── InvalidTransition      a state change the row's current state does not allow
 """
 
 from __future__ import annotations
@@ -28,3 +30,11 @@ class SpoolUnavailable(StorageUnavailable):
 
 class IntegrityProblem(StorageError):
     """A write contradicts the stored state in a way retrying cannot fix."""
+
+
+class NotFound(StorageError):
+    """The job, delivery or study named does not exist; list them with ``pacs-triage jobs list``."""
+
+
+class InvalidTransition(StorageError):
+    """The requested state change is not allowed from the row's current state (the message says which are)."""

@@ -73,6 +73,7 @@ class StudyState(enum.StrEnum):
     RECEIVING = "receiving"  # instances are arriving; not yet complete
     COMPLETE = "complete"  # released + quiet period passed (or idle timeout); routing decided
     NOT_ROUTED = "not_routed"  # complete, but no routing rule matched
+    PURGED = "purged"  # retention removed its files after its results were delivered
 
 
 class JobState(enum.StrEnum):
@@ -85,6 +86,24 @@ class JobState(enum.StrEnum):
     DEAD = "dead"  # transient errors exhausted the attempts; retryable by hand
     CANCELLED = "cancelled"  # cancelled by an operator
     SUPERSEDED = "superseded"  # a newer input (late instances) replaced it
+
+
+class JobPriority(enum.IntEnum):
+    """Queue priority of a job (from its routing rule); a higher value is claimed first."""
+
+    ROUTINE = 0
+    URGENT = 1
+    STAT = 2  # read now: claimed before everything else
+
+
+class DeliveryState(enum.StrEnum):
+    """States of one result x destination row of the outbox (``storage/outbox.py``)."""
+
+    PENDING = "pending"  # waiting to be sent (or for its retry time)
+    SENDING = "sending"  # claimed by a dispatcher under a lease
+    DELIVERED = "delivered"  # the destination answered success (or warning) to the C-STORE
+    DEAD = "dead"  # attempts exhausted, or cannot ever be sent; retryable by hand
+    CANCELLED = "cancelled"  # its result was superseded before it was sent
 
 
 class Association(Base):
@@ -112,6 +131,11 @@ class Study(Base):
     first_received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     last_received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     completed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
+    route_rule: Mapped[str | None] = mapped_column(String(64), default=None)  # the rule that matched
+    route_detail: Mapped[str | None] = mapped_column(Text, default=None)  # why it matched, or why none did
+    purged_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
+    # last_received_at as completion saw it: a later write means an instance raced the completion.
+    completed_received_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
 
     series: Mapped[list[Series]] = relationship(back_populates="study")
 
@@ -177,8 +201,55 @@ class Job(Base):
     last_error: Mapped[str | None] = mapped_column(Text, default=None)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    rule: Mapped[str | None] = mapped_column(String(64), default=None)  # routing rule that queued it
+    finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
 
     __table_args__ = (Index("ix_jobs_claim", "state", "priority", "run_after"),)
+
+
+class Result(Base):
+    """One DICOM object a job produced (SR, SEG), kept in the spool until retention."""
+
+    __tablename__ = "results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    input_fingerprint: Mapped[str] = mapped_column(String(64))  # the input this result saw
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)  # derived from the fingerprint
+    series_instance_uid: Mapped[str] = mapped_column(UID)
+    path: Mapped[str | None] = mapped_column(String(255))  # in the spool; None once retention removed it
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    priority: Mapped[int] = mapped_column(Integer, default=0)  # triage priority found by the pipeline
+    summary: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+
+class Delivery(Base):
+    """Outbox row: one result to one destination, sent by the dispatcher with retries."""
+
+    __tablename__ = "deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("results.id", ondelete="CASCADE"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))  # destination name in the config
+    peer: Mapped[str] = mapped_column(String(128))  # AET@HOST:PORT when queued (for operators)
+    priority: Mapped[int] = mapped_column(Integer, default=0)  # higher first
+    state: Mapped[DeliveryState] = mapped_column(String(16), default=DeliveryState.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=10)
+    run_after: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    lease_owner: Mapped[str | None] = mapped_column(String(128), default=None)
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
+    last_status: Mapped[int | None] = mapped_column(Integer, default=None)  # last DIMSE status received
+    last_error: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    delivered_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
+
+    __table_args__ = (Index("ix_deliveries_claim", "state", "priority", "run_after"),)
 
 
 class Event(Base):

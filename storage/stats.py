@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass, field
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.db import translate_errors
-from storage.models import Instance, Job, JobState, Series, Study, StudyState
+from storage.models import (
+    Delivery,
+    DeliveryState,
+    Instance,
+    Job,
+    JobPriority,
+    JobState,
+    Result,
+    Series,
+    Study,
+    StudyState,
+)
 
 
 @dataclass(frozen=True)
@@ -41,4 +53,93 @@ def counts(sessions: sessionmaker[Session]) -> Counts:
         bytes_stored=int(size),
         studies_by_state=by_state,
         jobs=jobs,
+    )
+
+
+_PRIORITIES = frozenset(int(p) for p in JobPriority)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Problem:
+    """A dead job, dead delivery or unrouted study, for the operator's attention."""
+
+    id: int
+    study_instance_uid: str
+    detail: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class QueueSummary:
+    """The queue at a glance: depth by state and priority, how long the oldest job waits, what is stuck."""
+
+    jobs_by_state: dict[str, dict[str, int]]  # state -> priority name -> count (only non-zero)
+    oldest_queued_seconds: float | None  # age of the oldest job waiting to run
+    deliveries_by_state: dict[str, int]
+    dead_jobs: list[Problem]
+    dead_deliveries: list[Problem]
+    not_routed: list[Problem]
+    dead_jobs_total: int
+    dead_deliveries_total: int
+    not_routed_total: int
+
+
+def queue_summary(sessions: sessionmaker[Session], now: dt.datetime, *, limit: int = 10) -> QueueSummary:
+    """Read the queue's state for ``pacs-triage status`` (``limit`` problems of each kind listed)."""
+    with translate_errors("reading the queue status"), sessions() as session:
+        by_state: dict[str, dict[str, int]] = {s.value: {} for s in JobState}
+        for state, priority, n in session.execute(
+            select(Job.state, Job.priority, func.count()).group_by(Job.state, Job.priority)
+        ):
+            name = JobPriority(priority).name.lower() if priority in _PRIORITIES else str(priority)
+            by_state.setdefault(str(state), {})[name] = n
+        oldest = session.scalar(select(func.min(Job.created_at)).where(Job.state == JobState.QUEUED))
+        deliveries = {s.value: 0 for s in DeliveryState}
+        for d_state, n in session.execute(select(Delivery.state, func.count()).group_by(Delivery.state)):
+            deliveries[str(d_state)] = n
+        dead_jobs = [
+            Problem(id=job_id, study_instance_uid=uid, detail=error or "")
+            for job_id, uid, error in session.execute(
+                select(Job.id, Study.study_instance_uid, Job.last_error)
+                .join(Study, Study.id == Job.study_id)
+                .where(Job.state == JobState.DEAD)
+                .order_by(Job.id.desc())
+                .limit(limit)
+            )
+        ]
+        dead_deliveries = [
+            Problem(id=d_id, study_instance_uid=uid, detail=f"{peer}: {error or ''}")
+            for d_id, uid, peer, error in session.execute(
+                select(Delivery.id, Study.study_instance_uid, Delivery.peer, Delivery.last_error)
+                .join(Result, Result.id == Delivery.result_id)
+                .join(Study, Study.id == Result.study_id)
+                .where(Delivery.state == DeliveryState.DEAD)
+                .order_by(Delivery.id.desc())
+                .limit(limit)
+            )
+        ]
+        not_routed = [
+            Problem(id=s_id, study_instance_uid=uid, detail=detail or "")
+            for s_id, uid, detail in session.execute(
+                select(Study.id, Study.study_instance_uid, Study.route_detail)
+                .where(Study.state == StudyState.NOT_ROUTED)
+                .order_by(Study.id.desc())
+                .limit(limit)
+            )
+        ]
+        not_routed_total = (
+            session.scalar(
+                select(func.count()).select_from(Study).where(Study.state == StudyState.NOT_ROUTED)
+            )
+            or 0
+        )
+    return QueueSummary(
+        jobs_by_state=by_state,
+        oldest_queued_seconds=(now - oldest).total_seconds() if oldest is not None else None,
+        deliveries_by_state=deliveries,
+        dead_jobs=dead_jobs,
+        dead_deliveries=dead_deliveries,
+        not_routed=not_routed,
+        dead_jobs_total=sum(by_state.get(JobState.DEAD.value, {}).values()),
+        dead_deliveries_total=deliveries[DeliveryState.DEAD.value],
+        not_routed_total=not_routed_total,
     )

@@ -1,0 +1,352 @@
+"""``run(study files, spec) -> PipelineResult``: one study through one pipeline, pure compute.
+
+    select_series ──▶ load_volume ──▶ source headers ──▶ segmentation ─┬─▶ measure ──▶ SEG ──▶ SR
+        ▲  GeometryError: next qualifying series          (classification)┘
+
+The series is chosen by the spec's rule; when its geometry is refused (GeometryError) the next
+qualifying series is tried, in the same deterministic order select_series uses, and when none is
+left NoUsableSeries names every series and why it was not used. The bundles are the pinned ones of
+the spec, loaded once per process (``load_bundle``'s cache). The SR (and the SEG when the spec asks
+for one and something was segmented) carry UIDs derived from the input fingerprint and the spec's
+identity (:meth:`~pipeline.spec.PipelineSpec.result_fingerprint`), never from the clock.
+
+Errors: :class:`~pipeline.errors.PermanentError` subclasses for input that will never work
+(NoUsableSeries, GeometryError, BundleError, a result that cannot be encoded from these sources);
+:class:`~pipeline.errors.TransientError` for resources (memory, a source file that cannot be read
+any more).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.valuerep import DA, TM
+
+from pipeline.bundle_runtime import BundleKind, BundleRuntime, Prediction, load_bundle
+from pipeline.errors import BundleError, GeometryError, NoUsableSeries, PermanentError, TransientError
+from pipeline.findings import Findings
+from pipeline.geometry import load_volume
+from pipeline.measure import classifications, findings_from_prediction, summary_line, triage
+from pipeline.seg_writer import write_seg
+from pipeline.series_select import SelectedSeries, select_series
+from pipeline.spec import BundleSpec, PipelineSpec
+from pipeline.sr_writer import write_sr
+from pipeline.volume import Volume
+
+__all__ = ["STAGES", "PipelineResult", "run"]
+
+#: Keys of :attr:`PipelineResult.timings`, in pipeline order.
+STAGES: tuple[str, ...] = ("select", "load", "headers", "bundles", "inference", "measure", "write")
+
+# Stand-in for Content Date/Time when neither the caller nor the source gives one (see ``run``).
+_NO_DATE = datetime.datetime(1970, 1, 1)
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class PipelineResult:
+    """What one run produced: findings, result datasets (SR first, then SEG), and how it went."""
+
+    findings: Findings
+    datasets: tuple[Dataset, ...]  # (SR,) or (SR, SEG)
+    study_instance_uid: str
+    series_instance_uid: str  # the series the findings are about
+    selection_reason: str  # why that series (select_series' reason, plus any fallback)
+    refused: tuple[tuple[str, str], ...]  # (series UID, GeometryError message) of better series refused
+    notes: tuple[str, ...]  # e.g. why no SEG was written
+    timings: Mapping[str, float]  # seconds per stage, keys from STAGES (time.perf_counter)
+
+    def __post_init__(self) -> None:
+        if not self.datasets:
+            raise ValueError("a PipelineResult holds at least the SR")
+        object.__setattr__(self, "timings", MappingProxyType(dict(self.timings)))
+
+    @property
+    def sr(self) -> Dataset:
+        """The TID 1500 Comprehensive 3D SR."""
+        return self.datasets[0]
+
+    @property
+    def seg(self) -> Dataset | None:
+        """The DICOM SEG, when one was written."""
+        return self.datasets[1] if len(self.datasets) > 1 else None
+
+
+class _Timer:
+    """Accumulates perf_counter seconds per stage (a stage may be entered more than once)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = dict.fromkeys(STAGES, 0.0)
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - start
+
+
+def _is_cpu_out_of_memory(exc: RuntimeError) -> bool:
+    # PyTorch's CPU allocator raises a plain RuntimeError; only its message tells.
+    text = str(exc)
+    return "DefaultCPUAllocator" in text or "can't allocate memory" in text
+
+
+@contextlib.contextmanager
+def _resources(what: str) -> Iterator[None]:
+    """Turn running out of memory into a TransientError: another time, or another worker, may have it."""
+    try:
+        yield
+    except MemoryError as exc:
+        raise TransientError(f"out of memory while {what}: {exc}") from exc
+    except RuntimeError as exc:
+        if not _is_cpu_out_of_memory(exc):
+            raise
+        raise TransientError(f"out of memory while {what}: {exc}") from exc
+
+
+# --- series and volume ---------------------------------------------------------------------------
+
+
+def _no_usable_series(
+    spec: PipelineSpec,
+    refused: Sequence[tuple[SelectedSeries, GeometryError]],
+    rejected: Sequence[tuple[str, str]],
+) -> NoUsableSeries:
+    lines = [
+        f"series {s.series_instance_uid} ({s.n_slices} slices): geometry refused: {e}" for s, e in refused
+    ]
+    lines += [f"series {uid}: {why}" for uid, why in rejected]
+    return NoUsableSeries(
+        f"pipeline {spec.name!r}: no usable series ({spec.selection.describe()}): " + "; ".join(lines)
+    )
+
+
+def _select_and_load(
+    study_files: Sequence[Path], spec: PipelineSpec, timer: _Timer
+) -> tuple[SelectedSeries, Volume, tuple[tuple[SelectedSeries, GeometryError], ...]]:
+    """The best qualifying series whose geometry is trusted, its volume, and the better ones refused."""
+    remaining = sorted({Path(p) for p in study_files})
+    refused: list[tuple[SelectedSeries, GeometryError]] = []
+    rejected: tuple[tuple[str, str], ...] = ()
+    while True:
+        try:
+            with timer.stage("select"):
+                selected = select_series(remaining, spec.selection)
+        except NoUsableSeries as exc:
+            if not refused:
+                raise NoUsableSeries(f"pipeline {spec.name!r}: {exc}") from exc
+            raise _no_usable_series(spec, refused, rejected) from refused[-1][1]
+        if not refused:  # the first selection saw every series: its rejections are the study's
+            rejected = selected.rejected
+        try:
+            with timer.stage("load"), _resources(f"loading series {selected.series_instance_uid}"):
+                volume = load_volume(selected.paths)
+        except GeometryError as exc:
+            refused.append((selected, exc))
+            taken = set(selected.paths)
+            remaining = [p for p in remaining if p not in taken]
+            if not remaining:
+                raise _no_usable_series(spec, refused, rejected) from exc
+            continue
+        return selected, volume, tuple(refused)
+
+
+def _source_headers(selected: SelectedSeries, volume: Volume) -> tuple[list[Dataset], list[Dataset]]:
+    """Headers of the volume's source instances: (one per slice, in volume order; each instance once)."""
+    by_uid: dict[str, Dataset] = {}
+    for path in selected.paths:
+        try:
+            ds = dcmread(path, stop_before_pixels=True)
+        except OSError as exc:  # it was read moments ago: the spool or its disk is in trouble
+            raise TransientError(
+                f"cannot re-read {path} of series {selected.series_instance_uid}: {exc}"
+            ) from exc
+        except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError) as exc:
+            raise GeometryError(
+                f"series {selected.series_instance_uid}: {path.name} changed while the study was analysed: {exc}"
+            ) from exc
+        by_uid[str(ds.get("SOPInstanceUID", ""))] = ds
+    per_slice: list[Dataset] = []
+    for ref in volume.source_instances:
+        ds_ = by_uid.get(ref.sop_instance_uid)
+        if ds_ is None:
+            raise GeometryError(
+                f"series {volume.series_instance_uid}: instance {ref.sop_instance_uid} of the volume is "
+                "in none of the series' files any more"
+            )
+        per_slice.append(ds_)
+    distinct = list({id(ds): ds for ds in per_slice}.values())  # dict keeps the first occurrence's order
+    return per_slice, distinct
+
+
+# --- models --------------------------------------------------------------------------------------
+
+
+def _runtime(bundle: BundleSpec) -> BundleRuntime:
+    return load_bundle(
+        bundle.path,
+        sha256=bundle.sha256,
+        allowed_dirs=bundle.allowed_dirs,
+        device=bundle.device,
+        overrides=bundle.overrides,
+        amp=bundle.amp,
+    )
+
+
+def _predict(runtime: BundleRuntime, volume: Volume, spec: PipelineSpec, expected: BundleKind) -> Prediction:
+    with _resources(f"running bundle {runtime.name} on series {volume.series_instance_uid}"):
+        prediction = runtime.predict(volume, pipeline=spec.name)
+    if prediction.kind is not expected:
+        raise BundleError(
+            f"pipeline {spec.name!r}: bundle {runtime.path} is configured as its {expected.value} bundle "
+            f"but outputs a {prediction.kind.value}"
+        )
+    return prediction
+
+
+def _findings(
+    segmentation: Prediction, classification: Prediction | None, volume: Volume, spec: PipelineSpec
+) -> Findings:
+    """Measure the segmentation, add the classification, and triage on both."""
+    measured = findings_from_prediction(
+        segmentation, volume, spec.thresholds, volume_method=spec.volume_method
+    )
+    if classification is None or classification.class_probabilities is None:
+        return measured
+    classes = classifications(classification.label_names, classification.class_probabilities)
+    priority, reason = triage(measured.findings, classes, spec.thresholds)
+    return Findings(
+        algorithm=measured.algorithm,
+        findings=measured.findings,
+        classifications=classes,
+        priority=priority,
+        summary=summary_line(priority, reason, measured.findings, classes),
+    )
+
+
+# --- outputs -------------------------------------------------------------------------------------
+
+
+def _source_datetime(header: Dataset) -> datetime.datetime:
+    """StudyDate/StudyTime of the source, the deterministic stand-in for the report's creation time."""
+    try:
+        date = DA(str(header.get("StudyDate", "") or ""))
+    except ValueError:
+        date = None
+    if date is None:
+        return _NO_DATE
+    try:
+        clock = TM(str(header.get("StudyTime", "") or ""))
+    except ValueError:
+        clock = None
+    return datetime.datetime.combine(date, clock or datetime.time())
+
+
+def _write(
+    spec: PipelineSpec,
+    findings: Findings,
+    segmentation: Prediction,
+    volume: Volume,
+    headers: tuple[list[Dataset], list[Dataset]],
+    fingerprint: str,
+    content_datetime: datetime.datetime,
+) -> tuple[tuple[Dataset, ...], tuple[str, ...]]:
+    per_slice, distinct = headers
+    notes: list[str] = []
+    seg: Dataset | None = None
+    try:
+        if spec.make_seg and segmentation.labels is not None:
+            if not findings.findings:
+                notes.append("no SEG: nothing was segmented")
+            elif any(ref.frame_number is not None for ref in volume.source_instances):
+                notes.append("no SEG: the source is multi-frame, which write_seg does not support")
+            else:
+                seg = write_seg(
+                    segmentation.labels,
+                    volume,
+                    per_slice,
+                    findings,
+                    input_fingerprint=fingerprint,
+                    content_datetime=content_datetime,
+                )
+        sr = write_sr(
+            findings,
+            distinct,
+            volume,
+            input_fingerprint=fingerprint,
+            seg=seg,
+            content_datetime=content_datetime,
+        )
+    except ValueError as exc:  # the writers check that the sources can carry a valid object
+        raise PermanentError(
+            f"pipeline {spec.name!r}: no valid SR/SEG can be written for series {volume.series_instance_uid}: {exc}"
+        ) from exc
+    return ((sr,) if seg is None else (sr, seg)), tuple(notes)
+
+
+# --- the pipeline --------------------------------------------------------------------------------
+
+
+def run(
+    study_files: Sequence[str | os.PathLike[str]],
+    spec: PipelineSpec,
+    *,
+    input_fingerprint: str,
+    content_datetime: datetime.datetime | None = None,
+) -> PipelineResult:
+    """Run ``spec`` on the files of one study; return the findings and the SR (and SEG) to send back.
+
+    ``input_fingerprint`` identifies the input (the study's instances as received); together with the
+    spec's identity it fixes every result UID. ``content_datetime`` (the caller owns the clock) is
+    written as the results' Content/Instance Creation Date and Time; when ``None`` the selected
+    series' StudyDate/StudyTime stand in (1970-01-01 when absent), so the output stays a pure function
+    of its inputs. Raises PermanentError subclasses for unusable input, TransientError for resources.
+    """
+    if not input_fingerprint:
+        raise ValueError("run needs a non-empty input_fingerprint")
+    fingerprint = spec.result_fingerprint(input_fingerprint)
+    timer = _Timer()
+
+    selected, volume, refused = _select_and_load([Path(p) for p in study_files], spec, timer)
+    with timer.stage("headers"):
+        headers = _source_headers(selected, volume)
+    with timer.stage("bundles"):
+        seg_runtime = _runtime(spec.segmentation)
+        cls_runtime = None if spec.classification is None else _runtime(spec.classification)
+    with timer.stage("inference"):
+        segmentation = _predict(seg_runtime, volume, spec, BundleKind.SEGMENTATION)
+        classification = (
+            None if cls_runtime is None else _predict(cls_runtime, volume, spec, BundleKind.CLASSIFICATION)
+        )
+    with timer.stage("measure"), _resources(f"measuring series {volume.series_instance_uid}"):
+        findings = _findings(segmentation, classification, volume, spec)
+    with timer.stage("write"), _resources(f"writing the results of series {volume.series_instance_uid}"):
+        when = content_datetime if content_datetime is not None else _source_datetime(headers[1][0])
+        datasets, notes = _write(spec, findings, segmentation, volume, headers, fingerprint, when)
+
+    reason = selected.reason
+    if refused:
+        reason += "; chosen after refusing " + "; ".join(
+            f"series {s.series_instance_uid} ({e})" for s, e in refused
+        )
+    return PipelineResult(
+        findings=findings,
+        datasets=datasets,
+        study_instance_uid=volume.study_instance_uid,
+        series_instance_uid=volume.series_instance_uid,
+        selection_reason=reason,
+        refused=tuple((s.series_instance_uid, str(e)) for s, e in refused),
+        notes=notes,
+        timings=timer.seconds,
+    )

@@ -1,0 +1,146 @@
+"""What one pipeline is: a frozen, validated value object the worker builds once from the config.
+
+A :class:`PipelineSpec` names the series it accepts (:class:`~pipeline.series_select.SelectionRule`),
+the pinned bundles it runs (:class:`BundleSpec`), how findings become a priority
+(:class:`~pipeline.measure.PriorityThresholds`) and whether a SEG is written. Everything in it that
+can change a result also enters :meth:`PipelineSpec.identity`, so that the result UIDs of a changed
+pipeline differ from the old ones (a changed report is a new report, never a "duplicate" the PACS
+drops), while a re-run of the same pipeline on the same input yields the same UIDs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from pipeline.measure import PriorityThresholds, VolumeMethod
+from pipeline.series_select import SelectionRule
+
+__all__ = ["BundleSpec", "PipelineSpec"]
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+# Domain separation for the spec digest and for the fingerprint handed to the writers.
+_IDENTITY_NAMESPACE = "pacs-triage/pipeline-spec/v1"
+
+
+def _canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=repr)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BundleSpec:
+    """A MONAI bundle to load: its directory, the sha256 it is pinned by, where bundles may live.
+
+    ``overrides`` maps config ids of ``inference.json`` to values (e.g. ``{"inferer#sw_batch_size":
+    1}``); it is copied and made read-only. ``device`` is ``None`` for CUDA when present, else CPU.
+    ``device`` and ``amp`` choose where the bundle runs, not what it computes, so they are not part
+    of the pipeline's identity.
+    """
+
+    path: Path
+    sha256: str
+    allowed_dirs: tuple[Path, ...]
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    device: str | None = None
+    amp: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+        object.__setattr__(self, "allowed_dirs", tuple(Path(d) for d in self.allowed_dirs))
+        try:  # a deep, read-only copy; overrides come from TOML/JSON, so they are JSON values
+            overrides = json.loads(json.dumps(dict(self.overrides)))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"BundleSpec.overrides for {self.path} must be JSON values: {exc}") from exc
+        object.__setattr__(self, "overrides", MappingProxyType(overrides))
+        pinned = self.sha256.strip().lower()
+        if not _HEX64.match(pinned):
+            raise ValueError(
+                f"BundleSpec.sha256 for {self.path} must be 64 hex digits (see pipeline.bundle_runtime."
+                f"bundle_sha256), got {self.sha256!r}"
+            )
+        object.__setattr__(self, "sha256", pinned)
+        if not self.allowed_dirs:
+            raise ValueError(
+                f"BundleSpec.allowed_dirs for {self.path} is empty: a bundle is code, name the "
+                "directories it may be loaded from"
+            )
+
+    def __hash__(self) -> int:
+        return hash(
+            (self.path, self.sha256, self.allowed_dirs, self.device, self.amp, self._overrides_json())
+        )
+
+    def _overrides_json(self) -> str:
+        return _canonical_json(dict(self.overrides))
+
+    def identity(self) -> dict[str, Any]:
+        """What of this bundle determines its outputs: the pinned digest and the config overrides."""
+        return {"sha256": self.sha256, "overrides": dict(self.overrides)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class PipelineSpec:
+    """One analysis pipeline: selection rule, pinned bundles, triage thresholds, outputs."""
+
+    name: str  # the pipeline name of the routing config; TID 4019 parameter of every result
+    version: str  # bumped by whoever changes the pipeline; part of the result UIDs
+    selection: SelectionRule
+    segmentation: BundleSpec
+    classification: BundleSpec | None = None
+    thresholds: PriorityThresholds = field(default_factory=PriorityThresholds)
+    make_seg: bool = True
+    volume_method: VolumeMethod | None = None  # None: probability sum when the bundle gives probabilities
+
+    def __post_init__(self) -> None:
+        if not self.name.strip():
+            raise ValueError("PipelineSpec.name must be a non-empty string")
+        if not self.version.strip():
+            raise ValueError(f"PipelineSpec.version of pipeline {self.name!r} must be a non-empty string")
+
+    def identity(self) -> str:
+        """Hex sha256 of everything in the spec that can change a result (not device or AMP)."""
+        low, high = self.selection.slice_thickness_mm
+        content = {
+            "name": self.name,
+            "version": self.version,
+            "selection": {
+                "modalities": sorted(self.selection.modalities),
+                "orientations": sorted(self.selection.orientations),
+                "min_slices": self.selection.min_slices,
+                "slice_thickness_mm": [low, high if math.isfinite(high) else "inf"],
+                "require_original_primary": self.selection.require_original_primary,
+            },
+            "segmentation": self.segmentation.identity(),
+            "classification": None if self.classification is None else self.classification.identity(),
+            "thresholds": {
+                "urgent_volume_ml": self.thresholds.urgent_volume_ml,
+                "critical_volume_ml": self.thresholds.critical_volume_ml,
+                "urgent_probability": self.thresholds.urgent_probability,
+                "critical_probability": self.thresholds.critical_probability,
+                "labels": sorted(self.thresholds.labels),
+            },
+            "make_seg": self.make_seg,
+            "volume_method": None if self.volume_method is None else self.volume_method.value,
+        }
+        return hashlib.sha256(f"{_IDENTITY_NAMESPACE}\n{_canonical_json(content)}".encode()).hexdigest()
+
+    def result_fingerprint(self, input_fingerprint: str) -> str:
+        """The fingerprint the writers derive result UIDs from: the input's and this pipeline's together.
+
+        Same input and same spec: same UIDs (a re-run or resend is a duplicate). A different input,
+        or a spec changed in anything that can change the result: different UIDs.
+        """
+        if not input_fingerprint:
+            raise ValueError("input_fingerprint must be a non-empty string")
+        digest = hashlib.sha256()
+        for part in (_IDENTITY_NAMESPACE, input_fingerprint, self.identity()):
+            encoded = part.encode("utf-8")
+            digest.update(len(encoded).to_bytes(8, "big") + encoded)
+        return f"{self.name}:{digest.hexdigest()}"

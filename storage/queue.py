@@ -1,0 +1,442 @@
+"""The durable job queue: one analysis job per study input, claimed under leases, retried with backoff.
+
+    queued ──claim──▶ running ──▶ succeeded            (results + outbox rows, one transaction)
+      ▲                  │  └──▶ failed                (permanent error: the same input fails again)
+      ├──── backoff ─────┤ (transient error while attempts remain; lease expired; lease given back)
+      │                  └─────▶ dead                  (attempts exhausted; retryable by hand)
+      └── operator retry ◀── failed, dead, cancelled
+    queued/running/failed/dead ──▶ cancelled (operator)
+    any but superseded ──▶ superseded (late instances gave the study a new input fingerprint)
+
+A study has at most one job that is not superseded: :func:`enqueue` supersedes the older ones in
+the same transaction that queues the new one. The input fingerprint is unique, so the same input
+is never queued twice. Claiming is ``storage/leases.py``; the retry policy ``storage/retry.py``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from storage import leases
+from storage.db import transaction, translate_errors
+from storage.errors import InvalidTransition, NotFound
+from storage.ingest import add_event
+from storage.models import Event, Job, JobPriority, JobState, Result, Study, utcnow
+from storage.outbox import Destination, add_deliveries, cancel_for_job
+from storage.retry import Backoff, exhausted
+
+log = logging.getLogger(__name__)
+
+S = JobState
+JOB_MOVES: dict[JobState, frozenset[JobState]] = {
+    S.QUEUED: frozenset({S.RUNNING, S.CANCELLED, S.SUPERSEDED}),
+    S.RUNNING: frozenset({S.SUCCEEDED, S.FAILED, S.DEAD, S.QUEUED, S.CANCELLED, S.SUPERSEDED}),
+    S.SUCCEEDED: frozenset({S.SUPERSEDED}),
+    S.FAILED: frozenset({S.QUEUED, S.CANCELLED, S.SUPERSEDED}),
+    S.DEAD: frozenset({S.QUEUED, S.CANCELLED, S.SUPERSEDED}),
+    S.CANCELLED: frozenset({S.QUEUED, S.SUPERSEDED}),
+    S.SUPERSEDED: frozenset(),
+}
+RETRYABLE = frozenset({S.FAILED, S.DEAD, S.CANCELLED})
+MAX_ERROR_CHARS = 4000
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobView:
+    """A job as workers and operators see it (a snapshot; the row may move on)."""
+
+    id: int
+    study_id: int
+    study_instance_uid: str
+    pipeline: str
+    rule: str | None
+    priority: JobPriority
+    state: JobState
+    input_fingerprint: str
+    attempts: int
+    max_attempts: int
+    run_after: dt.datetime
+    lease_owner: str | None
+    lease_expires_at: dt.datetime | None
+    last_error: str | None
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    finished_at: dt.datetime | None
+
+    @classmethod
+    def from_row(cls, job: Job, study_instance_uid: str) -> JobView:
+        return cls(
+            id=job.id,
+            study_id=job.study_id,
+            study_instance_uid=study_instance_uid,
+            pipeline=job.pipeline,
+            rule=job.rule,
+            priority=JobPriority(job.priority),
+            state=JobState(job.state),
+            input_fingerprint=job.input_fingerprint,
+            attempts=job.attempts,
+            max_attempts=job.max_attempts,
+            run_after=job.run_after,
+            lease_owner=job.lease_owner,
+            lease_expires_at=job.lease_expires_at,
+            last_error=job.last_error,
+            created_at=job.created_at,
+            updated_at=job.updated_at,
+            finished_at=job.finished_at,
+        )
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A job held by one worker under the lease ``owner``."""
+
+    job: JobView
+    owner: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class NewResult:
+    """A result object a worker wrote to the spool, to be recorded with the job's success."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    path: str  # relative to the spool root
+    size_bytes: int
+    sha256: str
+    priority: int = 0
+    summary: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class EventView:
+    at: dt.datetime
+    entity: str
+    entity_id: str
+    kind: str
+    detail: str
+
+
+def move(session: Session, job: Job, to: JobState, now: dt.datetime, **detail: object) -> None:
+    """Change a job's state, refusing moves :data:`JOB_MOVES` does not allow; audit it."""
+    current = JobState(job.state)
+    if to not in JOB_MOVES[current]:
+        allowed = ", ".join(sorted(JOB_MOVES[current])) or "none (final state)"
+        raise InvalidTransition(
+            f"job {job.id} is {current.value}; it cannot become {to.value} (allowed: {allowed})"
+        )
+    job.state = to
+    job.updated_at = now
+    if to in (S.SUCCEEDED, S.FAILED, S.DEAD, S.CANCELLED, S.SUPERSEDED):
+        job.finished_at = now
+    add_event(session, "job", job.id, to.value, previous=current.value, **detail)
+
+
+def enqueue(
+    session: Session,
+    *,
+    study_id: int,
+    pipeline: str,
+    priority: JobPriority,
+    input_fingerprint: str,
+    max_attempts: int,
+    now: dt.datetime,
+    rule: str | None = None,
+) -> Job | None:
+    """Queue a job for this input (in the caller's transaction), superseding the study's older jobs.
+
+    Returns None when a job for the same fingerprint already exists: the same input is never
+    queued twice.
+    """
+    if session.scalar(select(Job.id).where(Job.input_fingerprint == input_fingerprint)) is not None:
+        return None
+    job = Job(
+        study_id=study_id,
+        pipeline=pipeline,
+        priority=int(priority),
+        state=S.QUEUED,
+        input_fingerprint=input_fingerprint,
+        attempts=0,
+        max_attempts=max_attempts,
+        run_after=now,
+        rule=rule,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(job)
+    session.flush()
+    add_event(
+        session,
+        "job",
+        job.id,
+        S.QUEUED.value,
+        study_id=study_id,
+        pipeline=pipeline,
+        rule=rule,
+        priority=JobPriority(priority).name,
+        input_fingerprint=input_fingerprint,
+    )
+    older = session.scalars(
+        select(Job)
+        .where(Job.study_id == study_id, Job.id != job.id, Job.state != S.SUPERSEDED)
+        .with_for_update()
+    ).all()
+    for old in older:
+        # A running job's worker will find its lease gone and drop its result.
+        leases.clear_lease(old)
+        move(session, old, S.SUPERSEDED, now, by_job=job.id)
+        cancel_for_job(session, old.id, now, reason=f"result superseded by job {job.id}")
+    return job
+
+
+class JobQueue:
+    """Claims and settles jobs. All times come from ``clock`` (UTC)."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        *,
+        lease_seconds: float = 60.0,
+        backoff: Backoff | None = None,
+        clock: Callable[[], dt.datetime] = utcnow,
+    ) -> None:
+        if lease_seconds <= 0:
+            raise ValueError(f"lease_seconds must be > 0, got {lease_seconds}")
+        self.sessions = sessions
+        self.lease_seconds = lease_seconds
+        self.backoff = backoff or Backoff()
+        self.clock = clock
+
+    # -- worker side ---------------------------------------------------------------------------
+
+    def claim(self, worker: str) -> Claim | None:
+        """The next due job (STAT first, then oldest), leased to ``worker``; None when none is due."""
+        owner = leases.new_owner(worker)
+        now = self.clock()
+        with transaction(self.sessions, "claiming a job") as session:
+            job_id = leases.claim_next(
+                session,
+                Job,
+                ready=S.QUEUED,
+                running=S.RUNNING,
+                owner=owner,
+                now=now,
+                lease_seconds=self.lease_seconds,
+            )
+            if job_id is None:
+                return None
+            job, uid = session.execute(
+                select(Job, Study.study_instance_uid)
+                .join(Study, Study.id == Job.study_id)
+                .where(Job.id == job_id)
+            ).one()
+            add_event(
+                session,
+                "job",
+                job.id,
+                S.RUNNING.value,
+                previous=S.QUEUED.value,
+                attempt=job.attempts,
+                owner=owner,
+            )
+            return Claim(JobView.from_row(job, uid), owner)
+
+    def heartbeat(self, claim: Claim) -> bool:
+        """Extend the lease; False when it is no longer ours (reaped, cancelled or superseded)."""
+        with transaction(self.sessions, "extending a job lease") as session:
+            return leases.extend(
+                session,
+                Job,
+                claim.job.id,
+                owner=claim.owner,
+                running=S.RUNNING,
+                now=self.clock(),
+                lease_seconds=self.lease_seconds,
+            )
+
+    def succeed(
+        self,
+        claim: Claim,
+        results: Sequence[NewResult],
+        destinations: Sequence[Destination],
+        *,
+        delivery_max_attempts: int = 10,
+    ) -> bool:
+        """Record the results and their outbox rows with the job's success, atomically.
+
+        False (and nothing written) when the lease was lost meanwhile: another worker owns the job
+        now, or it was cancelled or superseded.
+        """
+        now = self.clock()
+        with transaction(self.sessions, "recording a job's results") as session:
+            job = leases.take(session, Job, claim.job.id, owner=claim.owner, running=S.RUNNING)
+            if job is None:
+                return False
+            leases.clear_lease(job)
+            rows = []
+            for new in results:
+                row = Result(
+                    job_id=job.id,
+                    study_id=job.study_id,
+                    input_fingerprint=job.input_fingerprint,
+                    sop_class_uid=new.sop_class_uid,
+                    sop_instance_uid=new.sop_instance_uid,
+                    series_instance_uid=new.series_instance_uid,
+                    path=new.path,
+                    size_bytes=new.size_bytes,
+                    sha256=new.sha256,
+                    priority=new.priority,
+                    summary=new.summary,
+                    created_at=now,
+                )
+                session.add(row)
+                rows.append(row)
+            session.flush()
+            for row in rows:
+                add_event(
+                    session, "result", row.id, "created", job_id=job.id, sop_instance_uid=row.sop_instance_uid
+                )
+                add_deliveries(
+                    session,
+                    row,
+                    destinations,
+                    priority=max(row.priority, job.priority),
+                    max_attempts=delivery_max_attempts,
+                    now=now,
+                )
+            move(
+                session,
+                job,
+                S.SUCCEEDED,
+                now,
+                attempt=job.attempts,
+                results=len(rows),
+                deliveries=len(rows) * len(destinations),
+            )
+            return True
+
+    def fail(self, claim: Claim, error: str, *, permanent: bool) -> JobState | None:
+        """Record a failed attempt: failed (permanent), queued after a backoff, or dead.
+
+        Returns the new state, or None when the lease was lost meanwhile.
+        """
+        now = self.clock()
+        with transaction(self.sessions, "recording a job failure") as session:
+            job = leases.take(session, Job, claim.job.id, owner=claim.owner, running=S.RUNNING)
+            if job is None:
+                return None
+            leases.clear_lease(job)
+            job.last_error = error[:MAX_ERROR_CHARS]
+            detail = {"attempt": job.attempts, "error": error[:300]}
+            if permanent:
+                move(session, job, S.FAILED, now, **detail)
+                return S.FAILED
+            delay = leases.schedule_retry(job, self.backoff, now)
+            if delay is None:
+                move(session, job, S.DEAD, now, **detail)
+                return S.DEAD
+            move(session, job, S.QUEUED, now, retry_in_seconds=round(delay, 3), **detail)
+            return S.QUEUED
+
+    def release(self, claim: Claim, *, reason: str, delay_seconds: float = 0.0) -> bool:
+        """Give the lease back without counting the attempt (shutdown, input changed)."""
+        now = self.clock()
+        with transaction(self.sessions, "giving a job lease back") as session:
+            job = leases.take(session, Job, claim.job.id, owner=claim.owner, running=S.RUNNING)
+            if job is None:
+                return False
+            leases.clear_lease(job)
+            job.attempts = max(0, job.attempts - 1)
+            job.run_after = now + dt.timedelta(seconds=delay_seconds)
+            move(session, job, S.QUEUED, now, reason=reason)
+            return True
+
+    # -- maintenance ---------------------------------------------------------------------------
+
+    def reap(self) -> int:
+        """Requeue jobs whose lease expired (worker killed or hung), or mark them dead; returns how many."""
+        now = self.clock()
+        with transaction(self.sessions, "reaping job leases") as session:
+            ids = leases.expired(session, Job, running=S.RUNNING, now=now)
+            for job_id in ids:
+                job = session.get_one(Job, job_id)
+                detail = {
+                    "reason": "lease expired: the worker died, hung or lost the database",
+                    "attempt": job.attempts,
+                    "owner": job.lease_owner,
+                }
+                leases.clear_lease(job)
+                if exhausted(job.attempts, job.max_attempts):
+                    job.last_error = f"lease expired on the last attempt ({job.attempts}/{job.max_attempts})"
+                    move(session, job, S.DEAD, now, **detail)
+                else:
+                    job.run_after = now
+                    move(session, job, S.QUEUED, now, **detail)
+            return len(ids)
+
+    # -- operator ------------------------------------------------------------------------------
+
+    def retry(self, job_id: int) -> JobView:
+        """Queue a failed, dead or cancelled job again with a fresh set of attempts."""
+        now = self.clock()
+        with transaction(self.sessions, "retrying a job") as session:
+            job = self._locked(session, job_id)
+            if JobState(job.state) not in RETRYABLE:
+                raise InvalidTransition(
+                    f"job {job_id} is {job.state}; only failed, dead or cancelled jobs can be retried"
+                )
+            job.attempts = 0
+            job.run_after = now
+            move(session, job, S.QUEUED, now, reason="retried by operator")
+            return self._view(session, job)
+
+    def cancel(self, job_id: int) -> JobView:
+        """Cancel a job that has not succeeded; a running one's worker drops its result."""
+        now = self.clock()
+        with transaction(self.sessions, "cancelling a job") as session:
+            job = self._locked(session, job_id)
+            leases.clear_lease(job)
+            move(session, job, S.CANCELLED, now, reason="cancelled by operator")
+            return self._view(session, job)
+
+    def get(self, job_id: int) -> JobView:
+        with translate_errors("reading a job"), self.sessions() as session:
+            job = session.get(Job, job_id)
+            if job is None:
+                raise NotFound(f"no job {job_id}; see `pacs-triage jobs list`")
+            return self._view(session, job)
+
+    def recent(self, states: Sequence[JobState] = (), limit: int = 50) -> list[JobView]:
+        """Jobs, newest first, optionally only those in ``states``."""
+        query = select(Job, Study.study_instance_uid).join(Study, Study.id == Job.study_id)
+        if states:
+            query = query.where(Job.state.in_(list(states)))
+        query = query.order_by(Job.id.desc()).limit(limit)
+        with translate_errors("listing jobs"), self.sessions() as session:
+            return [JobView.from_row(job, uid) for job, uid in session.execute(query)]
+
+    def history(self, job_id: int) -> list[EventView]:
+        """The audit trail of a job, oldest first."""
+        query = select(Event).where(Event.entity == "job", Event.entity_id == str(job_id)).order_by(Event.id)
+        with translate_errors("reading a job's history"), self.sessions() as session:
+            return [
+                EventView(at=e.at, entity=e.entity, entity_id=e.entity_id, kind=e.kind, detail=e.detail)
+                for e in session.scalars(query)
+            ]
+
+    def _locked(self, session: Session, job_id: int) -> Job:
+        job = session.get(Job, job_id, with_for_update=True)
+        if job is None:
+            raise NotFound(f"no job {job_id}; see `pacs-triage jobs list`")
+        return job
+
+    @staticmethod
+    def _view(session: Session, job: Job) -> JobView:
+        uid = session.scalar(select(Study.study_instance_uid).where(Study.id == job.study_id))
+        return JobView.from_row(job, uid or "")
