@@ -11,6 +11,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pynetdicom import AE
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.association import Association
 
 from daemon import sop_classes
@@ -19,6 +20,12 @@ from daemon.status import category
 log = logging.getLogger(__name__)
 
 MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: presentation context IDs are odd numbers 1-255
+
+# send_c_store(path) then sends the file's data set bytes as they are, streamed from disk, with
+# the request UIDs taken from the file meta (as _prepare plans the contexts). Without it
+# pynetdicom decodes and re-encodes the data set: a Deflated one arrives re-compressed, not
+# byte for byte, and a whole multi-frame object is held in memory.
+pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
 
 
 @dataclass(frozen=True)
