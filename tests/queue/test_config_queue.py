@@ -109,5 +109,5 @@ def test_invalid_values_name_the_key(tmp_path: Path, toml: str, env: dict[str, s
 
 def test_unknown_pipeline_refused_at_start(tmp_path: Path) -> None:
     config = config_from(tmp_path, '[[routing.rules]]\nname = "r"\npipeline = "monai_spleen"\n')
-    with pytest.raises(ConfigError, match="unknown pipeline 'monai_spleen'; known: echo, noop"):
+    with pytest.raises(ConfigError, match=r"unknown pipeline 'monai_spleen'; known: (\w+, )*echo, noop"):
         check_routing(config)
