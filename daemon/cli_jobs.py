@@ -246,6 +246,7 @@ def echo_queue(q: QueueSummary) -> None:
     typer.echo("deliveries " + ", ".join(f"{k} {v}" for k, v in q.deliveries_by_state.items()))
     for title, total, problems in (
         ("dead jobs", q.dead_jobs_total, q.dead_jobs),
+        ("failed jobs (permanent: see `jobs show ID`)", q.failed_jobs_total, q.failed_jobs),
         ("dead deliveries", q.dead_deliveries_total, q.dead_deliveries),
         ("not routed studies", q.not_routed_total, q.not_routed),
     ):
@@ -253,4 +254,4 @@ def echo_queue(q: QueueSummary) -> None:
             typer.echo(f"{title}: {total}")
             for p in problems:
                 first_line = p.detail.splitlines()[0] if p.detail else ""
-                typer.echo(f"  {p.id:>6}  {p.study_instance_uid}  {first_line[:150]}")
+                typer.echo(f"  {p.id:>6}  {p.study_instance_uid}  {first_line[:500]}")

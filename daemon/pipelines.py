@@ -10,13 +10,14 @@ Built in:
   SR in the same study that lists every series and instance it saw.
 * ``noop``: produces nothing (queue benchmarks and tests of the worker loop).
 
-The MONAI pipeline (``pipeline/``) is registered here by name when it lands.
+The MONAI pipelines (``daemon/monai_pipeline.py``: the built-in ``demo`` and every
+``[[pipelines.monai]]`` entry) are registered here by name too.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -53,6 +54,8 @@ class PipelineResult:
     priority: Priority
     summary: str
     datasets: tuple[Dataset, ...] = field(default_factory=tuple)
+    # Seconds per stage of the run (pipeline.runner.STAGES), recorded with the job's success.
+    stage_seconds: Mapping[str, float] = field(default_factory=dict)
 
 
 class Pipeline(Protocol):
@@ -176,10 +179,13 @@ def _evidence(study_uid: str, series: dict[str, list[Dataset]]) -> Dataset:
 
 
 def builtin_pipelines(config: Config) -> dict[str, Callable[[], Pipeline]]:
-    """Pipeline factories by name."""
+    """Pipeline factories by name: the stand-ins, ``demo`` and the configured MONAI pipelines."""
+    from daemon.monai_pipeline import monai_factories  # it implements this module's protocol
+
     return {
         "echo": lambda: EchoPipeline(delay_seconds=config.pipelines.echo_delay_seconds),
         "noop": NoopPipeline,
+        **monai_factories(config),
     }
 
 
@@ -206,7 +212,10 @@ class Pipelines:
 
 
 def check_routing(config: Config) -> None:
-    """Refuse to start when a routing rule names an unknown pipeline."""
+    """Refuse to start when a routing rule names an unknown pipeline, or a routed MONAI pipeline
+    cannot be built (bad selection or thresholds, demo bundles not pinned)."""
+    from daemon.monai_pipeline import check_specs
+
     known = builtin_pipelines(config)
     for rule in config.routing.rules:
         if rule.pipeline not in known:
@@ -214,3 +223,6 @@ def check_routing(config: Config) -> None:
                 f"routing.rules {rule.name!r}: unknown pipeline {rule.pipeline!r}; "
                 f"known: {', '.join(sorted(known))}"
             )
+    problems = check_specs(config, [rule.pipeline for rule in config.routing.rules])
+    if problems:
+        raise ConfigError("; ".join(problems))

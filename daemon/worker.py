@@ -206,7 +206,11 @@ class Worker:
         records = [self._write(ds, int(result.priority), result.summary) for ds in result.datasets]
         destinations = [Destination(name=d.name, peer=d.peer) for d in self.config.destinations_for(job.rule)]
         if self.queue.succeed(
-            claim, records, destinations, delivery_max_attempts=self.config.dispatch.max_attempts
+            claim,
+            records,
+            destinations,
+            delivery_max_attempts=self.config.dispatch.max_attempts,
+            stage_seconds=result.stage_seconds,
         ):
             log.info(
                 "job %d succeeded: %d result(s), %d destination(s), priority %s",

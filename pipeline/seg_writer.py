@@ -16,7 +16,6 @@ transpose ``[i, j, k] -> [k, j, i]``. Empty frames are omitted.
 from __future__ import annotations
 
 import copy
-
 import datetime
 from collections.abc import Sequence
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -267,8 +267,11 @@ class JobQueue:
         destinations: Sequence[Destination],
         *,
         delivery_max_attempts: int = 10,
+        stage_seconds: Mapping[str, float] | None = None,
     ) -> bool:
         """Record the results and their outbox rows with the job's success, atomically.
+
+        ``stage_seconds`` (the pipeline's time per stage) goes into the audit row of the success.
 
         False (and nothing written) when the lease was lost meanwhile: another worker owns the job
         now, or it was cancelled or superseded.
@@ -318,6 +321,7 @@ class JobQueue:
                 attempt=job.attempts,
                 results=len(rows),
                 deliveries=len(rows) * len(destinations),
+                **({"stages": {k: round(v, 3) for k, v in stage_seconds.items()}} if stage_seconds else {}),
             )
             return True
 

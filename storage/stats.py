@@ -81,6 +81,10 @@ class QueueSummary:
     dead_jobs_total: int
     dead_deliveries_total: int
     not_routed_total: int
+    # Jobs that failed permanently (no usable series, bad geometry, bundle refused): the reason is
+    # the job's last error, fixed only by other input or another pipeline.
+    failed_jobs: list[Problem] = field(default_factory=list)
+    failed_jobs_total: int = 0
 
 
 def queue_summary(sessions: sessionmaker[Session], now: dt.datetime, *, limit: int = 10) -> QueueSummary:
@@ -96,16 +100,19 @@ def queue_summary(sessions: sessionmaker[Session], now: dt.datetime, *, limit: i
         deliveries = {s.value: 0 for s in DeliveryState}
         for d_state, n in session.execute(select(Delivery.state, func.count()).group_by(Delivery.state)):
             deliveries[str(d_state)] = n
-        dead_jobs = [
-            Problem(id=job_id, study_instance_uid=uid, detail=error or "")
-            for job_id, uid, error in session.execute(
-                select(Job.id, Study.study_instance_uid, Job.last_error)
-                .join(Study, Study.id == Job.study_id)
-                .where(Job.state == JobState.DEAD)
-                .order_by(Job.id.desc())
-                .limit(limit)
-            )
-        ]
+        dead_jobs, failed_jobs = (
+            [
+                Problem(id=job_id, study_instance_uid=uid, detail=error or "")
+                for job_id, uid, error in session.execute(
+                    select(Job.id, Study.study_instance_uid, Job.last_error)
+                    .join(Study, Study.id == Job.study_id)
+                    .where(Job.state == state)
+                    .order_by(Job.id.desc())
+                    .limit(limit)
+                )
+            ]
+            for state in (JobState.DEAD, JobState.FAILED)
+        )
         dead_deliveries = [
             Problem(id=d_id, study_instance_uid=uid, detail=f"{peer}: {error or ''}")
             for d_id, uid, peer, error in session.execute(
@@ -142,4 +149,6 @@ def queue_summary(sessions: sessionmaker[Session], now: dt.datetime, *, limit: i
         dead_jobs_total=sum(by_state.get(JobState.DEAD.value, {}).values()),
         dead_deliveries_total=deliveries[DeliveryState.DEAD.value],
         not_routed_total=not_routed_total,
+        failed_jobs=failed_jobs,
+        failed_jobs_total=sum(by_state.get(JobState.FAILED.value, {}).values()),
     )
