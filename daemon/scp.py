@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -16,26 +17,25 @@ import uuid
 from typing import Any, cast
 
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_file_meta_info
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.utils import make_target
 
 from daemon import sop_classes
 from daemon.access import AccessPolicy, Refusal
 from daemon.config import Config
 from daemon.errors import InvalidDataset, ReceiveError
+from daemon.file_meta import file_header
 from daemon.status import StoreStatus, status_for
-from daemon.validation import check_request_uids, validate_received
+from daemon.validation import MAX_UID_LENGTH, check_request_uids, validate_received
 from storage.errors import StorageError
 from storage.ingest import AssociationInfo, Ingest
 
 log = logging.getLogger(__name__)
 
-_PREAMBLE = b"\x00" * 128 + b"DICM"
 # A-ASSOCIATE-RJ: rejected-permanent (0x01) by the service user (0x01), PS3.8 Table 9-21.
 _REJECT_DIAGNOSTIC = {Refusal.CALLING_AE_NOT_RECOGNISED: 0x03, Refusal.CALLED_AE_NOT_RECOGNISED: 0x07}
 
@@ -61,12 +61,26 @@ def make_tls_context(config: Config) -> ssl.SSLContext:
     return ctx
 
 
+class ReusePortServer(ThreadedAssociationServer):
+    """An association server whose socket joins the port's SO_REUSEPORT group before binding.
+
+    Several receiver processes bind the same port this way and the kernel spreads incoming
+    connections over them (Linux: only sockets of the same user may join the group).
+    """
+
+    def server_bind(self) -> None:
+        assert self.socket is not None
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
 class Receiver:
     """Owns the pynetdicom AE, its servers (plain and TLS) and the event handlers."""
 
-    def __init__(self, config: Config, ingest: Ingest) -> None:
+    def __init__(self, config: Config, ingest: Ingest, *, reuse_port: bool = False) -> None:
         self.config = config
         self.ingest = ingest
+        self.reuse_port = reuse_port  # one of several receiver processes on the port (daemon.receivers)
         self.policy = AccessPolicy(config.access, config.ae_title)
         self._associations: dict[int, AssociationInfo] = {}
         self._lock = threading.Lock()
@@ -107,25 +121,37 @@ class Receiver:
         """Start the plain (and TLS) servers; returns (address, port, tls) of each."""
         host = self.config.dicom.bind_address
         bound = []
-        server = self.ae.start_server((host, self.config.port), block=False, evt_handlers=self.handlers)
-        assert server is not None  # block=False returns the server
-        self._servers.append(server)
+        server = self._start_server((host, self.config.port), None)
         bound.append((host, server.server_address[1], False))
         if self.config.tls.enabled:
-            tls_server = self.ae.start_server(
-                (host, self.config.tls.port),
-                block=False,
-                evt_handlers=self.handlers,
-                ssl_context=make_tls_context(self.config),
-            )
-            assert tls_server is not None
-            self._servers.append(tls_server)
+            tls_server = self._start_server((host, self.config.tls.port), make_tls_context(self.config))
             bound.append((host, tls_server.server_address[1], True))
         for address, port, tls in bound:
             log.info(
                 "listening as %s on %s:%d%s", self.config.ae_title, address, port, " (TLS)" if tls else ""
             )
         return bound
+
+    def _start_server(
+        self, address: tuple[str, int], ssl_context: ssl.SSLContext | None
+    ) -> ThreadedAssociationServer:
+        """What ``AE.start_server(block=False)`` does, with our server class (SO_REUSEPORT or not)."""
+        server = self.ae.make_server(
+            address,
+            ssl_context=ssl_context,
+            evt_handlers=self.handlers,
+            server_class=ReusePortServer if self.reuse_port else ThreadedAssociationServer,
+        )
+        thread = threading.Thread(
+            target=make_target(server.serve_forever), name=f"AcceptorServer@{address[1]}", daemon=True
+        )
+        thread.start()
+        self.ae._servers.append(server)  # AssociationServer.shutdown() removes it from there
+        self._servers.append(server)
+        return server
+
+    def check(self) -> None:
+        """Supervision hook of ``serve`` (nothing to do in-process; see daemon.receivers)."""
 
     def active_associations(self) -> list[Association]:
         return [a for s in self._servers for a in s.active_associations]
@@ -154,19 +180,26 @@ class Receiver:
 
     def _on_requested(self, event: Event) -> None:
         assoc = event.assoc
-        called = assoc.requestor.primitive.called_ae_title if assoc.requestor.primitive else ""
-        decision = self.policy.decide(assoc.requestor.ae_title, str(called), assoc.requestor.address)
+        # At EVT_REQUESTED pynetdicom has not yet copied the titles out of the A-ASSOCIATE-RQ
+        # (requestor.ae_title is still empty): read them from the request itself.
+        request = assoc.requestor.primitive
+        calling = str(request.calling_ae_title) if request else ""
+        called = str(request.called_ae_title) if request else ""
+        decision = self.policy.decide(calling, called, assoc.requestor.address)
         if decision.allowed:
             return
         assert decision.refusal is not None
         log.warning(
             "rejected association from %r at %s (called %r): %s",
-            assoc.requestor.ae_title,
+            calling,
             assoc.requestor.address,
             called,
             decision.reason,
         )
         assoc.acse.send_reject(0x01, 0x01, _REJECT_DIAGNOSTIC[decision.refusal])
+        # As pynetdicom does after its own rejections: wait until the A-ASSOCIATE-RJ is out and the
+        # peer closed, or the socket is shut down first and the peer sees an abort instead.
+        assoc.kill()
 
     def _on_accepted(self, event: Event) -> None:
         assoc = event.assoc
@@ -185,27 +218,42 @@ class Receiver:
         return 0x0000
 
     def _on_dimse_recv(self, event: Event) -> None:
-        """Answer C-STOREs that pynetdicom would drop without a response (empty request UIDs).
+        """Answer C-STOREs that pynetdicom would drop or abort on, with C000 (PS3.4 B.2.3).
 
-        pynetdicom ignores a request missing a required command field, leaving the peer waiting for
-        its DIMSE timeout; we answer C000 at once instead.
+        pynetdicom ignores a request missing a required command field (the peer then waits for its
+        DIMSE timeout), and aborts the association on a request UID over 64 characters or a SOP
+        class it has no service for. We answer at once, remove the request's UIDs so pynetdicom
+        ignores it, and keep the association.
         """
         command = event.message.command_set
         if command.get("CommandField") != 0x0001:  # C-STORE-RQ
             return
-        if command.get("AffectedSOPInstanceUID") and command.get("AffectedSOPClassUID"):
-            return
+        keywords = ("AffectedSOPClassUID", "AffectedSOPInstanceUID")
+        sop_class, sop_instance = (str(command.get(k) or "") for k in keywords)
+        if not all(0 < len(v) <= MAX_UID_LENGTH for v in (sop_class, sop_instance)):
+            comment = "Affected SOP Class/Instance UID empty or over 64 characters"
+        elif sop_class not in sop_classes.ACCEPTED_STORAGE:
+            comment = "Affected SOP Class UID is not a storage class accepted here"
+        else:
+            return  # anything else wrong with them is found by check_request_uids in _on_store
+        for keyword in keywords:
+            if keyword in command:
+                del command[keyword]
         rsp = C_STORE()
         rsp.MessageIDBeingRespondedTo = command.MessageID
         rsp.Status = int(StoreStatus.CANNOT_UNDERSTAND)
+        rsp.ErrorComment = comment  # type: ignore[assignment]  # pynetdicom declares it as None
         log.warning(
-            "C-STORE without SOP Class/Instance UID from %s refused with 0x%04X",
+            "C-STORE %r of class %r from %s refused with 0x%04X: %s",
+            sop_instance[:80],
+            sop_class[:80],
             event.assoc.requestor.ae_title,
             rsp.Status,
+            comment,
         )
         event.assoc.dimse.send_msg(rsp, cast(int, event.message.context_id))
 
-    def _on_store(self, event: Event) -> Dataset:
+    def _on_store(self, event: Event) -> Dataset | int:
         started = time.perf_counter()
         request = cast(C_STORE, event.request)
         try:
@@ -226,11 +274,9 @@ class Receiver:
                 transfer_syntax=transfer_syntax,
                 is_image=sop_classes.is_image(sop_class),
             )
-            meta = DicomBytesIO()
-            meta.write(_PREAMBLE)
-            write_file_meta_info(meta, event.file_meta, enforce_standard=True)
+            header = file_header(sop_class, sop_instance, transfer_syntax)
             stream = event.encoded_dataset(include_meta=False)
-            outcome = self.ingest.store(incoming, (meta.getvalue(), stream), info)
+            outcome = self.ingest.store(incoming, (header, stream), info)
         except (ReceiveError, StorageError) as exc:
             status = status_for(exc)
             log.warning(
@@ -252,7 +298,7 @@ class Receiver:
             outcome.value,
             (time.perf_counter() - started) * 1000,
         )
-        return _status(StoreStatus.SUCCESS)
+        return int(StoreStatus.SUCCESS)  # a bare status: cheaper for pynetdicom than a Dataset
 
     def _end(self, event: Event, *, released: bool) -> None:
         with self._lock:

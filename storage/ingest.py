@@ -13,18 +13,45 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import Table, bindparam, insert, select, update
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.db import transaction
 from storage.errors import IntegrityProblem
+from storage.group_commit import GroupCommit
 from storage.models import Association, Event, Instance, Series, Study, StudyState
 from storage.spool import Spool
 
 log = logging.getLogger(__name__)
 
 _RACE_RETRIES = 3
+_KNOWN_SERIES_LIMIT = 4096  # series whose ids this process remembers (a plain dict, cleared when full)
+_STUDIES: Table = Study.__table__  # type: ignore[assignment]
+_SERIES: Table = Series.__table__  # type: ignore[assignment]
+_INSTANCES: Table = Instance.__table__  # type: ignore[assignment]
+# The fast path's statements, built once (building and cache-keying them per instance cost more
+# than executing them).
+_TOUCH_STUDY = (
+    update(_STUDIES)
+    .where(
+        _STUDIES.c.id == bindparam("k_study_id"),
+        _STUDIES.c.study_instance_uid == bindparam("k_study_uid"),
+        _STUDIES.c.state == StudyState.RECEIVING.value,
+    )
+    .values(last_received_at=bindparam("k_received_at"))
+)
+_TOUCH_SERIES = (
+    update(_SERIES)
+    .where(
+        _SERIES.c.id == bindparam("k_series_id"),
+        _SERIES.c.series_instance_uid == bindparam("k_series_uid"),
+        _SERIES.c.study_id == bindparam("k_study_id"),
+    )
+    .values(last_received_at=bindparam("k_received_at"), last_association_id=bindparam("k_association_id"))
+)
+_INSERT_INSTANCE = insert(_INSTANCES)
 
 
 class StoreOutcome(enum.StrEnum):
@@ -61,6 +88,18 @@ class IncomingInstance:
     series_number: int | None = None
 
 
+@dataclass(frozen=True)
+class _Recorded:
+    outcome: StoreOutcome
+    old_path: str | None  # the replaced file, to remove once the new row is committed
+    study_id: int
+    series_id: int
+
+
+class _Stale(Exception):
+    """The fast path's cached assumption no longer holds; nothing was written."""
+
+
 def add_event(session: Session, entity: str, entity_id: str | int, kind: str, **detail: object) -> None:
     """Append one audit row (in the caller's transaction)."""
     session.add(
@@ -80,6 +119,14 @@ class Ingest:
     def __init__(self, sessions: sessionmaker[Session], spool: Spool) -> None:
         self.sessions = sessions
         self.spool = spool
+        engine = sessions.kw["bind"]
+        assert isinstance(engine, Engine), "the session factory must be bound to an engine"
+        self._group = GroupCommit(engine, "recording an instance")
+        # Rows this process has recorded, so that the next instance of a known series takes the
+        # fast path (see _record_fast). Every fast-path statement re-checks what the cache assumes,
+        # so a stale entry costs one fallback to the full path, never a wrong row.
+        self._known_series: dict[tuple[str, str], tuple[int, int]] = {}  # (study, series UID) -> ids
+        self._known_associations: set[str] = set()
 
     def store(
         self,
@@ -92,7 +139,7 @@ class Ingest:
         received_at = received_at or dt.datetime.now(dt.UTC)
         pending = self.spool.write_pending(tuple(chunks))
         rel = self.spool.relative_path_for(incoming.sop_instance_uid, pending.sha256)
-        already_on_disk = self.spool.path_of(rel).exists()
+        already_on_disk = self.spool.has(rel)
         if already_on_disk:
             # Same UID and same content hash: the file of record (or an unrecorded orphan of a
             # crash) already holds exactly these bytes.
@@ -120,10 +167,16 @@ class Ingest:
         association: AssociationInfo,
         received_at: dt.datetime,
     ) -> tuple[StoreOutcome, str | None]:
+        key = (incoming.study_instance_uid, incoming.series_instance_uid)
+        known = self._known_series.get(key)
+        if known is not None and association.id in self._known_associations:
+            if self._record_fast(known, incoming, rel, size, sha256, association, received_at):
+                return StoreOutcome.STORED, None
+            self._known_series.pop(key, None)
         for attempt in range(_RACE_RETRIES):
             try:
                 with transaction(self.sessions, "recording an instance") as session:
-                    return self._record_in(session, incoming, rel, size, sha256, association, received_at)
+                    recorded = self._record_in(session, incoming, rel, size, sha256, association, received_at)
             except IntegrityError as exc:
                 # Two associations created the same study/series/instance at once (PostgreSQL);
                 # the retry finds the other's row.
@@ -131,7 +184,71 @@ class Ingest:
                     raise IntegrityProblem(
                         f"could not record {incoming.sop_instance_uid}: {exc.orig}"
                     ) from exc
+                continue
+            if len(self._known_series) >= _KNOWN_SERIES_LIMIT:
+                self._known_series.clear()
+            self._known_series[key] = (recorded.study_id, recorded.series_id)
+            self._known_associations.add(association.id)
+            return recorded.outcome, recorded.old_path
         raise AssertionError("unreachable")
+
+    def _record_fast(
+        self,
+        known: tuple[int, int],
+        incoming: IncomingInstance,
+        rel: str,
+        size: int,
+        sha256: str,
+        association: AssociationInfo,
+        received_at: dt.datetime,
+    ) -> bool:
+        """Record a new instance of a series this process recorded before: three statements, no ORM.
+
+        It writes exactly what ``_record_in`` writes for that case (study and series
+        ``last_received_at``, the series' last association, the instance row) and checks, in the
+        same transaction, every assumption the cache makes: the study and series rows still exist
+        with these UIDs and this parent, the study is still receiving (else it must be reopened,
+        with its event), the association row exists and the instance is new (foreign key and
+        unique constraints). If any fails, nothing is written and it returns False: the caller
+        takes the full path (reopen, duplicate, replacement). The statements are group-committed
+        with those of other associations recording at the same moment (storage/group_commit.py).
+        """
+        study_id, series_id = known
+        params = {
+            "k_study_id": study_id,
+            "k_study_uid": incoming.study_instance_uid,
+            "k_series_id": series_id,
+            "k_series_uid": incoming.series_instance_uid,
+            "k_received_at": received_at,
+            "k_association_id": association.id,
+        }
+        row = {
+            "series_id": series_id,
+            "sop_instance_uid": incoming.sop_instance_uid,
+            "sop_class_uid": incoming.sop_class_uid,
+            "transfer_syntax_uid": incoming.transfer_syntax_uid,
+            "path": rel,
+            "size_bytes": size,
+            "sha256": sha256,
+            "calling_ae": association.calling_ae,
+            "source_address": association.source_address,
+            "association_id": association.id,
+            "received_at": received_at,
+            "replaced_count": 0,
+        }
+
+        def work(conn: Connection) -> None:
+            if conn.execute(_TOUCH_STUDY, params).rowcount != 1:
+                raise _Stale
+            if conn.execute(_TOUCH_SERIES, params).rowcount != 1:
+                raise _Stale
+            conn.execute(_INSERT_INSTANCE, row)
+
+        try:
+            self._group.run(work)  # committed with whatever other associations record meanwhile
+        except (_Stale, IntegrityError):
+            return False
+        return True
 
     def _record_in(
         self,
@@ -142,7 +259,7 @@ class Ingest:
         sha256: str,
         association: AssociationInfo,
         received_at: dt.datetime,
-    ) -> tuple[StoreOutcome, str | None]:
+    ) -> _Recorded:
         if session.get(Association, association.id) is None:
             session.add(
                 Association(
@@ -209,7 +326,7 @@ class Ingest:
             select(Instance).where(Instance.sop_instance_uid == incoming.sop_instance_uid)
         ).one_or_none()
         if instance is not None and instance.sha256 == sha256:
-            return StoreOutcome.DUPLICATE, None
+            return _Recorded(StoreOutcome.DUPLICATE, None, study.id, series.id)
         if instance is not None:
             if instance.series_id != series.id:
                 raise IntegrityProblem(
@@ -236,7 +353,7 @@ class Ingest:
                 sop_instance_uid=incoming.sop_instance_uid,
                 calling_ae=association.calling_ae,
             )
-            return StoreOutcome.REPLACED, old_path
+            return _Recorded(StoreOutcome.REPLACED, old_path, study.id, series.id)
         session.add(
             Instance(
                 series_id=series.id,
@@ -252,10 +369,11 @@ class Ingest:
                 received_at=received_at,
             )
         )
-        return StoreOutcome.STORED, None
+        return _Recorded(StoreOutcome.STORED, None, study.id, series.id)
 
     def end_association(self, association_id: str, *, released: bool) -> None:
         """Record that an association ended (released, or aborted/lost). No row: nothing was stored."""
+        self._known_associations.discard(association_id)
         with transaction(self.sessions, "recording the end of an association") as session:
             row = session.get(Association, association_id)
             if row is not None:

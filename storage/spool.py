@@ -7,6 +7,8 @@ Layout under the spool root (all names are server-derived; no peer string become
                                content, so a replacement never overwrites the file of record
 
 Write protocol: temp file -> write -> fsync -> rename into objects/ -> fsync the directory.
+The objects/ab and objects/ab/cd directories are made durable too (their parents fsynced)
+the first time a process puts a file in them.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ TMP_DIR = "tmp"
 STALE_TMP_SECONDS = 3600
 _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64] or "host"
 OBJECTS_DIR = "objects"
+_OBJECT_PATH = re.compile(rf"{OBJECTS_DIR}/[0-9a-f]{{2}}/[0-9a-f]{{2}}/[0-9a-f]{{64}}-[0-9a-f]{{64}}\.dcm")
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,10 @@ class Spool:
         self.min_free_bytes = min_free_bytes
         self.tmp = self.root / TMP_DIR
         self.objects = self.root / OBJECTS_DIR
+        self._root = str(self.root)
+        # objects/ab and objects/ab/cd directories known to exist durably (see _make_durable_dir).
+        self._durable_l1 = bytearray(256)
+        self._durable_l2 = bytearray(65536)
 
     def open(self) -> None:
         """Create the layout and remove temp files left by crashed writers (never acknowledged).
@@ -74,6 +81,8 @@ class Spool:
         """
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.objects.mkdir(parents=True, exist_ok=True)
+        _fsync_dir(self.root)  # so that tmp/ and objects/ themselves survive a crash
+        self._make_top_dirs()
         removed = 0
         for leftover in self.tmp.iterdir():
             if _is_abandoned(leftover):
@@ -92,9 +101,9 @@ class Spool:
         except OSError as exc:
             raise SpoolUnavailable(f"cannot read free space of {self.root}: {exc}") from exc
         if free - incoming < self.min_free_bytes:
-            raise SpoolUnavailable(
-                f"spool {self.root} has {free} bytes free; {incoming} more would go below the "
-                f"configured minimum of {self.min_free_bytes} (storage.min_free_bytes)"
+            raise SpoolUnavailable(  # the gist first: the peer sees 64 characters of it
+                f"spool full: {free} bytes free, {incoming} more would go below "
+                f"storage.min_free_bytes = {self.min_free_bytes} in {self.root}"
             )
 
     def write_pending(self, chunks: list[bytes] | tuple[bytes, ...]) -> PendingFile:
@@ -127,15 +136,75 @@ class Spool:
     def commit(self, pending: PendingFile, sop_instance_uid: str) -> StoredFile:
         """Rename the temp file into its final place and fsync the directory."""
         rel = self.relative_path_for(sop_instance_uid, pending.sha256)
-        final = self.root / rel
+        final = os.path.join(self._root, rel)  # strings, not Paths: this runs once per instance
+        directory = os.path.dirname(final)
         try:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(pending.tmp_path, final)
-            _fsync_dir(final.parent)
+            self._make_durable_dir(rel)
+            try:
+                os.replace(pending.tmp_path, final)
+            except FileNotFoundError:
+                # The directory was removed behind our back (not the temp file: that is ours).
+                self._forget_dir(rel)
+                self._make_durable_dir(rel)
+                os.replace(pending.tmp_path, final)
+            _fsync_dir(directory)
         except OSError as exc:
             pending.tmp_path.unlink(missing_ok=True)
             raise _spool_error(exc, f"moving {pending.tmp_path.name} into place") from exc
         return StoredFile(relative_path=rel, size_bytes=pending.size_bytes, sha256=pending.sha256)
+
+    def _make_durable_dir(self, rel: str) -> None:
+        """Make sure the directory of ``rel`` (``objects/ab/cd``) and its entries are on disk.
+
+        A rename is durable only if the directory holding it stays reachable after a crash, so
+        the parent of each level is fsynced, whether this process created the level or another
+        receiver did a moment ago (it may not have fsynced yet). That is done once per
+        directory per process, remembered in two bitmaps (256 and 65,536 bytes).
+        """
+        first, second = _dir_indexes(rel)
+        if self._durable_l2[second]:
+            return
+        top = os.path.join(self._root, rel[: len(OBJECTS_DIR) + 3])
+        if not self._durable_l1[first]:
+            self.objects.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileExistsError):  # made before, or by another receiver
+                os.mkdir(top)
+            _fsync_dir(self.objects)
+            self._durable_l1[first] = 1
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(os.path.join(self._root, rel[: len(OBJECTS_DIR) + 6]))
+        _fsync_dir(top)
+        self._durable_l2[second] = 1
+
+    def _make_top_dirs(self) -> None:
+        """Create ``objects/00`` .. ``objects/ff`` now, made durable by one fsync of ``objects``.
+
+        Then storing into a fresh spool costs one extra fsync for a new ``objects/ab/cd``, not
+        two. Best effort: a level that cannot be made now (disk full) is made on first use.
+        """
+        made = []
+        for first in range(256):
+            try:
+                os.mkdir(os.path.join(self.objects, f"{first:02x}"))
+            except FileExistsError:
+                pass
+            except OSError:
+                continue
+            made.append(first)
+        if made:
+            _fsync_dir(self.objects)
+            for first in made:
+                self._durable_l1[first] = 1
+
+    def _forget_dir(self, rel: str) -> None:
+        first, second = _dir_indexes(rel)
+        self._durable_l1[first] = self._durable_l2[second] = 0
+
+    def has(self, relative_path: str) -> bool:
+        """Whether a file of record exists at ``relative_path`` (as built by relative_path_for)."""
+        if _OBJECT_PATH.fullmatch(relative_path):
+            return os.path.exists(os.path.join(self._root, relative_path))
+        return self.path_of(relative_path).exists()
 
     def discard(self, pending: PendingFile) -> None:
         pending.tmp_path.unlink(missing_ok=True)
@@ -148,6 +217,9 @@ class Spool:
             _fsync_dir(path.parent)
 
     def path_of(self, relative_path: str) -> Path:
+        if _OBJECT_PATH.fullmatch(relative_path):
+            # The shape relative_path_for builds: only hex names below objects/, no "..".
+            return self.root / relative_path
         path = (self.root / relative_path).resolve()
         if not path.is_relative_to(self.objects):
             raise ValueError(f"{relative_path!r} is not inside the spool's objects directory")
@@ -174,7 +246,13 @@ def _is_abandoned(path: Path) -> bool:
         return False
 
 
-def _fsync_dir(directory: Path) -> None:
+def _dir_indexes(rel: str) -> tuple[int, int]:
+    """``objects/ab/cd/...`` -> (0xab, 0xabcd): where the directories are in the bitmaps."""
+    n = len(OBJECTS_DIR)
+    return int(rel[n + 1 : n + 3], 16), int(rel[n + 1 : n + 3] + rel[n + 4 : n + 6], 16)
+
+
+def _fsync_dir(directory: Path | str) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -184,4 +262,5 @@ def _fsync_dir(directory: Path) -> None:
 
 def _spool_error(exc: OSError, what: str) -> SpoolUnavailable:
     reason = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else (exc.strerror or str(exc))
-    return SpoolUnavailable(f"spool error while {what}: {reason}")
+    # The reason first: the peer sees only the first 64 characters (ErrorComment is LO).
+    return SpoolUnavailable(f"{reason} in the spool while {what}")
