@@ -2,8 +2,8 @@
 
 A phantom is a pure function of its seed and options (no clock, no global RNG): anatomy, lesions and
 noise come from three independent streams of ``numpy.random.default_rng((seed, stream))``, so the same
-seed with ``lesions=0`` is the same body and noise without lesions (a paired control). UIDs are
-``2.25.<uuid5(seed, role)>`` and dates derive from the seed.
+seed with ``lesions=0`` is the same body and noise without lesions (a paired control). UIDs come from
+``pipeline.uids.derive_uid("phantom", seed, role)`` and dates derive from the seed.
 
 The body (portal-venous contrast): subcutaneous fat, muscle wall, lung bases, liver (the host organ),
 spleen, kidneys, aorta, IVC, spine with discs, and rib arcs. Lesions are rotated ellipsoids inside the
@@ -17,20 +17,19 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
 from pydicom.dataset import FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 
+from pipeline.uids import derive_uid
 from pipeline.volume import InstanceRef, Volume
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-UID_ROOT = "2.25."  # PS3.5 B.2: UIDs derived from a UUID
-_UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/pacs-triage/pacs-triage/phantom")
 _ANATOMY, _LESIONS, _NOISE = 0, 1, 2  # independent RNG streams per seed
 
 # Tissue ids (painter's order) and their HU, (low, high) drawn per seed.
@@ -99,6 +98,8 @@ class GroundTruth:
     shape: tuple[int, int, int]  # [i, j, k] of the full series grid
     affine: tuple[tuple[float, ...], ...]  # (i, j, k, 1) -> LPS mm
     organ: str
+    organ_centre_lps: tuple[float, float, float]  # the host organ's bounding ellipsoid, mm
+    organ_semi_axes_mm: tuple[float, float, float]
     organ_hu: float
     noise_sd_hu: float
     study_instance_uid: str
@@ -113,23 +114,22 @@ class GroundTruth:
     @classmethod
     def from_json(cls, text: str) -> GroundTruth:
         """Inverse of :meth:`to_json`."""
-        raw = json.loads(text)
-        lesions = tuple(
-            Lesion(**{k: _tuples(v) if isinstance(v, list) else v for k, v in lz.items()})
-            for lz in raw.pop("lesions")
-        )
-        options = PhantomOptions(**{k: _tuples(v) if isinstance(v, list) else v for k, v in raw.pop("options").items()})
-        rest = {k: _tuples(v) if isinstance(v, list) else v for k, v in raw.items()}
-        return cls(lesions=lesions, options=options, **rest)
+        raw: dict[str, Any] = _tuples(json.loads(text))
+        lesions = tuple(Lesion(**lesion) for lesion in raw.pop("lesions"))
+        options = PhantomOptions(**raw.pop("options"))
+        return cls(**raw, lesions=lesions, options=options)
 
 
-def _tuples(value: list) -> tuple:  # type: ignore[type-arg]
-    return tuple(_tuples(v) if isinstance(v, list) else v for v in value)
+def _tuples(value: Any) -> Any:
+    """JSON lists back to tuples, recursively (the dataclasses hold tuples)."""
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 def phantom_uid(seed: int, role: str) -> str:
     """A deterministic UID for one role ("study", "series", "sop/12", ...) of one seed."""
-    return f"{UID_ROOT}{uuid.uuid5(_UID_NAMESPACE, f'{seed}/{role}').int}"
+    return derive_uid("phantom", str(seed), role)
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,7 @@ class _Ellipsoid:
 
 @dataclass(frozen=True)
 class _Anatomy:
-    """The body of one seed; ``tissue`` paints ids in painter's order on one axial plane."""
+    """The body of one seed: ``plane`` then ``paint`` give tissue ids (painter's order) at points."""
 
     a: float  # body semi-axes (x, y), mm
     b: float
@@ -165,10 +165,6 @@ class _Anatomy:
     rib_phase: float
     disc_phase: float
     hu: np.ndarray  # HU per tissue id
-
-    def tissue(self, x: np.ndarray, y: np.ndarray, z: np.ndarray | float) -> np.ndarray:
-        """Tissue ids at LPS points given as broadcastable arrays x, y, z (mm)."""
-        return self.paint(self.plane(x, y), x, y, z)
 
     def plane(self, x: np.ndarray, y: np.ndarray) -> _Plane:
         """The z-independent part (elliptic cylinders) on points x, y."""
@@ -188,9 +184,9 @@ class _Anatomy:
         late[(u / 24.0) ** 2 + ((v - ys - 38) / 9.0) ** 2 <= 1] = _T["cortical"]
         late[u**2 + (v - ys - 27) ** 2 <= 8.0**2] = _T["canal"]
         # Rib arcs on a ring inside the muscle wall, sparing the front and the spine.
-        ring = (u / (ai - 6)) ** 2 + (v / (bi - 6)) ** 2
+        radial = (u / (ai - 6)) ** 2 + (v / (bi - 6)) ** 2
         phi = np.arctan2(v / bi, u / ai)
-        ring = (ring <= 1.0) & (ring >= ((ai - 14) / (ai - 6)) ** 2)
+        ring = (radial <= 1.0) & (radial >= ((ai - 14) / (ai - 6)) ** 2)
         ring &= (np.abs(phi + np.pi / 2) > 0.3 * np.pi) & (np.abs(phi - np.pi / 2) > 0.12 * np.pi)
         return _Plane(base, inner, late, np.nonzero(ring), phi[ring] * 6 / np.pi)
 
@@ -293,10 +289,13 @@ def _lesion_box(lesion: _Ellipsoid, affine: np.ndarray, shape: tuple[int, ...]) 
     return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
 
 
-def _coverage(lesion: _Ellipsoid, affine: np.ndarray, shape: tuple[int, ...]) -> tuple[tuple[slice, ...], np.ndarray]:
-    """Bounding box and the fraction of each of its voxels inside the lesion (~0.35 mm supersampling)."""
+def _coverage(lesion: _Ellipsoid, affine: np.ndarray, shape: tuple[int, ...], centres: bool = False) -> tuple[tuple[slice, ...], np.ndarray]:  # fmt: skip
+    """Bounding box and the fraction of each of its voxels inside the lesion (~0.35 mm supersampling);
+    with ``centres``, whether each voxel centre is inside (the ground-truth mask)."""
     box = _lesion_box(lesion, affine, shape)
     x, y, z = (c[b] for c, b in zip(_axes(affine, shape), box, strict=True))
+    if centres:
+        return box, lesion.inside(x[:, None, None], y[None, :, None], z[None, None, :])
     n = [max(3, int(np.ceil(abs(affine[d, d]) / 0.35))) for d in range(3)]
     offs = [((np.arange(m) + 0.5) / m - 0.5) * affine[d, d] for d, m in enumerate(n)]
     frac = np.zeros((len(x), len(y), len(z)))
@@ -305,13 +304,6 @@ def _coverage(lesion: _Ellipsoid, affine: np.ndarray, shape: tuple[int, ...]) ->
             zz = z[None, None, :, None] + offs[2]
             frac += lesion.inside(x[:, None, None, None] + ox, y[None, :, None, None] + oy, zz).mean(axis=-1)
     return box, frac / (n[0] * n[1])
-
-
-def _centres_inside(lesion: _Ellipsoid, affine: np.ndarray, shape: tuple[int, ...]) -> tuple[tuple[slice, ...], np.ndarray]:
-    """Bounding box and which of its voxel centres lie inside the lesion (the ground-truth mask)."""
-    box = _lesion_box(lesion, affine, shape)
-    x, y, z = (c[b] for c, b in zip(_axes(affine, shape), box, strict=True))
-    return box, lesion.inside(x[:, None, None], y[None, :, None], z[None, None, :])
 
 
 def _place_lesions(
@@ -338,26 +330,77 @@ def _place_lesions(
             if any(np.linalg.norm(centre - e.centre) < bound + e.axes.max() + 2 for e, _ in placed):
                 continue
             shell = centre + bound * directions
-            if np.all(anatomy.tissue(shell[:, 0], shell[:, 1], shell[:, 2]) == _T[HOST_ORGAN]):
+            x, y, z = shell[:, 0], shell[:, 1], shell[:, 2]
+            if np.all(anatomy.paint(anatomy.plane(x, y), x, y, z) == _T[HOST_ORGAN]):
                 placed.append((_Ellipsoid(centre, axes, rotation), contrast))
                 break
         else:
-            raise ValueError(f"phantom seed {seed}: cannot fit {count} lesions of {volumes} mL in the {HOST_ORGAN}")
+            raise ValueError(
+                f"phantom seed {seed}: cannot fit {count} lesions of {volumes} mL in the {HOST_ORGAN}"
+            )
     return placed
 
 
-def _lesion_record(label: int, lesion: _Ellipsoid, contrast: float, count: int, voxel_ml: float) -> Lesion:
-    return Lesion(
-        label=label,
-        centre_lps=(float(lesion.centre[0]), float(lesion.centre[1]), float(lesion.centre[2])),
-        semi_axes_mm=(float(lesion.axes[0]), float(lesion.axes[1]), float(lesion.axes[2])),
-        rotation=tuple((float(r[0]), float(r[1]), float(r[2])) for r in lesion.rotation),
-        radius_mm=float(np.prod(lesion.axes) ** (1 / 3)),
-        volume_ml=float(4 / 3 * np.pi * np.prod(lesion.axes) / 1000),
-        voxel_count=count,
-        voxel_volume_ml=count * voxel_ml,
-        contrast_hu=contrast,
-    )
+def _floats(v: np.ndarray) -> tuple[float, float, float]:
+    return (float(v[0]), float(v[1]), float(v[2]))
+
+
+def _ellipsoid(lesion: Lesion) -> _Ellipsoid:
+    return _Ellipsoid(np.array(lesion.centre_lps), np.array(lesion.semi_axes_mm), np.array(lesion.rotation))
+
+
+def lesion_coverage(gt: GroundTruth, affine: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """Fraction of each voxel of an axis-aligned grid inside a lesion (partial volume), float32."""
+    frac = np.zeros(shape, dtype=np.float32)
+    for lesion in gt.lesions:
+        box, part = _coverage(_ellipsoid(lesion), np.asarray(affine, float), shape)
+        frac[box] = np.maximum(frac[box], part)
+    return frac
+
+
+def lesion_label_map(
+    gt: GroundTruth, affine: np.ndarray | None = None, shape: tuple[int, ...] | None = None
+) -> np.ndarray:
+    """The ground-truth label map (voxel centre inside lesion n -> n), by default on the series grid."""
+    affine = np.asarray(gt.affine if affine is None else affine, float)
+    shape = gt.shape if shape is None else shape
+    label = np.zeros(shape, dtype=np.uint8)
+    for lesion in gt.lesions:
+        box, inside = _coverage(_ellipsoid(lesion), affine, shape, centres=True)
+        label[box][inside] = lesion.label
+    return label
+
+
+def phantom_ground_truth(
+    seed: int = 0, lesions: int = 1, slices: int = 64, *, options: PhantomOptions | None = None
+) -> GroundTruth:
+    """The ground truth of a phantom without rendering it (cheap: anatomy and lesion placement only)."""
+    options = options or PhantomOptions()
+    anatomy, affine = _anatomy(seed), _grid(seed, slices, options)
+    shape = (options.matrix, options.matrix, slices)
+    z = _axes(affine, shape)[2]
+    liver = next(e for t, e in anatomy.organs if t == _T[HOST_ORGAN])
+    sign = 1.0 if options.hyperdense else -1.0
+    voxel_ml = float(np.prod(np.diag(affine)[:3])) / 1000.0
+    truth = []
+    for label, (lesion, contrast) in enumerate(
+        _place_lesions(seed, lesions, anatomy, (z[0], z[-1]), options), 1
+    ):
+        count = int(_coverage(lesion, affine, shape, centres=True)[1].sum())
+        truth.append(Lesion(
+            label=label, centre_lps=_floats(lesion.centre), semi_axes_mm=_floats(lesion.axes),
+            rotation=tuple(_floats(row) for row in lesion.rotation), radius_mm=float(np.prod(lesion.axes) ** (1 / 3)),
+            volume_ml=float(4 / 3 * np.pi * np.prod(lesion.axes) / 1000), voxel_count=count,
+            voxel_volume_ml=count * voxel_ml, contrast_hu=sign * contrast,
+        ))  # fmt: skip
+    noise_sd = float(np.random.default_rng((seed, _NOISE)).uniform(*options.noise_sd_hu))
+    study, series, frame = (phantom_uid(seed, role) for role in ("study", "series", "frame_of_reference"))
+    return GroundTruth(
+        seed=seed, lesions=tuple(truth), shape=shape, affine=tuple(tuple(float(c) for c in row) for row in affine),
+        organ=HOST_ORGAN, organ_centre_lps=_floats(liver.centre), organ_semi_axes_mm=_floats(liver.axes),
+        organ_hu=float(anatomy.hu[_T[HOST_ORGAN]]), noise_sd_hu=noise_sd, study_instance_uid=study,
+        series_instance_uid=series, frame_of_reference_uid=frame, options=options,
+    )  # fmt: skip
 
 
 def make_phantom_volume(
@@ -375,10 +418,9 @@ def make_phantom_volume(
     and the label map are then the region's. Noise is drawn for what is rendered, so a region has the
     same noise statistics as the full volume but not the same values.
     """
-    options = options or PhantomOptions()
-    anatomy, full_affine = _anatomy(seed), _grid(seed, slices, options)
-    full_shape = (options.matrix, options.matrix, slices)
-    window = [range(*s.indices(n)) for s, n in zip(region or (slice(None),) * 3, full_shape, strict=True)]
+    gt = phantom_ground_truth(seed, lesions, slices, options=options)
+    anatomy, full_affine = _anatomy(seed), np.array(gt.affine)
+    window = [range(*s.indices(n)) for s, n in zip(region or (slice(None),) * 3, gt.shape, strict=True)]
     shape = (len(window[0]), len(window[1]), len(window[2]))
     affine = full_affine.copy()
     affine[:3, 3] += np.diag(full_affine)[:3] * [w.start for w in window]
@@ -386,41 +428,17 @@ def make_phantom_volume(
     xx, yy = x[:, None], y[None, :]
     plane = anatomy.plane(xx, yy)
     image = anatomy.hu[np.stack([anatomy.paint(plane, xx, yy, zk) for zk in z], axis=-1)]
-    label = np.zeros(shape, dtype=np.uint8)
-    organ_hu = float(anatomy.hu[_T[HOST_ORGAN]])
-    sign = 1.0 if options.hyperdense else -1.0
-    z_full = _axes(full_affine, full_shape)[2]
-    truth = []
-    voxel_ml = float(np.prod(np.diag(full_affine)[:3])) / 1000.0
-    placed = _place_lesions(seed, lesions, anatomy, (float(z_full[0]), float(z_full[-1])), options)
-    for index, (ellipsoid, contrast) in enumerate(placed, start=1):
-        box, frac = _coverage(ellipsoid, affine, shape)
-        image[box] = image[box] * (1 - frac) + (organ_hu + sign * contrast) * frac
-        box, inside = _centres_inside(ellipsoid, affine, shape)
-        label[box][inside] = index
-        count = int(_centres_inside(ellipsoid, full_affine, full_shape)[1].sum())
-        truth.append(_lesion_record(index, ellipsoid, sign * contrast, count, voxel_ml))
+    for lesion in gt.lesions:
+        box, frac = _coverage(_ellipsoid(lesion), affine, shape)
+        image[box] = image[box] * (1 - frac) + (gt.organ_hu + lesion.contrast_hu) * frac
     noise_rng = np.random.default_rng((seed, _NOISE))
-    noise_sd = float(noise_rng.uniform(*options.noise_sd_hu))
-    image += noise_rng.standard_normal(shape, dtype=np.float32) * noise_sd
+    noise_rng.uniform()  # the noise SD, drawn in phantom_ground_truth
+    image += noise_rng.standard_normal(shape, dtype=np.float32) * np.float32(gt.noise_sd_hu)
     image = np.clip(np.rint(image), -1024, 3071).astype(np.float32)  # what 12-bit storage keeps
-    study, series, frame = (phantom_uid(seed, role) for role in ("study", "series", "frame_of_reference"))
     instances = tuple(InstanceRef(CT_IMAGE_STORAGE, phantom_uid(seed, f"sop/{k}")) for k in window[2])
-    volume = Volume(image, affine, study, series, frame, "CT", instances)
-    gt = GroundTruth(
-        seed=seed,
-        lesions=tuple(truth),
-        shape=full_shape,
-        affine=tuple(tuple(float(c) for c in row) for row in full_affine),
-        organ=HOST_ORGAN,
-        organ_hu=organ_hu,
-        noise_sd_hu=noise_sd,
-        study_instance_uid=study,
-        series_instance_uid=series,
-        frame_of_reference_uid=frame,
-        options=options,
-    )
-    return volume, label, gt
+    ids = (gt.study_instance_uid, gt.series_instance_uid, gt.frame_of_reference_uid)
+    volume = Volume(image, affine, *ids, "CT", instances)
+    return volume, lesion_label_map(gt, affine, shape), gt
 
 
 def _dates(seed: int) -> dict[str, str]:
@@ -430,7 +448,7 @@ def _dates(seed: int) -> dict[str, str]:
     age = 35 + (h >> 12) % 50
     birth = study - datetime.timedelta(days=365 * age + (h >> 20) % 365)
     time = f"{8 + (h >> 32) % 10:02d}{(h >> 40) % 60:02d}{(h >> 48) % 60:02d}"
-    return {"date": study.strftime("%Y%m%d"), "time": time, "birth": birth.strftime("%Y%m%d"), "age": f"{age:03d}Y"}
+    return {"date": study.strftime("%Y%m%d"), "time": time, "birth": birth.strftime("%Y%m%d"), "age": f"{age:03d}Y"}  # fmt: skip
 
 
 def _ds(value: float) -> str:
@@ -438,7 +456,12 @@ def _ds(value: float) -> str:
 
 
 def write_phantom_series(
-    out_dir: str | Path, seed: int = 0, lesions: int = 1, slices: int = 64, *, options: PhantomOptions | None = None
+    out_dir: str | Path,
+    seed: int = 0,
+    lesions: int = 1,
+    slices: int = 64,
+    *,
+    options: PhantomOptions | None = None,
 ) -> GroundTruth:
     """Write a CT Image Storage series (one file per slice), ``ground_truth.json`` and ``ground_truth_mask.npy``.
 
@@ -455,7 +478,7 @@ def write_phantom_series(
         "StudyInstanceUID": gt.study_instance_uid, "StudyDate": when["date"], "StudyTime": when["time"],
         "AccessionNumber": f"PA{seed:08d}", "ReferringPhysicianName": "REFERRER^PHANTOM", "StudyID": f"{seed % 10**8}",
         "StudyDescription": "CT ABDOMEN PHANTOM", "Modality": "CT", "SeriesInstanceUID": gt.series_instance_uid,
-        "SeriesNumber": 2, "SeriesDescription": "Abdomen portal venous 2.5 mm (phantom)", "BodyPartExamined": "ABDOMEN",
+        "SeriesNumber": 2, "SeriesDescription": f"Abdomen portal venous {affine[2, 2]:g} mm (phantom)", "BodyPartExamined": "ABDOMEN",
         "PatientPosition": "HFS", "SeriesDate": when["date"], "SeriesTime": when["time"],
         "FrameOfReferenceUID": gt.frame_of_reference_uid, "PositionReferenceIndicator": "",
         "Manufacturer": "pacs-triage", "ManufacturerModelName": "phantom", "SoftwareVersions": "1",
@@ -483,8 +506,8 @@ def write_phantom_series(
         ds.SliceLocation = _ds(position[2])
         ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()  # rows (j) x columns (i)
         ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
-        ds.file_meta.MediaStorageSOPInstanceUID = ref.sop_instance_uid
+        ds.file_meta.MediaStorageSOPClassUID = UID(CT_IMAGE_STORAGE)
+        ds.file_meta.MediaStorageSOPInstanceUID = UID(ref.sop_instance_uid)
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
         ds.save_as(out / f"CT{instance:04d}.dcm", enforce_file_format=True)
