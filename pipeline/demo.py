@@ -51,7 +51,14 @@ DEMO_SELECTION = SelectionRule(
 )
 #: URGENT from 1 mL of lesion (the smallest size the demo model is specified to detect) or a lesion
 #: probability of 0.9; CRITICAL from 20 mL of lesion.
-DEMO_THRESHOLDS = PriorityThresholds(urgent_volume_ml=1.0, critical_volume_ml=20.0, urgent_probability=0.9)
+# Only the lesion channel and the "lesion present" class count: the classifier's channel 0 is a
+# background score, which is near 1 for every lesion-free study.
+DEMO_THRESHOLDS = PriorityThresholds(
+    urgent_volume_ml=1.0,
+    critical_volume_ml=20.0,
+    urgent_probability=0.9,
+    labels=frozenset({"lesion", "lesion present"}),
+)
 
 
 def read_pins(path: Path = PINS_FILE) -> dict[str, str]:
