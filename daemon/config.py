@@ -97,7 +97,7 @@ class DicomConfig(_Section):
     dimse_timeout: float = Field(default=60.0, gt=0)
     network_timeout: float = Field(default=120.0, gt=0)
     # Receiver processes sharing the port (SO_REUSEPORT), each with its own GIL and database
-    # connection; 1 = receive in the serve process itself. See daemon/receivers.py.
+    # connection; 1 = receive in the serve process itself. See daemon/service/receivers.py.
     receivers: int = Field(default=1, ge=1, le=64)
 
     @field_validator("bind_address")
@@ -439,7 +439,7 @@ class PipelinesConfig(_Section):
     """Analysis pipelines: the built-in ones (echo, noop, demo) and named MONAI pipelines."""
 
     echo_delay_seconds: float = Field(default=0.0, ge=0)  # the echo pipeline waits this long (demos, tests)
-    # The "demo" pipeline: the phantom-trained bundles shipped in pipeline/demo_bundle (default), or a
+    # The "demo" pipeline: the phantom-trained bundles shipped in pipeline/demo/bundles (default), or a
     # directory laid out the same way (lesion_seg/, lesion_cls/, PINS.json).
     demo_bundle_dir: Path | None = None
     demo_device: str | None = None  # as MonaiPipelineConfig.device

@@ -37,11 +37,11 @@ from pipeline.errors import BundleError, GeometryError, NoUsableSeries, Permanen
 from pipeline.findings import Findings
 from pipeline.geometry import load_volume
 from pipeline.measure import classifications, findings_from_prediction, summary_line, triage
-from pipeline.seg_writer import write_seg
 from pipeline.series_select import SelectedSeries, select_series
 from pipeline.spec import BundleSpec, PipelineSpec
-from pipeline.sr_writer import write_sr
 from pipeline.volume import Volume
+from pipeline.writers.seg import write_seg
+from pipeline.writers.sr import write_sr
 
 __all__ = ["STAGES", "PipelineResult", "run"]
 

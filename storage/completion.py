@@ -7,7 +7,7 @@ A study in ``receiving`` becomes complete when
 * no instance has arrived for the **idle timeout** (an association still open, aborted, or lost).
 
 Completion happens in two steps so no file is read while the database is locked:
-:func:`snapshot` reads what the study holds; the caller routes it (``daemon/routing.py`` reads a
+:func:`snapshot` reads what the study holds; the caller routes it (``daemon/service/routing.py`` reads a
 header per series); :func:`complete` then re-checks, under the study's row lock, that nothing
 arrived in between (same content digest) before it records the decision and queues the job.
 

@@ -1,81 +1,12 @@
-"""Shared fixtures: real databases (SQLite and PostgreSQL), free ports, peers on loopback.
+"""The test suite's fixtures, one module per concern under ``tests/support/`` (nothing imports a conftest).
 
-In CI (``CI=true``) a test whose real peer is missing fails instead of skipping.
+In CI (``CI=true``) a test whose real peer is missing fails instead of skipping (``tests/support/peers.py``).
 """
 
-from __future__ import annotations
-
-import os
-import shutil
-import socket
-import uuid
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import Engine
-
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-PG_ADMIN_URL = os.environ.get("PACS_TRIAGE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-
-
-def need_peer(available: bool, what: str) -> None:
-    """Skip locally, fail in CI, when a real peer the test needs is missing."""
-    if available:
-        return
-    if IN_CI:
-        pytest.fail(f"required peer missing in CI: {what}")
-    pytest.skip(f"peer missing: {what}")
-
-
-def need_tool(name: str) -> str:
-    path = shutil.which(name)
-    need_peer(path is not None, f"command {name!r} (install the Debian package listed in .ci/run)")
-    assert path is not None
-    return path
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _pg_available() -> bool:
-    try:
-        engine = create_engine(PG_ADMIN_URL, connect_args={"connect_timeout": 3})
-        with engine.connect() as conn:
-            conn.execute(text("select 1"))
-        engine.dispose()
-        return True
-    except Exception:
-        return False
-
-
-@pytest.fixture(scope="session")
-def pg_admin() -> Iterator[Engine]:
-    need_peer(_pg_available(), f"PostgreSQL at {PG_ADMIN_URL}")
-    engine = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def pg_url(pg_admin: Engine) -> Iterator[str]:
-    """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
-    name = f"pt_{uuid.uuid4().hex[:12]}"
-    with pg_admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    yield url
-    with pg_admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """Every storage test runs on both backends."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'test.db'}"
-    return str(request.getfixturevalue("pg_url"))
+pytest_plugins = [
+    "tests.support.databases",
+    "tests.support.queue_db",
+    "tests.support.storescp",
+    "tests.support.receivers",
+    "tests.support.e2e",
+]

@@ -4,15 +4,15 @@
 
 What runs: ``pacs-triage serve`` as a subprocess (SQLite, the default; one worker; CT routed to
 the ``demo`` pipeline, i.e. the trained demo bundles) sending its results to a mock PACS in this
-process (``daemon.mock_pacs``, a pynetdicom C-STORE SCP that stamps each arrival). A 16-slice
+process (``daemon.demo.mock_pacs``, a pynetdicom C-STORE SCP that stamps each arrival). A 16-slice
 warm-up study goes first, so the worker has imported torch/MONAI and loaded the bundles (that
 cold start is reported on its own); then one phantom CT per size (512 x 512, 2.5 mm slices, one
-lesion), each sent with ``daemon.scu.send_files`` on one association.
+lesion), each sent with ``daemon.dicom.scu.send_files`` on one association.
 
 Where the times come from (one host, one clock): the last C-STORE response (this process), the
 job's ``created_at`` (completion queued it), its ``running`` and ``succeeded`` audit rows (the
 latter with the pipeline's seconds per stage, ``pipeline.runner.STAGES``), and the SR's arrival at
-the mock PACS. ``daemon.timeline.breakdown`` turns them into rows that add up to the total. The
+the mock PACS. ``daemon.service.timeline.breakdown`` turns them into rows that add up to the total. The
 ratio printed is the share of the total spent in the pipeline's own stages: what is left is the
 service around it (completion quiet period, polling, bookkeeping, sending).
 """
@@ -30,10 +30,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon.mock_pacs import MockPacs
-from daemon.scu import AssociationFailed, Peer, echo, send_files
-from daemon.timeline import LOAD_MODELS, PIPELINE_GROUPS, WORKER_OVERHEAD, breakdown, job_timeline
-from pipeline.phantom import write_phantom_series
+from daemon.demo.mock_pacs import MockPacs
+from daemon.dicom.scu import AssociationFailed, Peer, echo, send_files
+from daemon.service.timeline import LOAD_MODELS, PIPELINE_GROUPS, WORKER_OVERHEAD, breakdown, job_timeline
+from pipeline.demo.phantom import write_phantom_series
 from storage.db import make_engine, make_session_factory
 from storage.outbox import Outbox
 from storage.queue import JobQueue, JobView

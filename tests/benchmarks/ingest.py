@@ -255,7 +255,7 @@ class _Base:
 
 def pacs_triage_command() -> list[str]:
     script = Path(sys.executable).with_name("pacs-triage")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "daemon.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "daemon.cli.main"]
 
 
 class PacsTriage(_Base):

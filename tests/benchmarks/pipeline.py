@@ -3,7 +3,7 @@
     .venv/bin/python -m tests.benchmarks.pipeline [--slices 300] [--rounds 3] [--skip-spleen]
 
 A script, not a test (tests never assert on wall-clock time). It writes a phantom CT series
-(``pipeline.phantom``, 512x512, 2.5 mm, Explicit VR Little Endian, ~0.5 MB a slice) into a temporary
+(``pipeline.demo.phantom``, 512x512, 2.5 mm, Explicit VR Little Endian, ~0.5 MB a slice) into a temporary
 directory, removed afterwards, and measures:
 
 - **decode**, side by side on the same files: the limit (every byte read from disk, by ``cat`` to
@@ -12,7 +12,7 @@ directory, removed afterwards, and measures:
   (``pipeline.geometry.load_volume``: headers, geometry checks, threaded decode into the volume).
   Each with the files in the page cache ("warm": a study just received) and evicted from it with
   ``posix_fadvise(DONTNEED)`` ("cold"). Medians over ``--rounds``.
-- **the model stages** for (a) the demo bundle ``pipeline/demo_bundle/lesion_seg`` (its own
+- **the model stages** for (a) the demo bundle ``pipeline/demo/bundles/lesion_seg`` (its own
   architecture with random weights when it is not trained yet) and (b) the real
   ``spleen_ct_segmentation`` configs from ``shared/bundles`` with random weights: preprocessing (the
   bundle's transforms: orientation, spacing, intensity), inference (the bundle's inferer: sliding
@@ -54,17 +54,17 @@ from pipeline.bundle_runtime import (
     clear_bundle_cache,
     load_bundle,
 )
+from pipeline.demo.phantom import write_phantom_series
 from pipeline.findings import AlgorithmInfo
 from pipeline.geometry import load_volume
 from pipeline.measure import PriorityThresholds, findings_from_prediction
-from pipeline.phantom import write_phantom_series
-from pipeline.seg_writer import write_seg
-from pipeline.sr_writer import write_sr
 from pipeline.volume import Volume
+from pipeline.writers.seg import write_seg
+from pipeline.writers.sr import write_sr
 from tests.paths import BUNDLES, REPO
 
 GIB = 1024**3
-DEMO_BUNDLE = REPO / "pipeline" / "demo_bundle" / "lesion_seg"
+DEMO_BUNDLE = REPO / "pipeline" / "demo" / "bundles" / "lesion_seg"
 SPLEEN = BUNDLES / "spleen_ct_segmentation"
 
 
@@ -218,7 +218,7 @@ def demo_bundle(root: Path) -> tuple[Path, str]:
         return root / "lesion_seg", "demo `lesion_seg` (trained weights)"
     import json
 
-    from pipeline.demo_training import metadata, seg_config
+    from pipeline.demo.training import metadata, seg_config
 
     bundle = root / "lesion_seg"
     (bundle / "configs").mkdir(parents=True)

@@ -35,12 +35,13 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, select, text
 
-from daemon.scu import send_files
+from daemon.dicom.scu import send_files
 from storage.db import make_engine, make_session_factory
 from storage.models import Association, Instance, Job, Series
-from tests.helpers import ServiceFactory, wait_until
-from tests.queue.conftest import ct_series
-from tests.queue.load import claim_stats, seed_jobs, start_workers, stop_workers, wait_done
+from tests.support.load import claim_stats, seed_jobs, start_workers, stop_workers, wait_done
+from tests.support.process import wait_until
+from tests.support.queue_db import ct_series
+from tests.support.service import ServiceFactory
 
 PG_ADMIN_URL = os.environ.get("PACS_TRIAGE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 QUIET_SECONDS = 1.0

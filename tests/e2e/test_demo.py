@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import DemoBundles
-from tests.helpers import clean_env, run_cli
+from tests.support.e2e import DemoBundles
+from tests.support.process import clean_env, run_cli
 
 pytestmark = [pytest.mark.slow]
 
@@ -34,4 +34,4 @@ def test_without_the_trained_bundles_the_demo_says_so_and_fails(tmp_path: Path) 
     done = run_cli("demo", "--bundle-dir", str(empty), env=clean_env(), timeout=300)
     assert done.returncode == 3, done.stdout + done.stderr
     assert "the trained demo bundles are not there yet" in done.stdout
-    assert "python -m pipeline.demo_training" in done.stdout
+    assert "python -m pipeline.demo.training" in done.stdout

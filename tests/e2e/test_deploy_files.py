@@ -12,7 +12,7 @@ import json
 import re
 
 from daemon.config import load_config
-from tests.helpers import REPO
+from tests.support.process import REPO
 
 DEPLOY = REPO / "deploy"
 

@@ -15,10 +15,11 @@ from typing import Any
 
 import pytest
 
-from pipeline.phantom import write_phantom_series
-from tests.conftest import free_port
-from tests.e2e.conftest import RESULT_DEADLINE_S, Orthanc
-from tests.helpers import REPO, ServiceFactory, wait_until
+from pipeline.demo.phantom import write_phantom_series
+from tests.support.e2e import RESULT_DEADLINE_S, Orthanc
+from tests.support.peers import free_port
+from tests.support.process import REPO, wait_until
+from tests.support.service import ServiceFactory
 
 pytestmark = [pytest.mark.peer]
 

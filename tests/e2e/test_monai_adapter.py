@@ -22,12 +22,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.config import Config, ConfigError, load_config
-from daemon.pipelines import Pipelines, check_routing
-from daemon.routing import CompletionSweep
-from daemon.worker import Worker
+from daemon.pipelines.registry import Pipelines, check_routing
+from daemon.service.routing import CompletionSweep
+from daemon.service.worker import Worker
 from pipeline.bundle_runtime import bundle_sha256
-from pipeline.phantom import write_phantom_series
-from pipeline.sr_reader import read_sr
+from pipeline.demo.phantom import write_phantom_series
+from pipeline.writers.sr_reader import read_sr
 from storage.db import make_engine, make_session_factory
 from storage.ingest import AssociationInfo, IncomingInstance, Ingest
 from storage.migrate import upgrade

@@ -12,10 +12,9 @@ from typing import Any
 
 import pytest
 
+from pipeline.demo.phantom import write_phantom_series
 from pipeline.findings import Priority
-from pipeline.phantom import write_phantom_series
-from tests.conftest import free_port
-from tests.e2e.conftest import (
+from tests.support.e2e import (
     RESULT_DEADLINE_S,
     SEG_MODALITY,
     SR_MODALITY,
@@ -26,7 +25,9 @@ from tests.e2e.conftest import (
     headers,
     service_config,
 )
-from tests.helpers import ServiceFactory, wait_until
+from tests.support.peers import free_port
+from tests.support.process import wait_until
+from tests.support.service import ServiceFactory
 
 pytestmark = [pytest.mark.peer, pytest.mark.slow]
 

@@ -22,23 +22,24 @@ from typing import Any
 import pytest
 from pydicom.dataset import Dataset
 
+from pipeline.demo.phantom import write_phantom_series
 from pipeline.findings import Priority
-from pipeline.phantom import write_phantom_series
-from tests.conftest import free_port
-from tests.e2e.conftest import (
+from tests.paths import TESTDATA
+from tests.support.e2e import (
     RESULT_DEADLINE_S,
     SEG_MODALITY,
     SR_MODALITY,
     DemoBundles,
-    Storescp,
     check_seg,
     check_sr,
     headers,
     received,
     service_config,
 )
-from tests.helpers import Service, ServiceFactory, storescu, wait_until
-from tests.paths import TESTDATA
+from tests.support.peers import free_port, storescu
+from tests.support.process import wait_until
+from tests.support.service import Service, ServiceFactory
+from tests.support.storescp import Storescp
 
 pytestmark = [pytest.mark.peer, pytest.mark.slow]
 

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 import pipeline
-from pipeline import demo_metrics
-from pipeline.demo_training import TRAIN_SEED_BASE, Classifier, Segmenter, demo_runners, evaluate
+from pipeline.demo import metrics as demo_metrics
+from pipeline.demo.training import TRAIN_SEED_BASE, Classifier, Segmenter, demo_runners, evaluate
 
-BUNDLES = Path(pipeline.__file__).parent / "demo_bundle"
+BUNDLES = Path(pipeline.__file__).parent / "demo" / "bundles"
 LESION_SEEDS = range(1000, 1020)  # 3 lesions each, default range (2-30 mL, 40-80 HU, noise 10-20 HU)
 LESION_FREE_SEEDS = range(1100, 1110)
 

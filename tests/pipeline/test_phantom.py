@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.phantom import (
+from pipeline.demo.phantom import (
     CT_IMAGE_STORAGE,
     GroundTruth,
     PhantomOptions,

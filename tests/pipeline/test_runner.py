@@ -19,22 +19,22 @@ from pydicom.dataset import Dataset
 from pydicom.uid import Comprehensive3DSRStorage, SegmentationStorage
 
 from pipeline.bundle_runtime import bundle_sha256, clear_bundle_cache
-from pipeline.demo import DEMO_BUNDLE_DIR, PINS_FILE, demo_spec, read_pins
+from pipeline.demo.bundle import DEMO_BUNDLE_DIR, PINS_FILE, demo_spec, read_pins
+from pipeline.demo.phantom import GroundTruth, write_phantom_series
 from pipeline.errors import BundleError, NoUsableSeries
 from pipeline.measure import PriorityThresholds
-from pipeline.phantom import GroundTruth, write_phantom_series
 from pipeline.runner import STAGES, PipelineResult, run
 from pipeline.series_select import SelectionRule
 from pipeline.spec import BundleSpec, PipelineSpec
 from tests.paths import TESTDATA
-from tests.pipeline.dicom_validators import (
+from tests.support.dicom_validators import (
     assert_dciodvfy_clean,
     assert_dsrdump_ok,
     encode,
     read_headers,
     roundtrip,
 )
-from tests.pipeline.tid1500_checks import check_pacs_triage_sr, evidence_uids, referenced_uids
+from tests.support.tid1500_checks import check_pacs_triage_sr, evidence_uids, referenced_uids
 
 ABDOMEN = sorted((TESTDATA / "ct_series" / "abdomen_20").glob("*.dcm"))
 GANTRY_TILT = sorted((TESTDATA / "ct_series" / "gantry_tilt").glob("*.dcm"))
@@ -384,7 +384,7 @@ def test_demo_pins_are_read_from_pins_json(tmp_path: Path) -> None:
         pytest.skip("the demo bundles are not trained yet")
     pins = read_pins(PINS_FILE)
     assert pins == {name: bundle_sha256(DEMO_BUNDLE_DIR / name) for name in pins}, (
-        "PINS.json does not match the committed demo bundles: re-pin deliberately (python -m pipeline.demo --pin)"
+        "PINS.json does not match the committed demo bundles: re-pin deliberately (python -m pipeline.demo.bundle --pin)"
     )
     spec = demo_spec(device="cpu")
     assert spec.segmentation.sha256 == pins["lesion_seg"]

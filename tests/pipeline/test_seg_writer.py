@@ -18,12 +18,12 @@ import pytest
 from pydicom.dataset import Dataset
 
 from pipeline.findings import Findings
-from pipeline.seg_writer import write_seg
-from pipeline.sr_writer import write_sr
 from pipeline.uids import DEVICE_OBSERVER_UID, finding_tracking_uid, result_uids
 from pipeline.volume import Volume
+from pipeline.writers.seg import write_seg
+from pipeline.writers.sr import write_sr
 from tests.paths import TESTDATA
-from tests.pipeline.dicom_validators import (
+from tests.support.dicom_validators import (
     ALGORITHM,
     assert_dciodvfy_clean,
     encode,
@@ -32,7 +32,7 @@ from tests.pipeline.dicom_validators import (
     synthetic_case,
     volume_from_headers,
 )
-from tests.pipeline.tid1500_checks import check_deterministic
+from tests.support.tid1500_checks import check_deterministic
 
 pytestmark = [
     pytest.mark.peer,  # dciodvfy

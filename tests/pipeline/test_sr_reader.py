@@ -1,4 +1,4 @@
-"""``pipeline.sr_reader``: what the demo and the end-to-end tests read back from an SR is what was written."""
+"""``pipeline.writers.sr_reader``: what the demo and the end-to-end tests read back from an SR is what was written."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import datetime
 import pytest
 
 from pipeline.findings import Priority
-from pipeline.seg_writer import write_seg
-from pipeline.sr_reader import read_sr
-from pipeline.sr_writer import write_sr
+from pipeline.writers.seg import write_seg
+from pipeline.writers.sr import write_sr
+from pipeline.writers.sr_reader import read_sr
 from tests.paths import TESTDATA
-from tests.pipeline.dicom_validators import read_headers, roundtrip, synthetic_case, volume_from_headers
+from tests.support.dicom_validators import read_headers, roundtrip, synthetic_case, volume_from_headers
 
 ABDOMEN = sorted((TESTDATA / "ct_series" / "abdomen_20").glob("*.dcm"))
 WHEN = datetime.datetime(2024, 5, 6, 7, 8, 9)

@@ -23,12 +23,12 @@ from pydicom.uid import UID
 
 from pipeline import codes
 from pipeline.findings import Finding, Findings, Priority
-from pipeline.seg_writer import write_seg
-from pipeline.sr_writer import write_sr
 from pipeline.uids import derive_uid, result_uids
 from pipeline.volume import Volume
+from pipeline.writers.seg import write_seg
+from pipeline.writers.sr import write_sr
 from tests.paths import TESTDATA
-from tests.pipeline.dicom_validators import (
+from tests.support.dicom_validators import (
     ALGORITHM,
     assert_dciodvfy_clean,
     assert_dsrdump_ok,
@@ -38,7 +38,7 @@ from tests.pipeline.dicom_validators import (
     synthetic_case,
     volume_from_headers,
 )
-from tests.pipeline.tid1500_checks import (
+from tests.support.tid1500_checks import (
     Group,
     check_deterministic,
     check_pacs_triage_sr,

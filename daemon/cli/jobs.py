@@ -1,0 +1,257 @@
+"""Operator commands for the queue: ``jobs``, ``deliveries``, ``studies complete``, ``worker``, and the
+queue part of ``status``. Registered into the ``pacs-triage`` app by ``daemon/cli/main.py``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from daemon.cli.common import ConfigOption, fail, load
+
+if TYPE_CHECKING:
+    from daemon.service.node import Node
+    from storage.outbox import DeliveryView, Outbox
+    from storage.queue import JobQueue, JobView
+    from storage.stats import QueueSummary
+
+jobs_app = typer.Typer(help="Analysis jobs: list, show, retry, cancel.", no_args_is_help=True)
+deliveries_app = typer.Typer(help="Results being sent to destinations: list, retry.", no_args_is_help=True)
+studies_app = typer.Typer(help="Received studies.", no_args_is_help=True)
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+Limit = Annotated[int, typer.Option(min=1, help="Show at most this many, newest first.")]
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's commands to the main app."""
+    app.add_typer(jobs_app, name="jobs")
+    app.add_typer(deliveries_app, name="deliveries")
+    app.add_typer(studies_app, name="studies")
+    app.command("worker")(worker)
+
+
+@contextmanager
+def _node(config_path: Path | None) -> Iterator[Node]:
+    """The node's database (migrations applied), with storage errors turned into a clean exit."""
+    from daemon.service.node import open_node
+    from storage.errors import InvalidTransition, NotFound, StorageUnavailable
+
+    config = load(config_path)
+    try:
+        node = open_node(config, open_spool=False)
+    except StorageUnavailable as exc:
+        fail(str(exc))
+    try:
+        yield node
+    except (StorageUnavailable, NotFound, InvalidTransition) as exc:
+        fail(str(exc))
+    finally:
+        node.close()
+
+
+def _queues(node: Node) -> tuple[JobQueue, Outbox]:
+    from storage.outbox import Outbox
+    from storage.queue import JobQueue
+
+    return JobQueue(node.sessions), Outbox(node.sessions)
+
+
+def _when(value: dt.datetime | None) -> str:
+    return "-" if value is None else value.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _json(items: Any) -> None:
+    typer.echo(json.dumps(items, indent=2, sort_keys=True, default=str))
+
+
+def _job_line(job: JobView) -> str:
+    return (
+        f"{job.id:>6}  {job.state.value:<10} {job.priority.name.lower():<7} {job.pipeline:<10} "
+        f"{job.attempts}/{job.max_attempts}  {_when(job.created_at)}  {job.study_instance_uid}"
+    )
+
+
+def _delivery_line(d: DeliveryView) -> str:
+    status = "-" if d.last_status is None else f"0x{d.last_status:04X}"
+    return (
+        f"{d.id:>6}  {d.state.value:<10} job {d.job_id:<6} {d.attempts}/{d.max_attempts}  {status:<6} "
+        f"{d.destination} ({d.peer})  {d.sop_instance_uid}"
+    )
+
+
+def _states(values: Sequence[str] | None, enum_type: Any) -> list[Any]:
+    try:
+        return [enum_type(v.lower()) for v in values or ()]
+    except ValueError:
+        fail(
+            f"unknown state in {list(values or ())}; use one of: {', '.join(s.value for s in enum_type)}",
+            code=2,
+        )
+
+
+@jobs_app.command("list")
+def jobs_list(
+    config_path: ConfigOption = None,
+    state: Annotated[list[str] | None, typer.Option(help="Only jobs in this state (repeatable).")] = None,
+    limit: Limit = 50,
+    as_json: JsonFlag = False,
+) -> None:
+    """List jobs, newest first."""
+    from storage.models import JobState
+
+    with _node(config_path) as node:
+        jobs = _queues(node)[0].recent(_states(state, JobState), limit)
+    if as_json:
+        _json([asdict(j) for j in jobs])
+        return
+    typer.echo(f"{'id':>6}  {'state':<10} {'prio':<7} {'pipeline':<10} try  {'created (UTC)':<19}  study")
+    for job in jobs:
+        typer.echo(_job_line(job))
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: int, config_path: ConfigOption = None, as_json: JsonFlag = False) -> None:
+    """A job with its history, results and deliveries."""
+    with _node(config_path) as node:
+        queue, outbox = _queues(node)
+        job = queue.get(job_id)
+        history = queue.history(job_id)
+        deliveries = outbox.for_job(job_id)
+    if as_json:
+        _json(
+            {
+                "job": asdict(job),
+                "history": [asdict(e) for e in history],
+                "deliveries": [asdict(d) for d in deliveries],
+            }
+        )
+        return
+    for key, value in asdict(job).items():
+        typer.echo(f"{key:<18} {value.name.lower() if key == 'priority' else value}")
+    typer.echo("history:")
+    for event in history:
+        typer.echo(f"  {_when(event.at)}  {event.kind:<11} {event.detail}")
+    typer.echo("deliveries:" if deliveries else "deliveries: none")
+    for d in deliveries:
+        typer.echo("  " + _delivery_line(d) + (f"\n      last error: {d.last_error}" if d.last_error else ""))
+
+
+@jobs_app.command("retry")
+def jobs_retry(job_id: int, config_path: ConfigOption = None) -> None:
+    """Queue a failed, dead or cancelled job again, with a fresh set of attempts."""
+    with _node(config_path) as node:
+        job = _queues(node)[0].retry(job_id)
+    typer.echo(f"job {job.id} queued again (study {job.study_instance_uid})")
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: int, config_path: ConfigOption = None) -> None:
+    """Cancel a job that has not succeeded (a running one's result is dropped)."""
+    with _node(config_path) as node:
+        job = _queues(node)[0].cancel(job_id)
+    typer.echo(f"job {job.id} cancelled (study {job.study_instance_uid})")
+
+
+@deliveries_app.command("list")
+def deliveries_list(
+    config_path: ConfigOption = None,
+    state: Annotated[
+        list[str] | None, typer.Option(help="Only deliveries in this state (repeatable).")
+    ] = None,
+    limit: Limit = 50,
+    as_json: JsonFlag = False,
+) -> None:
+    """List deliveries (result x destination), newest first."""
+    from storage.models import DeliveryState
+
+    with _node(config_path) as node:
+        rows = _queues(node)[1].recent(_states(state, DeliveryState), limit)
+    if as_json:
+        _json([asdict(d) for d in rows])
+        return
+    for d in rows:
+        typer.echo(_delivery_line(d))
+
+
+@deliveries_app.command("retry")
+def deliveries_retry(delivery_id: int, config_path: ConfigOption = None) -> None:
+    """Send a dead or cancelled delivery again, with a fresh set of attempts."""
+    with _node(config_path) as node:
+        d = _queues(node)[1].retry(delivery_id)
+    typer.echo(f"delivery {d.id} of {d.sop_instance_uid} to {d.destination} queued again")
+
+
+@studies_app.command("complete")
+def studies_complete(
+    study_instance_uid: Annotated[str, typer.Argument(help="Study Instance UID.")],
+    config_path: ConfigOption = None,
+) -> None:
+    """Complete a study now (route it and queue its job) without waiting for the quiet period."""
+    from daemon.service.routing import CompletionSweep
+    from storage.spool import Spool
+
+    with _node(config_path) as node:
+        config = node.config
+        outcome = CompletionSweep(config, node.sessions, Spool(config.spool_dir)).force(study_instance_uid)
+    if outcome.state is None:
+        fail(f"study {study_instance_uid} not completed: {outcome.note}")
+    job = f", job {outcome.job_id} queued" if outcome.job_id is not None else ""
+    typer.echo(
+        f"study {study_instance_uid}: {outcome.state.value}{job}{' (' + outcome.note + ')' if outcome.note else ''}"
+    )
+
+
+def worker(config_path: ConfigOption = None) -> None:
+    """Run one worker until SIGTERM/SIGINT (e.g. on a GPU host sharing PostgreSQL and the spool)."""
+    from daemon.config import ConfigError
+    from daemon.pipelines.registry import check_routing
+    from daemon.service.worker import SchemaNotReady, run_process
+    from storage.errors import StorageUnavailable
+
+    config = load(config_path)
+    try:
+        check_routing(config)
+        run_process(config, standalone=True)
+    except ConfigError as exc:
+        fail(str(exc), code=2)
+    except (SchemaNotReady, StorageUnavailable) as exc:
+        fail(str(exc))
+
+
+def echo_queue(q: QueueSummary) -> None:
+    """The queue part of ``pacs-triage status``."""
+    for state, by_priority in q.jobs_by_state.items():
+        if by_priority:
+            detail = ", ".join(f"{p} {n}" for p, n in sorted(by_priority.items()))
+            typer.echo(f"  {state:<11} {sum(by_priority.values()):>6}  ({detail})")
+    typer.echo(f"oldest waiting job  {_age(q.oldest_queued_seconds)}")
+    typer.echo("deliveries " + ", ".join(f"{k} {v}" for k, v in q.deliveries_by_state.items()))
+    for title, total, problems in (
+        ("dead jobs", q.dead_jobs_total, q.dead_jobs),
+        ("failed jobs (permanent: see `jobs show ID`)", q.failed_jobs_total, q.failed_jobs),
+        ("dead deliveries", q.dead_deliveries_total, q.dead_deliveries),
+        ("not routed studies", q.not_routed_total, q.not_routed),
+    ):
+        if total:
+            typer.echo(f"{title}: {total}")
+            for p in problems:
+                first_line = p.detail.splitlines()[0] if p.detail else ""
+                typer.echo(f"  {p.id:>6}  {p.study_instance_uid}  {first_line[:500]}")

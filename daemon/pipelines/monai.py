@@ -1,0 +1,148 @@
+"""The MONAI pipeline behind the worker's :class:`~daemon.pipelines.base.Pipeline` interface.
+
+Two kinds of MONAI pipelines are registered by name:
+
+* ``demo``: :func:`pipeline.demo.bundle.demo_spec`, the phantom-trained bundles shipped with pacs-triage
+  (or ``pipelines.demo_bundle_dir``), pinned by their committed ``PINS.json``;
+* every ``[[pipelines.monai]]`` entry of the configuration (bundle directories, sha256 pins,
+  allowed directories, series selection, thresholds, SEG on or off).
+
+Each worker process builds a pipeline once (``daemon.pipelines.registry.Pipelines``) and
+``pipeline.bundle_runtime.load_bundle`` keeps the loaded networks for the process, so only the
+first job of a worker pays for loading the weights.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from daemon.config import BundleConfig, Config, MonaiPipelineConfig
+from daemon.pipelines.base import Pipeline, PipelineResult
+from pipeline.errors import PipelineError
+from pipeline.measure import PriorityThresholds, VolumeMethod
+from pipeline.series_select import SelectionRule
+from pipeline.spec import BundleSpec, PipelineSpec
+
+DEMO = "demo"
+
+
+class MonaiPipeline:
+    """Runs ``pipeline.runner.run`` with one :class:`~pipeline.spec.PipelineSpec`."""
+
+    def __init__(self, name: str, spec: PipelineSpec) -> None:
+        self.name = name  # the routing name
+        self.version = spec.version
+        self.spec = spec
+
+    def run(self, study_files: Sequence[Path], *, input_fingerprint: str) -> PipelineResult:
+        """Analyse one study; PermanentError (no usable series, geometry, bundle) fails the job."""
+        from pipeline import runner  # torch and MONAI: imported by workers only, not by `serve`
+
+        result = runner.run(study_files, self.spec, input_fingerprint=input_fingerprint)
+        lines = [
+            result.findings.summary,
+            f"series {result.series_instance_uid}: {result.selection_reason}",
+            *result.notes,
+        ]
+        return PipelineResult(
+            priority=result.findings.priority,
+            summary="\n".join(line for line in lines if line),
+            datasets=result.datasets,
+            stage_seconds=dict(result.timings),
+        )
+
+
+def _bundle(entry: BundleConfig, allowed: tuple[Path, ...], device: str | None, amp: bool) -> BundleSpec:
+    return BundleSpec(
+        path=entry.path,
+        sha256=entry.sha256,
+        allowed_dirs=allowed,
+        overrides=entry.overrides,
+        device=device,
+        amp=amp,
+    )
+
+
+def spec_from_config(entry: MonaiPipelineConfig) -> PipelineSpec:
+    """The pipeline spec of one ``[[pipelines.monai]]`` entry (ValueError names what is wrong)."""
+    selection = SelectionRule(
+        modalities=frozenset(entry.modalities),
+        orientations=frozenset(entry.orientations),
+        min_slices=entry.min_slices,
+        slice_thickness_mm=(
+            entry.min_slice_thickness,
+            math.inf if entry.max_slice_thickness is None else entry.max_slice_thickness,
+        ),
+        require_original_primary=entry.require_original_primary,
+    )
+    t = entry.thresholds
+    thresholds = PriorityThresholds(
+        urgent_volume_ml=t.urgent_volume_ml,
+        critical_volume_ml=t.critical_volume_ml,
+        urgent_probability=t.urgent_probability,
+        critical_probability=t.critical_probability,
+        labels=frozenset(t.labels),
+    )
+    return PipelineSpec(
+        name=entry.name,
+        version=entry.version,
+        selection=selection,
+        segmentation=_bundle(entry.segmentation, entry.allowed_dirs, entry.device, entry.amp),
+        classification=(
+            None
+            if entry.classification is None
+            else _bundle(entry.classification, entry.allowed_dirs, entry.device, entry.amp)
+        ),
+        thresholds=thresholds,
+        make_seg=entry.make_seg,
+        volume_method=None if entry.volume_method is None else VolumeMethod(entry.volume_method),
+    )
+
+
+def demo_pipeline_spec(config: Config) -> PipelineSpec:
+    """The demo pipeline's spec; BundleError (a PermanentError) when its bundles are not there."""
+    from pipeline.demo.bundle import DEMO_BUNDLE_DIR, demo_spec  # imports torch
+
+    return demo_spec(
+        bundle_dir=config.pipelines.demo_bundle_dir or DEMO_BUNDLE_DIR, device=config.pipelines.demo_device
+    )
+
+
+def monai_factories(config: Config) -> dict[str, Callable[[], Pipeline]]:
+    """Factories of the demo pipeline and of every configured MONAI pipeline, by routing name."""
+
+    def configured(entry: MonaiPipelineConfig) -> Callable[[], Pipeline]:
+        return lambda: MonaiPipeline(entry.name, spec_from_config(entry))
+
+    factories: dict[str, Callable[[], Pipeline]] = {
+        DEMO: lambda: MonaiPipeline(DEMO, demo_pipeline_spec(config))
+    }
+    for entry in config.pipelines.monai:
+        factories[entry.name] = configured(entry)
+    return factories
+
+
+def check_specs(config: Config, names: Sequence[str]) -> list[str]:
+    """Problems with the MONAI pipelines ``names`` (as routed), one sentence each; empty when fine."""
+    problems = []
+    entries = {entry.name: entry for entry in config.pipelines.monai}
+    for name in sorted(set(names)):
+        try:
+            if name == DEMO:
+                demo_pipeline_spec(config)
+            elif name in entries:
+                spec = spec_from_config(entries[name])
+                # Only the paths: a receiver-only host may not hold the bundles its GPU workers load.
+                for bundle in (spec.segmentation, spec.classification):
+                    if bundle is not None and not any(
+                        bundle.path.is_relative_to(d) for d in bundle.allowed_dirs
+                    ):
+                        problems.append(
+                            f"pipeline {name!r}: bundle {bundle.path} is outside allowed_dirs "
+                            f"{[str(d) for d in bundle.allowed_dirs]}"
+                        )
+        except (ValueError, PipelineError) as exc:  # a bad spec, or BundleError (demo not pinned)
+            problems.append(f"pipeline {name!r}: {exc}")
+    return problems

@@ -1,0 +1,352 @@
+"""Workers: claim a job under a lease, run its pipeline on the study's files, record the results.
+
+A worker is a process: ``serve --workers N`` starts N of them (:class:`WorkerPool`), and
+``pacs-triage worker`` runs one on its own, e.g. on a GPU host sharing PostgreSQL and the spool.
+
+* The pipeline runs in a thread while this one heartbeats the lease.
+* The worker checks that the study still holds exactly the input the job was queued for;
+  if late instances changed it, it gives the job back (a superseding job follows).
+* Results are written to the spool first, then recorded with their outbox rows and the job's
+  success in one transaction (``storage/queue.py``); a worker that lost its lease records nothing.
+* SIGTERM/SIGINT: finish the current job within ``workers.shutdown_grace_seconds``, else give the
+  lease back, then exit.
+* Errors: ``pipeline.errors.PermanentError`` fails the job without retry; anything else is
+  transient and retried with backoff until ``workers.max_attempts``, then the job is dead.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import multiprocessing
+import multiprocessing.process
+import os
+import signal
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from types import FrameType
+
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import UID, ExplicitVRLittleEndian
+from sqlalchemy.orm import Session, sessionmaker
+
+from daemon.config import Config
+from daemon.logs import setup_logging
+from daemon.pipelines.registry import PipelineResult, Pipelines
+from daemon.polling import run_until_stopped
+from pipeline.errors import PermanentError
+from pipeline.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from storage.completion import input_fingerprint, study_input
+from storage.db import make_engine, make_session_factory
+from storage.errors import SpoolUnavailable, StorageError, StorageUnavailable
+from storage.leases import worker_name
+from storage.migrate import current_revision, head_revision
+from storage.outbox import Destination
+from storage.queue import Claim, JobQueue, NewResult
+from storage.spool import Spool
+
+log = logging.getLogger(__name__)
+
+PARENT_CHECK_SECONDS = 1.0
+
+
+@dataclass
+class _Run:
+    """One pipeline run in its thread: the outcome, once ``done`` is set."""
+
+    done: threading.Event
+    result: PipelineResult | None = None
+    error: BaseException | None = None
+
+
+class Worker:
+    """Runs jobs one at a time until told to stop."""
+
+    def __init__(
+        self,
+        config: Config,
+        sessions: sessionmaker[Session],
+        spool: Spool,
+        results: Spool,
+        *,
+        name: str | None = None,
+        pipelines: Pipelines | None = None,
+    ) -> None:
+        self.config = config
+        self.sessions = sessions
+        self.spool = spool  # received instances (read)
+        self.results = results  # result objects (written)
+        self.name = name or worker_name("worker")
+        self.pipelines = pipelines or Pipelines(config)
+        self.queue = JobQueue(
+            sessions, lease_seconds=config.workers.lease_seconds, backoff=config.workers.backoff.policy()
+        )
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        """Claim and run jobs until :attr:`stop` is set."""
+        log.info("worker %s started", self.name)
+        run_until_stopped(
+            self.stop, self.run_one, idle_seconds=self.config.workers.poll_seconds, who=f"worker {self.name}"
+        )
+        log.info("worker %s stopped", self.name)
+
+    def run_one(self) -> bool:
+        """Claim one due job and run it; False when none was due."""
+        claim = self.queue.claim(self.name)
+        if claim is None:
+            return False
+        job = claim.job
+        log.info(
+            "job %d (%s, study %s, attempt %d/%d) started",
+            job.id,
+            job.pipeline,
+            job.study_instance_uid,
+            job.attempts,
+            job.max_attempts,
+        )
+        try:
+            self._execute(claim)
+        except StorageError as exc:
+            # The outcome could not be recorded: the lease runs out and the reaper requeues the job.
+            log.warning(
+                "job %d: could not record its outcome (%s); it will be retried after its lease expires",
+                job.id,
+                exc,
+            )
+        return True
+
+    def _execute(self, claim: Claim) -> None:
+        job = claim.job
+        inputs = study_input(self.sessions, job.study_id)
+        if input_fingerprint(job.pipeline, inputs.content_digest) != job.input_fingerprint:
+            self.queue.release(
+                claim,
+                reason="the study changed since the job was queued; a superseding job follows",
+                delay_seconds=self.config.completion.quiet_seconds,
+            )
+            log.info(
+                "job %d: study %s changed since it was queued; given back", job.id, job.study_instance_uid
+            )
+            return
+        try:
+            pipeline = self.pipelines.get(job.pipeline)
+        except PermanentError as exc:
+            self._fail(claim, exc, permanent=True)
+            return
+        files = [self.spool.path_of(p) for p in inputs.paths]
+        run = _Run(threading.Event())
+
+        def target() -> None:
+            try:
+                run.result = pipeline.run(files, input_fingerprint=job.input_fingerprint)
+            except BaseException as exc:  # noqa: BLE001 - handed to the worker boundary below
+                run.error = exc
+            finally:
+                run.done.set()
+
+        threading.Thread(target=target, name=f"job-{job.id}", daemon=True).start()
+        if not self._supervise(claim, run):
+            return
+        if run.error is not None:
+            self._fail(claim, run.error, permanent=isinstance(run.error, PermanentError))
+            return
+        assert run.result is not None
+        try:
+            self._succeed(claim, run.result)
+        except SpoolUnavailable as exc:
+            self._fail(claim, exc, permanent=False)
+
+    def _supervise(self, claim: Claim, run: _Run) -> bool:
+        """Heartbeat until the run is done; False if the lease was given back on shutdown."""
+        deadline: float | None = None
+        lost = False
+        while not run.done.wait(self.config.workers.heartbeat_interval):
+            if not lost:
+                try:
+                    lost = not self.queue.heartbeat(claim)
+                except StorageUnavailable as exc:
+                    log.warning("job %d: heartbeat failed: %s", claim.job.id, exc)
+                if lost:
+                    log.warning(
+                        "job %d: lease lost (cancelled, superseded or expired); its result will be dropped",
+                        claim.job.id,
+                    )
+            if self.stop.is_set() and not lost:
+                if deadline is None:
+                    deadline = time.monotonic() + self.config.workers.shutdown_grace_seconds
+                if time.monotonic() >= deadline:
+                    self.queue.release(claim, reason="worker shut down before the job finished")
+                    log.warning(
+                        "job %d: given back at shutdown (did not finish within %.0f s)",
+                        claim.job.id,
+                        self.config.workers.shutdown_grace_seconds,
+                    )
+                    return False
+        return True
+
+    def _fail(self, claim: Claim, error: BaseException, *, permanent: bool) -> None:
+        # The one broad catch of the worker is around the pipeline (in _execute's thread); here the
+        # error is classified and recorded.
+        text = f"{type(error).__name__}: {error}"
+        if not permanent:
+            text += "\n" + "".join(traceback.format_exception(error)[-3:])
+        state = self.queue.fail(claim, text, permanent=permanent)
+        if state is None:
+            log.warning(
+                "job %d failed (%s) but its lease was lost meanwhile", claim.job.id, text.splitlines()[0]
+            )
+        else:
+            log.warning("job %d failed (%s): now %s", claim.job.id, text.splitlines()[0], state.value)
+
+    def _succeed(self, claim: Claim, result: PipelineResult) -> None:
+        job = claim.job
+        records = [self._write(ds, int(result.priority), result.summary) for ds in result.datasets]
+        destinations = [Destination(name=d.name, peer=d.peer) for d in self.config.destinations_for(job.rule)]
+        if self.queue.succeed(
+            claim,
+            records,
+            destinations,
+            delivery_max_attempts=self.config.dispatch.max_attempts,
+            stage_seconds=result.stage_seconds,
+        ):
+            log.info(
+                "job %d succeeded: %d result(s), %d destination(s), priority %s",
+                job.id,
+                len(records),
+                len(destinations),
+                result.priority.name,
+            )
+        else:
+            log.warning("job %d finished but its lease was lost meanwhile; result dropped", job.id)
+
+    def _write(self, ds: Dataset, priority: int, summary: str) -> NewResult:
+        """Encode a result as a Part 10 file into the results spool (before it is recorded)."""
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
+        meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+        ds.file_meta = meta
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        uid = str(ds.SOPInstanceUID)
+        pending = self.results.write_pending((buffer.getvalue(),))
+        stored = self.results.commit(pending, uid)
+        return NewResult(
+            sop_class_uid=str(ds.SOPClassUID),
+            sop_instance_uid=uid,
+            series_instance_uid=str(ds.SeriesInstanceUID),
+            path=stored.relative_path,
+            size_bytes=stored.size_bytes,
+            sha256=stored.sha256,
+            priority=priority,
+            summary=summary,
+        )
+
+
+# -- processes ----------------------------------------------------------------------------------
+
+
+class SchemaNotReady(Exception):
+    """The database schema is not at the revision this code needs."""
+
+
+def run_process(config: Config, *, standalone: bool, parent_pid: int | None = None) -> None:
+    """Body of one worker process: until SIGTERM/SIGINT (or, under ``serve``, until its parent is gone)."""
+    setup_logging(config.logging.level)
+    engine = make_engine(config.effective_database_url, pool_size=2)
+    try:
+        if standalone:
+            have, want = current_revision(engine), head_revision(engine)
+            if have != want:
+                raise SchemaNotReady(
+                    f"database schema is at {have}, this worker needs {want}: run `pacs-triage db upgrade` "
+                    f"(or start `pacs-triage serve`) first"
+                )
+        spool = Spool(config.spool_dir, min_free_bytes=config.storage.min_free_bytes)
+        results = Spool(config.results_dir, min_free_bytes=config.storage.min_free_bytes)
+        results.open()
+        worker = Worker(config, make_session_factory(engine), spool, results)
+
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            log.info(
+                "worker %s: %s received; finishing the current job", worker.name, signal.Signals(signum).name
+            )
+            worker.stop.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        if parent_pid is not None:
+            threading.Thread(target=_watch_parent, args=(parent_pid, worker.stop), daemon=True).start()
+        worker.run()
+    finally:
+        engine.dispose()
+
+
+def _watch_parent(parent_pid: int, stop: threading.Event) -> None:
+    """Stop (after the current job) when ``serve`` died without stopping us, e.g. ``kill -9``."""
+    while not stop.wait(PARENT_CHECK_SECONDS):
+        if os.getppid() != parent_pid:
+            log.warning("serve (pid %d) is gone; this worker stops after its current job", parent_pid)
+            stop.set()
+
+
+def _pool_child(config: Config, parent_pid: int) -> None:
+    run_process(config, standalone=False, parent_pid=parent_pid)
+
+
+class WorkerPool:
+    """The worker processes of ``serve``: started, restarted when one dies, stopped on shutdown."""
+
+    def __init__(self, config: Config, count: int) -> None:
+        self.config = config
+        self.count = count
+        # spawn: the parent runs threads (receiver, scheduler); fork would copy their locks.
+        self.context = multiprocessing.get_context("spawn")
+        self.processes: list[multiprocessing.process.BaseProcess] = []
+
+    def _spawn(self, index: int) -> multiprocessing.process.BaseProcess:
+        process = self.context.Process(
+            target=_pool_child,
+            args=(self.config, os.getpid()),
+            name=f"pacs-triage-worker-{index}",
+            daemon=False,
+        )
+        process.start()
+        log.info("worker process %d started (pid %s)", index, process.pid)
+        return process
+
+    def start(self) -> None:
+        self.processes = [self._spawn(i) for i in range(self.count)]
+
+    def check(self) -> None:
+        """Restart workers that died (killed, crashed); their jobs come back when the leases expire."""
+        for index, process in enumerate(self.processes):
+            if not process.is_alive():
+                log.warning(
+                    "worker process %d (pid %s) exited with %s; restarting it",
+                    index,
+                    process.pid,
+                    process.exitcode,
+                )
+                self.processes[index] = self._spawn(index)
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.processes if p.pid is not None]
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.is_alive() and process.pid is not None:
+                process.terminate()  # SIGTERM: finish or give back
+        limit = time.monotonic() + self.config.workers.shutdown_grace_seconds + 10
+        for process in self.processes:
+            process.join(timeout=max(0.1, limit - time.monotonic()))
+            if process.is_alive():
+                log.warning("worker pid %s did not stop in time; killing it", process.pid)
+                process.kill()
+                process.join(timeout=5)
+        self.processes = []
