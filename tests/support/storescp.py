@@ -34,7 +34,7 @@ class Storescp:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        from tests.helpers import echo_status
+        from tests.support.dicom_bytes import echo_status
 
         wait_until(
             lambda: echo_status(self.port, called_ae=self.ae_title, timeout=2) == 0,
