@@ -1,0 +1,105 @@
+"""Analysis pipelines: the built-in ones and named MONAI pipelines with their pinned bundles."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from daemon.config.base import Name, _Section
+
+_SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
+Orientation = Literal["axial", "coronal", "sagittal", "oblique"]
+BUILTIN_PIPELINES = ("echo", "noop", "demo")  # names a [[pipelines.monai]] entry may not take
+
+
+class BundleConfig(_Section):
+    """A MONAI Model Zoo bundle directory, pinned by the sha256 of its contents."""
+
+    path: Path
+    # pipeline.bundle_runtime.bundle_sha256 of the directory: `python -c "from pipeline.bundle_runtime
+    # import bundle_sha256; print(bundle_sha256('DIR'))"`. A bundle is code: it is never loaded unpinned.
+    sha256: str
+    # Values for ids of inference.json, e.g. {"inferer#sw_batch_size" = 1}; part of the pipeline's identity.
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha256(cls, value: str) -> str:
+        if not _SHA256.match(value.strip()):
+            raise ValueError(f"{value!r} is not a sha256 (64 hex digits)")
+        return value.strip().lower()
+
+
+class ThresholdsConfig(_Section):
+    """When findings make a study URGENT or STAT; a threshold left out never fires."""
+
+    urgent_volume_ml: float | None = Field(default=None, ge=0)
+    critical_volume_ml: float | None = Field(default=None, ge=0)
+    urgent_probability: float | None = Field(default=None, ge=0, le=1)
+    critical_probability: float | None = Field(default=None, ge=0, le=1)
+    labels: tuple[str, ...] = ()  # labels/classes that count; empty: every non-background one
+
+
+class MonaiPipelineConfig(_Section):
+    """A named MONAI pipeline: which series it takes, the pinned bundles it runs, how it triages.
+
+    Routing rules name it by ``name``. Everything that can change a result is part of the result
+    UIDs (pipeline.spec.PipelineSpec.identity): change a threshold and the next report is a new one.
+    """
+
+    name: Name
+    version: str = Field(default="1", min_length=1, max_length=16)  # bump when you change the pipeline
+    segmentation: BundleConfig
+    classification: BundleConfig | None = None
+    allowed_dirs: tuple[Path, ...] = Field(min_length=1)  # bundles load only from inside these
+    modalities: tuple[str, ...] = ("CT",)
+    orientations: tuple[Orientation, ...] = ("axial",)
+    min_slices: int = Field(default=16, ge=1)
+    min_slice_thickness: float = Field(default=0.0, ge=0)  # mm
+    max_slice_thickness: float | None = Field(default=None, ge=0)  # mm; None: no upper limit
+    require_original_primary: bool = False
+    thresholds: ThresholdsConfig = ThresholdsConfig()
+    make_seg: bool = True  # also send a DICOM SEG when something was segmented
+    volume_method: Literal["voxel count", "probability sum"] | None = None  # None: the bundle's best
+    device: str | None = None  # "cpu", "cuda", "cuda:1"; None: CUDA when present, else CPU
+    amp: bool = True  # mixed precision on CUDA
+
+    @field_validator("modalities")
+    @classmethod
+    def _modalities(cls, values: tuple[str, ...]) -> tuple[str, ...]:
+        if not values:
+            raise ValueError("at least one Modality, e.g. ['CT']")
+        return tuple(v.strip().upper() for v in values)
+
+    @model_validator(mode="after")
+    def _checks(self) -> MonaiPipelineConfig:
+        if self.name in BUILTIN_PIPELINES:
+            raise ValueError(f"pipeline name {self.name!r} is built in; choose another")
+        if self.max_slice_thickness is not None and self.max_slice_thickness < self.min_slice_thickness:
+            raise ValueError(
+                f"pipeline {self.name!r}: max_slice_thickness ({self.max_slice_thickness}) is below "
+                f"min_slice_thickness ({self.min_slice_thickness})"
+            )
+        return self
+
+
+class PipelinesConfig(_Section):
+    """Analysis pipelines: the built-in ones (echo, noop, demo) and named MONAI pipelines."""
+
+    echo_delay_seconds: float = Field(default=0.0, ge=0)  # the echo pipeline waits this long (demos, tests)
+    # The "demo" pipeline: the phantom-trained bundles shipped in pipeline/demo/bundles (default), or a
+    # directory laid out the same way (lesion_seg/, lesion_cls/, PINS.json).
+    demo_bundle_dir: Path | None = None
+    demo_device: str | None = None  # as MonaiPipelineConfig.device
+    monai: tuple[MonaiPipelineConfig, ...] = ()  # [[pipelines.monai]] entries
+
+    @model_validator(mode="after")
+    def _unique(self) -> PipelinesConfig:
+        names = [p.name for p in self.monai]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"pipelines.monai: names must be unique; repeated: {', '.join(repeated)}")
+        return self

@@ -1,0 +1,78 @@
+"""Routing rules: which studies go to which pipeline, at which priority, to which destinations."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from daemon.config.base import AETitle, Name, _Section
+from vocabulary import Priority
+
+PriorityName = Literal["stat", "urgent", "routine"]
+
+
+class RouteRule(_Section):
+    """A study matches when one of its series matches every criterion given (criteria left out match all).
+
+    Rules are tried in order; the first match routes the study to ``pipeline`` at ``priority``.
+    """
+
+    name: Name
+    pipeline: Name
+    priority: PriorityName = "routine"
+    destinations: tuple[Name, ...] = ()  # destination names; empty: every configured destination
+    modality: tuple[str, ...] = ()  # any of these (e.g. ["CT"])
+    body_part: tuple[str, ...] = ()  # BodyPartExamined, any of these (e.g. ["CHEST", "ABDOMEN"])
+    series_description: str | None = None  # regular expression searched in SeriesDescription
+    image_type: tuple[str, ...] = ()  # every value must be in ImageType (e.g. ["ORIGINAL", "PRIMARY"])
+    min_slices: int | None = Field(default=None, ge=1)
+    max_slices: int | None = Field(default=None, ge=1)
+    min_slice_thickness: float | None = Field(default=None, ge=0)  # mm
+    max_slice_thickness: float | None = Field(default=None, ge=0)  # mm
+    calling_ae: tuple[AETitle, ...] = ()  # the series came from one of these AE titles
+
+    @field_validator("modality", "body_part", "image_type")
+    @classmethod
+    def _upper(cls, values: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(v.strip().upper() for v in values)
+
+    @field_validator("series_description")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"{value!r} is not a valid regular expression: {exc}") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _ranges(self) -> RouteRule:
+        for low, high in (("min_slices", "max_slices"), ("min_slice_thickness", "max_slice_thickness")):
+            lo, hi = getattr(self, low), getattr(self, high)
+            if lo is not None and hi is not None and lo > hi:
+                raise ValueError(f"rule {self.name!r}: {low} ({lo}) is greater than {high} ({hi})")
+        return self
+
+    @property
+    def job_priority(self) -> Priority:
+        return Priority.from_name(self.priority)
+
+
+class RoutingConfig(_Section):
+    """Routing rules, tried in order. The embedded default sends every study to the ``echo`` stand-in."""
+
+    rules: tuple[RouteRule, ...] = (RouteRule(name="default", pipeline="echo"),)
+
+    @model_validator(mode="after")
+    def _unique(self) -> RoutingConfig:
+        names = [r.name for r in self.rules]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"rule names must be unique; repeated: {', '.join(duplicates)}")
+        return self
+
+    def rule(self, name: str | None) -> RouteRule | None:
+        return next((r for r in self.rules if r.name == name), None)
