@@ -1,37 +1,41 @@
-"""Dispatch: send each outbox row's result to its destination with a C-STORE, one association per result.
+"""Dispatch: claim an outbox row, hand its result to the row's destination adapter, record the outcome.
 
-Every response status is checked (``daemon/dicom/status.py``): success delivers; a warning status
-(e.g. B000, coercion of data elements) also delivers, because the peer stored the object, and
-is kept in the audit log; anything else, or no response at all, is a failed attempt that the
-outbox retries with backoff until it is ``dead``. A result's UIDs are deterministic, so a resend
-after a lost response is a duplicate the PACS ignores.
+The dispatcher knows no protocol: ``registry.build`` gives the adapter for a destination's
+``kind`` (``base.Destination``), and the adapter says *delivered*, :class:`Transient` or
+:class:`Permanent`. The outbox row owns attempts, backoff and the dead letter:
+
+* delivered: the row is ``delivered`` (a warning from the peer is kept in the audit log);
+* Transient: back to ``pending`` after a backoff, ``dead`` when its attempts are used up;
+* Permanent: ``dead`` at once, with the reason (``pacs-triage deliveries retry`` once fixed);
+* anything else an adapter raises (a bug) is contained the same way: this row fails (retried),
+  with the exception in its error, and the loop goes on with the next row.
+
+A send holds its row under a lease that a heartbeat thread extends while the send runs, so a
+lease can be short (``dispatch.lease_seconds``) whatever the object's size: a dispatcher that
+dies is noticed within a lease and the row is sent again. That re-send is counted (the reaper's
+``lease_expired`` event, ``pacs-triage status``); a result's UIDs are deterministic, so it is a
+duplicate the PACS ignores.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from collections.abc import Iterator
 
 from daemon.config import Config, DestinationConfig
-from daemon.dicom.scu import Peer, TlsClient, send_files
-from daemon.dicom.status import category
+from daemon.delivery import registry
+from daemon.delivery.base import Accepted, DeliveryFailure, Destination, Outgoing, Permanent
 from daemon.polling import run_until_stopped
+from storage.errors import StorageError
 from storage.leases import worker_name
 from storage.outbox import DeliveryClaim, Outbox
 from storage.spool import Spool
 
 log = logging.getLogger(__name__)
 
-
-def peer_of(destination: DestinationConfig) -> tuple[Peer, TlsClient | None]:
-    tls = None
-    if destination.tls:
-        tls = TlsClient(
-            ca_certificates=destination.ca_certificates,
-            certificate=destination.certificate,
-            private_key=destination.private_key,
-        )
-    return Peer(destination.ae_title, destination.host, destination.port), tls
+RESTART_PAUSE_SECONDS = 5.0
 
 
 class Dispatcher:
@@ -63,72 +67,100 @@ class Dispatcher:
 
     def _attempt(self, claim: DeliveryClaim) -> None:
         d = claim.delivery
-        destination = next((x for x in self.config.all_destinations if x.name == d.destination), None)
-        if destination is None:
+        try:
+            destination = self._destination(d.destination, d.id)
+            item = self._outgoing(claim)
+            with self._heartbeat(claim):
+                accepted = destination.send(item)
+        except DeliveryFailure as exc:
+            self._failed(claim, exc.reason, status=exc.status, permanent=isinstance(exc, Permanent))
+            return
+        except StorageError:
+            raise  # the loop pauses while the database is away; the lease brings the row back
+        except Exception as exc:  # an adapter's bug stays with its own row
+            log.exception("delivery %d: the %r adapter failed unexpectedly", d.id, d.destination)
             self._failed(
-                claim,
-                f"destination {d.destination!r} is no longer configured; add it back and run "
-                f"`pacs-triage deliveries retry {d.id}`",
-                permanent=True,
+                claim, f"unexpected error in the {d.destination!r} adapter: {type(exc).__name__}: {exc}"
             )
             return
+        self._delivered(claim, destination, accepted)
+
+    def _destination(self, name: str, delivery_id: int) -> Destination:
+        config: DestinationConfig | None = next(
+            (x for x in self.config.all_destinations if x.name == name), None
+        )
+        if config is None:
+            raise Permanent(
+                f"destination {name!r} is no longer configured; add it back and run "
+                f"`pacs-triage deliveries retry {delivery_id}`"
+            )
+        return registry.build(config, calling_ae=self.config.ae_title)
+
+    def _outgoing(self, claim: DeliveryClaim) -> Outgoing:
+        d = claim.delivery
         if d.path is None or not self.results.path_of(d.path).is_file():
-            self._failed(
-                claim,
+            raise Permanent(
                 f"result file of {d.sop_instance_uid} is missing from the spool ({d.path}); "
-                "retry the job with `pacs-triage jobs retry`",
-                permanent=True,
+                "retry the job with `pacs-triage jobs retry`"
             )
-            return
-        peer, tls = peer_of(destination)
-        results = list(
-            send_files(
-                peer,
-                [self.results.path_of(d.path)],
-                calling_ae=self.config.ae_title,
-                tls=tls,
-                timeout=destination.timeout_seconds,
+        return Outgoing(
+            delivery_id=d.id, sop_instance_uid=d.sop_instance_uid, path=self.results.path_of(d.path)
+        )
+
+    @contextlib.contextmanager
+    def _heartbeat(self, claim: DeliveryClaim) -> Iterator[None]:
+        """Extend the row's lease while the send runs (a large object may take longer than a lease)."""
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(self.config.dispatch.heartbeat_interval):
+                try:
+                    if not self.outbox.heartbeat(claim):
+                        log.warning("delivery %d: lease lost while sending", claim.delivery.id)
+                        return
+                except StorageError as exc:
+                    log.warning("delivery %d: heartbeat failed: %s", claim.delivery.id, exc)
+
+        thread = threading.Thread(target=beat, name=f"{self.name}-heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+
+    def _delivered(self, claim: DeliveryClaim, destination: Destination, accepted: Accepted) -> None:
+        d = claim.delivery
+        if self.outbox.delivered(claim, accepted.status, comment=accepted.warning):
+            log.info(
+                "delivery %d: %s stored by %s (0x%04X)",
+                d.id,
+                d.sop_instance_uid,
+                destination,
+                accepted.status,
             )
-        )
-        if len(results) != 1:
-            self._failed(claim, f"expected one send result, got {len(results)}")
-            return
-        sent = results[0]
-        if sent.status is None:
-            self._failed(claim, f"{peer}: {sent.comment or 'not sent'}")
-            return
-        kind = category(sent.status)
-        if kind in ("success", "warning"):
-            comment = f"warning: {sent.comment}" if kind == "warning" else ""
-            if self.outbox.delivered(claim, sent.status, comment=comment):
-                log.info("delivery %d: %s stored by %s (0x%04X)", d.id, d.sop_instance_uid, peer, sent.status)
-            else:
-                log.warning(
-                    "delivery %d: sent, but its lease was lost meanwhile (another dispatcher owns it)", d.id
-                )
-            return
-        self._failed(
-            claim,
-            f"{peer} answered 0x{sent.status:04X} ({kind}){': ' + sent.comment if sent.comment else ''}",
-            status=sent.status,
-        )
+        else:
+            log.warning(
+                "delivery %d: sent, but its lease was lost meanwhile (another dispatcher owns it)", d.id
+            )
 
     def _failed(
         self, claim: DeliveryClaim, error: str, *, status: int | None = None, permanent: bool = False
     ) -> None:
         state = self.outbox.failed(claim, error, status=status, permanent=permanent)
         log.warning(
-            "delivery %d (attempt %d/%d) failed: %s -> %s",
+            "delivery %d (attempt %d/%d) failed%s: %s -> %s",
             claim.delivery.id,
             claim.delivery.attempts,
             claim.delivery.max_attempts,
+            " for good" if permanent else "",
             error,
             state.value if state is not None else "lease lost",
         )
 
 
 class DispatchThreads:
-    """The dispatcher threads of ``serve``."""
+    """The dispatcher threads of ``serve``: a thread that died is started again and reported."""
 
     def __init__(self, config: Config, outbox: Outbox, results: Spool) -> None:
         self.dispatchers = [
@@ -136,12 +168,23 @@ class DispatchThreads:
             for i in range(config.dispatch.threads)
         ]
         self.threads: list[threading.Thread] = []
+        self.restarts = 0
+
+    def _start(self, d: Dispatcher) -> threading.Thread:
+        thread = threading.Thread(target=d.run, name=d.name, daemon=True)
+        thread.start()
+        return thread
 
     def start(self) -> None:
-        for d in self.dispatchers:
-            thread = threading.Thread(target=d.run, name=d.name, daemon=True)
-            thread.start()
-            self.threads.append(thread)
+        self.threads = [self._start(d) for d in self.dispatchers]
+
+    def check(self) -> None:
+        """Restart dispatcher threads that died (called by ``serve``'s supervision loop)."""
+        for index, (d, thread) in enumerate(zip(self.dispatchers, self.threads, strict=True)):
+            if not thread.is_alive() and not d.stop.is_set():
+                self.restarts += 1
+                log.error("dispatcher %s died; restarting it (%d restart(s) so far)", d.name, self.restarts)
+                self.threads[index] = self._start(d)
 
     def stop(self, timeout: float) -> None:
         """Let in-flight sends finish (a send is bounded by its destination's timeouts)."""

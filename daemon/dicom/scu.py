@@ -10,9 +10,10 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.association import Association
+from pynetdicom.events import Event
 
 from daemon.dicom import sop_classes
 from daemon.dicom.status import category
@@ -72,6 +73,18 @@ class AssociationFailed(Exception):
     """The peer could not be reached, rejected the association or aborted it."""
 
 
+class AssociationRejected(AssociationFailed):
+    """The peer answered A-ASSOCIATE-RJ (PS3.8 9.3.4): ``permanent`` unless it said "transient"."""
+
+    def __init__(self, message: str, *, permanent: bool) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+class ContextNotAccepted(AssociationFailed):
+    """The peer accepted none of the presentation contexts (SOP class, transfer syntax) we proposed."""
+
+
 def _ae(calling_ae: str, timeout: float) -> AE:
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = timeout
@@ -84,12 +97,37 @@ def _ae(calling_ae: str, timeout: float) -> AE:
 
 def _associate(ae: AE, peer: Peer, tls: TlsClient | None) -> Association:
     tls_args = (tls.context(peer.host), peer.host) if tls is not None else None
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
+    received: list[object] = []
+
+    def on_acse(event: Event) -> None:
+        received.append(getattr(event, "primitive", None))  # the A-ASSOCIATE-RJ, when rejected
+
+    assoc = ae.associate(
+        peer.host,
+        peer.port,
+        ae_title=peer.ae_title,
+        tls_args=tls_args,
+        evt_handlers=[(evt.EVT_ACSE_RECV, on_acse)],
+    )
     if not assoc.is_established:
         if assoc.is_rejected:
-            raise AssociationFailed(f"{peer} rejected the association")
+            raise _rejection(peer, received[-1] if received else None)
+        if assoc.rejected_contexts and not assoc.accepted_contexts:
+            refused = ", ".join(
+                sorted({sop_classes.describe(str(cx.abstract_syntax)) for cx in assoc.rejected_contexts})
+            )
+            raise ContextNotAccepted(f"{peer} accepts none of the presentation contexts proposed ({refused})")
         raise AssociationFailed(f"could not associate with {peer} (unreachable, aborted or timed out)")
     return assoc
+
+
+def _rejection(peer: Peer, primitive: object) -> AssociationRejected:
+    """PS3.8 Table 9-21: result 1 is rejected-permanent, 2 rejected-transient; the reason says why."""
+    result = getattr(primitive, "result", None)
+    if result is None:
+        return AssociationRejected(f"{peer} rejected the association", permanent=False)
+    what = f"{primitive.result_str} by {primitive.source_str}: {primitive.reason_str}"  # type: ignore[attr-defined]
+    return AssociationRejected(f"{peer} rejected the association ({what})", permanent=result == 1)
 
 
 def echo(
@@ -194,14 +232,44 @@ def send_files(
                     assoc.release()
 
 
-def _send_one(assoc: Association, item: _Prepared) -> SendResult:
-    if not assoc.is_established:
-        return SendResult(item.path, None, "not sent: association lost", item.sop_instance)
-    accepted = any(
+def store_file(
+    peer: Peer,
+    path: Path,
+    *,
+    calling_ae: str = "PACS_TRIAGE",
+    tls: TlsClient | None = None,
+    timeout: float = 60.0,
+) -> SendResult:
+    """C-STORE one file on its own association: the peer's status, or ``status`` None when no
+    response came (timeout, abort). Raises :class:`AssociationFailed` (or :class:`AssociationRejected`)
+    when there was no association, :class:`ContextNotAccepted` when the peer refused the object's
+    SOP class / transfer syntax (a :class:`AssociationFailed` too), ``ValueError`` when the file is
+    not readable DICOM.
+    """
+    item = _prepare(path)
+    if isinstance(item, SendResult):
+        raise ValueError(f"{path}: {item.comment}")
+    ae = _ae(calling_ae, timeout)
+    ae.add_requested_context(item.sop_class, item.transfer_syntax)
+    assoc = _associate(ae, peer, tls)
+    try:
+        return _send_one(assoc, item)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def _accepted(assoc: Association, item: _Prepared) -> bool:
+    return any(
         cx.abstract_syntax == item.sop_class and cx.transfer_syntax[0] == item.transfer_syntax
         for cx in assoc.accepted_contexts
     )
-    if not accepted:
+
+
+def _send_one(assoc: Association, item: _Prepared) -> SendResult:
+    if not assoc.is_established:
+        return SendResult(item.path, None, "not sent: association lost", item.sop_instance)
+    if not _accepted(assoc, item):
         return SendResult(
             item.path,
             None,

@@ -42,6 +42,15 @@ def category(status: int) -> str:
     return "failure"
 
 
+def refused_for_good(status: int) -> bool:
+    """A C-STORE failure that sending the same object again cannot fix (PS3.4 Table B.2-1, PS3.7 C.4):
+    A9xx (data set does not match SOP class), Cxxx (cannot understand), 0x0122 (SOP class not
+    supported), 0x0124 (not authorized). A7xx (out of resources), 0x0110 (processing failure) and
+    anything unknown may pass.
+    """
+    return 0xA900 <= status <= 0xA9FF or 0xC000 <= status <= 0xCFFF or status in (0x0122, 0x0124)
+
+
 def status_for(exc: BaseException) -> StoreStatus:
     """Map a typed error to the C-STORE status to send."""
     if isinstance(exc, StorageUnavailable):

@@ -77,6 +77,7 @@ def serve(
         while not stop.wait(SUPERVISE_SECONDS):
             receiver.check()
             pool.check()
+            dispatch.check()
     finally:
         receiver.stop()
         pool.stop()
