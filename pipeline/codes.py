@@ -46,7 +46,7 @@ PRIORITY = Code("260870009", "SCT", "Priority")
 PRIORITY_VALUES: dict[findings.Priority, Code] = {
     findings.Priority.ROUTINE: Code("50811001", "SCT", "Routine"),
     findings.Priority.URGENT: Code("103391001", "SCT", "Urgent"),
-    findings.Priority.CRITICAL: Code("49499008", "SCT", "Stat"),
+    findings.Priority.STAT: Code("49499008", "SCT", "Stat"),
 }
 
 # --- algorithm identification (TID 4019; SEG Segment Description, PS3.3 C.8.20.2) ---------------

@@ -8,13 +8,16 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from vocabulary import Priority
 
-class Priority(enum.IntEnum):
-    """Triage priority of a study; a higher value is read first."""
+__all__ = ["AlgorithmInfo", "Classification", "Code", "Finding", "Findings", "Priority", "VolumeMethod"]
 
-    ROUTINE = 0  # nothing above the configured thresholds
-    URGENT = 1  # a finding above the urgent threshold
-    CRITICAL = 2  # a finding above the critical threshold: read now (STAT)
+
+class VolumeMethod(enum.Enum):
+    """How a reported volume was estimated."""
+
+    VOXEL_COUNT = "voxel count"  # labelled voxels x voxel volume
+    PROBABILITY_SUM = "probability sum"  # sum of the label's probabilities x voxel volume (sub-voxel)
 
 
 @dataclass(frozen=True)
@@ -43,9 +46,7 @@ class Finding:
     category: Code | None = None  # SNOMED segmented property category
     type: Code | None = None  # SNOMED segmented property type
     finding_site: Code | None = None  # SNOMED anatomic site, where the labels give one
-    # How volume_ml was estimated: "voxel count" (sum of segmented voxels) or "probability sum"
-    # (sum of the model's foreground probabilities: a sub-voxel estimate).
-    volume_method: str = "voxel count"
+    volume_method: VolumeMethod = VolumeMethod.VOXEL_COUNT  # how volume_ml was estimated
 
     def __post_init__(self) -> None:
         if self.volume_ml < 0 or self.n_components < 0 or self.largest_diameter_mm < 0:

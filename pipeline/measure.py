@@ -16,7 +16,6 @@ coordinates (mm) through ``volume.affine``. Label 0 is background and is never m
 
 from __future__ import annotations
 
-import enum
 import importlib
 import math
 from collections.abc import Sequence
@@ -25,9 +24,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.findings import AlgorithmInfo, Classification, Finding, Findings, Priority
+from pipeline.findings import AlgorithmInfo, Classification, Finding, Findings, VolumeMethod
 from pipeline.labels import is_background, segment_codes
 from pipeline.volume import Volume
+from vocabulary import Priority
 
 if TYPE_CHECKING:
     from pipeline.bundle_runtime import Prediction
@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 __all__ = [
     "LabelMeasurement",
     "PriorityThresholds",
-    "VolumeMethod",
     "classifications",
     "connected_components",
     "findings_from_prediction",
@@ -44,13 +43,6 @@ __all__ = [
     "summary_line",
     "triage",
 ]
-
-
-class VolumeMethod(enum.Enum):
-    """How a reported volume was estimated."""
-
-    VOXEL_COUNT = "voxel count"  # labelled voxels x voxel volume
-    PROBABILITY_SUM = "probability sum"  # sum of the label's probabilities x voxel volume
 
 
 @dataclass(frozen=True)
@@ -91,15 +83,15 @@ class LabelMeasurement:
             category=codes.category if codes else None,
             type=codes.type if codes else None,
             finding_site=codes.finding_site if codes else None,
-            volume_method=self.volume_method.value,
+            volume_method=self.volume_method,
         )
 
 
 @dataclass(frozen=True, kw_only=True)
 class PriorityThresholds:
-    """When a study becomes URGENT or CRITICAL; a threshold left ``None`` never fires.
+    """When a study becomes URGENT or STAT; a threshold left ``None`` never fires.
 
-    A study is CRITICAL if any counted label has volume >= ``critical_volume_ml`` or any counted
+    A study is STAT if any counted label has volume >= ``critical_volume_ml`` or any counted
     class has probability >= ``critical_probability``; else URGENT on the ``urgent_*`` thresholds;
     else ROUTINE. ``labels`` names the labels/classes that count (empty: every non-background one).
     """
@@ -348,7 +340,7 @@ def triage(
     thresholds: PriorityThresholds,
 ) -> tuple[Priority, str]:
     """The study's priority and the rule that set it (empty for ROUTINE)."""
-    for priority, level in ((Priority.CRITICAL, "critical"), (Priority.URGENT, "urgent")):
+    for priority, level in ((Priority.STAT, "critical"), (Priority.URGENT, "urgent")):
         volume_limit = getattr(thresholds, f"{level}_volume_ml")
         prob_limit = getattr(thresholds, f"{level}_probability")
         for f in findings:

@@ -20,7 +20,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from pipeline.measure import PriorityThresholds, VolumeMethod
+from pipeline.findings import VolumeMethod
+from pipeline.measure import PriorityThresholds
 from pipeline.series_select import SelectionRule
 
 __all__ = ["BundleSpec", "PipelineSpec"]

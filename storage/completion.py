@@ -32,8 +32,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from storage.db import transaction, translate_errors
 from storage.errors import NotFound
 from storage.ingest import add_event
-from storage.models import Association, Instance, JobPriority, Series, Study, StudyState
+from storage.models import Association, Instance, Series, Study, StudyState
 from storage.queue import enqueue
+from vocabulary import Priority
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ class Route:
 
     rule: str
     pipeline: str
-    priority: JobPriority
+    priority: Priority
     detail: str = ""
 
 

@@ -88,14 +88,6 @@ class JobState(enum.StrEnum):
     SUPERSEDED = "superseded"  # a newer input (late instances) replaced it
 
 
-class JobPriority(enum.IntEnum):
-    """Queue priority of a job (from its routing rule); a higher value is claimed first."""
-
-    ROUTINE = 0
-    URGENT = 1
-    STAT = 2  # read now: claimed before everything else
-
-
 class DeliveryState(enum.StrEnum):
     """States of one result x destination row of the outbox (``storage/outbox.py``)."""
 
@@ -190,7 +182,7 @@ class Job(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
     pipeline: Mapped[str] = mapped_column(String(64))
-    priority: Mapped[int] = mapped_column(Integer, default=0)  # higher first
+    priority: Mapped[int] = mapped_column(Integer, default=0)  # vocabulary.Priority, higher first
     state: Mapped[JobState] = mapped_column(String(16), default=JobState.QUEUED)
     input_fingerprint: Mapped[str] = mapped_column(String(64), unique=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -222,7 +214,7 @@ class Result(Base):
     path: Mapped[str | None] = mapped_column(String(255))  # in the spool; None once retention removed it
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
-    priority: Mapped[int] = mapped_column(Integer, default=0)  # triage priority found by the pipeline
+    priority: Mapped[int] = mapped_column(Integer, default=0)  # vocabulary.Priority found by the pipeline
     summary: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
 
@@ -236,7 +228,7 @@ class Delivery(Base):
     result_id: Mapped[int] = mapped_column(ForeignKey("results.id", ondelete="CASCADE"), index=True)
     destination: Mapped[str] = mapped_column(String(64))  # destination name in the config
     peer: Mapped[str] = mapped_column(String(128))  # AET@HOST:PORT when queued (for operators)
-    priority: Mapped[int] = mapped_column(Integer, default=0)  # higher first
+    priority: Mapped[int] = mapped_column(Integer, default=0)  # vocabulary.Priority, higher first
     state: Mapped[DeliveryState] = mapped_column(String(16), default=DeliveryState.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=10)

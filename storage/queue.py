@@ -27,9 +27,10 @@ from storage import leases
 from storage.db import transaction, translate_errors
 from storage.errors import InvalidTransition, NotFound
 from storage.ingest import add_event
-from storage.models import Event, Job, JobPriority, JobState, Result, Study, utcnow
+from storage.models import Event, Job, JobState, Result, Study, utcnow
 from storage.outbox import Destination, add_deliveries, cancel_for_job
 from storage.retry import Backoff, exhausted
+from vocabulary import Priority
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class JobView:
     study_instance_uid: str
     pipeline: str
     rule: str | None
-    priority: JobPriority
+    priority: Priority
     state: JobState
     input_fingerprint: str
     attempts: int
@@ -77,7 +78,7 @@ class JobView:
             study_instance_uid=study_instance_uid,
             pipeline=job.pipeline,
             rule=job.rule,
-            priority=JobPriority(job.priority),
+            priority=Priority(job.priority),
             state=JobState(job.state),
             input_fingerprint=job.input_fingerprint,
             attempts=job.attempts,
@@ -143,7 +144,7 @@ def enqueue(
     *,
     study_id: int,
     pipeline: str,
-    priority: JobPriority,
+    priority: Priority,
     input_fingerprint: str,
     max_attempts: int,
     now: dt.datetime,
@@ -179,7 +180,7 @@ def enqueue(
         study_id=study_id,
         pipeline=pipeline,
         rule=rule,
-        priority=JobPriority(priority).name,
+        priority=Priority(priority).name,
         input_fingerprint=input_fingerprint,
     )
     older = session.scalars(

@@ -14,13 +14,13 @@ from storage.models import (
     DeliveryState,
     Instance,
     Job,
-    JobPriority,
     JobState,
     Result,
     Series,
     Study,
     StudyState,
 )
+from vocabulary import Priority
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def counts(sessions: sessionmaker[Session]) -> Counts:
     )
 
 
-_PRIORITIES = frozenset(int(p) for p in JobPriority)
+_PRIORITIES = frozenset(int(p) for p in Priority)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,7 +94,7 @@ def queue_summary(sessions: sessionmaker[Session], now: dt.datetime, *, limit: i
         for state, priority, n in session.execute(
             select(Job.state, Job.priority, func.count()).group_by(Job.state, Job.priority)
         ):
-            name = JobPriority(priority).name.lower() if priority in _PRIORITIES else str(priority)
+            name = Priority(priority).name.lower() if priority in _PRIORITIES else str(priority)
             by_state.setdefault(str(state), {})[name] = n
         oldest = session.scalar(select(func.min(Job.created_at)).where(Job.state == JobState.QUEUED))
         deliveries = {s.value: 0 for s in DeliveryState}

@@ -30,12 +30,12 @@ from daemon.dicom.scu import Peer, send_files
 from daemon.logs import setup_logging
 from daemon.service.timeline import breakdown, job_timeline
 from pipeline.demo.phantom import GroundTruth, write_phantom_series
-from pipeline.findings import Priority
 from pipeline.writers.sr_reader import SrReport, read_sr
 from storage.db import make_engine, make_session_factory
 from storage.models import JobState
 from storage.outbox import Outbox
 from storage.queue import JobQueue, JobView
+from vocabulary import Priority
 
 EXIT_OK = 0
 EXIT_MISMATCH = 1  # the SR did not arrive in time, or does not match the ground truth

@@ -10,7 +10,7 @@ from typing import Protocol
 from pydicom.dataset import Dataset
 
 from pipeline.errors import PermanentError
-from pipeline.findings import Priority
+from vocabulary import Priority
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ from pydicom.dataset import Dataset
 
 from daemon.pipelines.base import PipelineResult
 from pipeline.errors import NoUsableSeries
-from pipeline.findings import Priority
 from pipeline.uids import derive_uid
+from vocabulary import Priority
 
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
 ECHO_SERIES_NUMBER = 9902

@@ -21,7 +21,8 @@ from pathlib import Path
 from daemon.config import BundleConfig, Config, MonaiPipelineConfig
 from daemon.pipelines.base import Pipeline, PipelineResult
 from pipeline.errors import PipelineError
-from pipeline.measure import PriorityThresholds, VolumeMethod
+from pipeline.findings import VolumeMethod
+from pipeline.measure import PriorityThresholds
 from pipeline.series_select import SelectionRule
 from pipeline.spec import BundleSpec, PipelineSpec
 

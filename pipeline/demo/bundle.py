@@ -50,7 +50,7 @@ DEMO_SELECTION = SelectionRule(
     slice_thickness_mm=(0.5, 5.0),
 )
 #: URGENT from 1 mL of lesion (the smallest size the demo model is specified to detect) or a lesion
-#: probability of 0.9; CRITICAL from 20 mL of lesion.
+#: probability of 0.9; STAT from 20 mL of lesion.
 # Only the lesion channel and the "lesion present" class count: the classifier's channel 0 is a
 # background score, which is near 1 for every lesion-free study.
 DEMO_THRESHOLDS = PriorityThresholds(

@@ -42,7 +42,7 @@ from pydicom.uid import UID, SegmentationStorage
 from pydicom.valuerep import DA, DT, TM
 
 from pipeline import codes
-from pipeline.findings import AlgorithmInfo, Classification, Finding, Findings
+from pipeline.findings import AlgorithmInfo, Classification, Finding, Findings, VolumeMethod
 from pipeline.uids import (
     DEVICE_OBSERVER_UID,
     IMPLEMENTATION_CLASS_UID,
@@ -301,7 +301,7 @@ def _finding_group(
                 unit=codes.coded(codes.UNIT_ML),
                 # 126030 names voxel counting; a probability-sum estimate has no standard code,
                 # so the method is then left out rather than mis-stated.
-                method=codes.coded(codes.VOLUME_METHOD) if finding.volume_method == "voxel count" else None,
+                method=codes.coded(codes.VOLUME_METHOD) if finding.volume_method is VolumeMethod.VOXEL_COUNT else None,
             ),
             hd.sr.Measurement(
                 name=codes.coded(codes.DIAMETER),

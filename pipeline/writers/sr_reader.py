@@ -15,7 +15,8 @@ from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code as PydicomCode
 
 from pipeline import codes
-from pipeline.findings import Code, Priority
+from pipeline.findings import Code
+from vocabulary import Priority
 
 __all__ = ["ReportedClassification", "ReportedFinding", "SrReport", "read_sr"]
 

@@ -8,7 +8,7 @@ import pytest
 
 from daemon.config import ConfigError, load_config
 from daemon.pipelines.registry import check_routing
-from storage.models import JobPriority
+from vocabulary import Priority
 
 
 def config_from(tmp_path: Path, toml: str, **env: str):  # type: ignore[no-untyped-def]
@@ -66,7 +66,7 @@ destinations = ["viewer"]
         PACS_TRIAGE_WORKERS__LEASE_SECONDS="2",
     )
     (rule,) = config.routing.rules
-    assert (rule.modality, rule.job_priority) == (("CT",), JobPriority.STAT)
+    assert (rule.modality, rule.job_priority) == (("CT",), Priority.STAT)
     assert [d.name for d in config.destinations_for("ct-chest")] == ["viewer"]
     assert config.destinations_for("ct-chest")[0].peer == "VIEWER@[::1]:11112"
     assert [d.name for d in config.destinations_for("gone")] == ["pacs", "viewer"]

@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 
 from pipeline.demo.phantom import write_phantom_series
-from pipeline.findings import Priority
 from tests.support.e2e import (
     RESULT_DEADLINE_S,
     SEG_MODALITY,
@@ -28,6 +27,7 @@ from tests.support.e2e import (
 from tests.support.peers import free_port
 from tests.support.process import wait_until
 from tests.support.service import ServiceFactory
+from vocabulary import Priority
 
 pytestmark = [pytest.mark.peer, pytest.mark.slow]
 

@@ -23,7 +23,6 @@ import pytest
 from pydicom.dataset import Dataset
 
 from pipeline.demo.phantom import write_phantom_series
-from pipeline.findings import Priority
 from tests.paths import TESTDATA
 from tests.support.e2e import (
     RESULT_DEADLINE_S,
@@ -40,6 +39,7 @@ from tests.support.peers import free_port, storescu
 from tests.support.process import wait_until
 from tests.support.service import Service, ServiceFactory
 from tests.support.storescp import Storescp
+from vocabulary import Priority
 
 pytestmark = [pytest.mark.peer, pytest.mark.slow]
 

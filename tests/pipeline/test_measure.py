@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 
 from pipeline import measure
-from pipeline.findings import AlgorithmInfo, Classification, Finding, Priority
+from pipeline.findings import AlgorithmInfo, Classification, Finding, VolumeMethod
 from pipeline.labels import LESION, MORPHOLOGICALLY_ABNORMAL_STRUCTURE, is_background, segment_codes
 from pipeline.measure import (
     PriorityThresholds,
-    VolumeMethod,
     connected_components,
     findings_from_prediction,
     max_feret_diameter_mm,
@@ -21,6 +20,7 @@ from pipeline.measure import (
     triage,
 )
 from pipeline.volume import InstanceRef, Volume
+from vocabulary import Priority
 
 
 def _volume(array: np.ndarray, affine: np.ndarray) -> Volume:
@@ -213,8 +213,8 @@ def test_triage_levels_and_summary() -> None:
     assert triage([_finding("lesion", 1.0)], [], thresholds) == (Priority.ROUTINE, "")
     priority, reason = triage([_finding("lesion", 5.0)], [], thresholds)
     assert priority is Priority.URGENT and "lesion 5.0 mL >= urgent" in reason
-    assert triage([_finding("lesion", 60.0)], [], thresholds)[0] is Priority.CRITICAL
-    assert triage([], [Classification("lesion", 0.95)], thresholds)[0] is Priority.CRITICAL
+    assert triage([_finding("lesion", 60.0)], [], thresholds)[0] is Priority.STAT
+    assert triage([], [Classification("lesion", 0.95)], thresholds)[0] is Priority.STAT
     assert triage([], [Classification("lesion", 0.6)], thresholds)[0] is Priority.URGENT
 
     only_lesion = PriorityThresholds(urgent_volume_ml=5.0, labels=frozenset({"lesion"}))

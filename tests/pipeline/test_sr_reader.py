@@ -6,12 +6,12 @@ import datetime
 
 import pytest
 
-from pipeline.findings import Priority
 from pipeline.writers.seg import write_seg
 from pipeline.writers.sr import write_sr
 from pipeline.writers.sr_reader import read_sr
 from tests.paths import TESTDATA
 from tests.support.dicom_validators import read_headers, roundtrip, synthetic_case, volume_from_headers
+from vocabulary import Priority
 
 ABDOMEN = sorted((TESTDATA / "ct_series" / "abdomen_20").glob("*.dcm"))
 WHEN = datetime.datetime(2024, 5, 6, 7, 8, 9)

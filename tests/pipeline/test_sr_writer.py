@@ -22,7 +22,7 @@ from pydicom.sr.coding import Code as PydicomCode
 from pydicom.uid import UID
 
 from pipeline import codes
-from pipeline.findings import Finding, Findings, Priority
+from pipeline.findings import Finding, Findings
 from pipeline.uids import derive_uid, result_uids
 from pipeline.volume import Volume
 from pipeline.writers.seg import write_seg
@@ -46,6 +46,7 @@ from tests.support.tid1500_checks import (
     children,
     concept,
 )
+from vocabulary import Priority
 
 pytestmark = [
     pytest.mark.peer,  # dciodvfy and dsrdump are real external tools
@@ -267,7 +268,7 @@ def test_report_without_findings_and_with_a_degenerate_finding(abdomen: tuple[li
 
     nothing = Finding(label=3, name="fluid", volume_ml=0.0, n_components=0, largest_diameter_mm=0.0,
                       centroid_lps=(float("nan"),) * 3)  # fmt: skip
-    critical = Findings(algorithm=ALGORITHM, findings=(nothing,), priority=Priority.CRITICAL, summary="STAT")
+    critical = Findings(algorithm=ALGORITHM, findings=(nothing,), priority=Priority.STAT, summary="STAT")
     decoded = validate(
         write_sr(critical, headers, volume, input_fingerprint=FINGERPRINT), "degenerate", critical, headers
     )

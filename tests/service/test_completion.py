@@ -14,9 +14,10 @@ from daemon.config import RouteRule, load_config
 from daemon.service.routing import CompletionSweep, SeriesView, mismatch, route
 from storage.completion import AssociationEnd, CompletionPolicy, CompletionReason, SeriesFacts, decide
 from storage.db import transaction
-from storage.models import Association, Job, JobPriority, JobState, Study, StudyState
+from storage.models import Association, Job, JobState, Study, StudyState
 from storage.spool import Spool
 from tests.support.queue_db import T0, Db, add_study
+from vocabulary import Priority
 
 POLICY = CompletionPolicy(quiet_seconds=2, idle_timeout_seconds=30)
 
@@ -106,7 +107,7 @@ def test_not_routed_studies_are_recorded_with_the_reason(db: Db, tmp_path: Path)
     assert (job.study_id, job.pipeline, job.priority, job.rule) == (
         ct,
         "echo",
-        int(JobPriority.STAT),
+        int(Priority.STAT),
         "ct-chest",
     )
 
@@ -203,5 +204,5 @@ def test_first_matching_rule_wins(tmp_path: Path) -> None:
         RouteRule(name="all", pipeline="echo"),
     ]
     decision = route(rules, snap, spool)
-    assert isinstance(decision, Route) and (decision.rule, decision.priority) == ("mr", JobPriority.URGENT)
+    assert isinstance(decision, Route) and (decision.rule, decision.priority) == ("mr", Priority.URGENT)
     assert isinstance(route([], snap, spool), NoRoute)

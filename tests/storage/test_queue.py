@@ -9,11 +9,12 @@ from sqlalchemy import func, select
 
 from storage.db import transaction
 from storage.errors import InvalidTransition, NotFound
-from storage.models import Delivery, DeliveryState, Event, Job, JobPriority, JobState, Result
+from storage.models import Delivery, DeliveryState, Event, Job, JobState, Result
 from storage.outbox import Destination, Outbox
 from storage.queue import JOB_MOVES, JobQueue, NewResult, enqueue
 from storage.retry import Backoff
 from tests.support.queue_db import T0, Clock, Db, add_job, add_study, study_fingerprint
+from vocabulary import Priority
 
 NO_JITTER = Backoff(base_seconds=10, factor=2, max_seconds=100, jitter=0)
 
@@ -51,9 +52,9 @@ def job_events(db: Db, job_id: int) -> list[str]:
 
 def test_claims_stat_first_then_oldest_and_only_when_due(db: Db, clock: Clock) -> None:
     routine_old = add_job(db, at=T0)
-    urgent = add_job(db, priority=JobPriority.URGENT, at=T0 + dt.timedelta(seconds=1))
+    urgent = add_job(db, priority=Priority.URGENT, at=T0 + dt.timedelta(seconds=1))
     routine_new = add_job(db, at=T0 + dt.timedelta(seconds=2))
-    stat = add_job(db, priority=JobPriority.STAT, at=T0 + dt.timedelta(seconds=3))
+    stat = add_job(db, priority=Priority.STAT, at=T0 + dt.timedelta(seconds=3))
     q = queue(db, clock)
     clock.advance(1)
     first = q.claim("w")  # only jobs created by now are due; the STAT job's run_after is later
@@ -139,7 +140,7 @@ def test_same_input_is_never_queued_twice(db: Db) -> None:
                 session,
                 study_id=study_id,
                 pipeline="noop",
-                priority=JobPriority.ROUTINE,
+                priority=Priority.ROUTINE,
                 input_fingerprint=fingerprint,
                 max_attempts=3,
                 now=T0,
@@ -152,7 +153,7 @@ def test_same_input_is_never_queued_twice(db: Db) -> None:
                 session,
                 study_id=study_id,
                 pipeline="noop",
-                priority=JobPriority.STAT,
+                priority=Priority.STAT,
                 input_fingerprint=fingerprint,
                 max_attempts=3,
                 now=T0,
@@ -193,7 +194,7 @@ def test_success_records_results_and_outbox_atomically_and_supersede_cancels_uns
     db: Db, clock: Clock
 ) -> None:
     study_id = add_study(db)
-    job_id = add_job(db, study_id, priority=JobPriority.URGENT)
+    job_id = add_job(db, study_id, priority=Priority.URGENT)
     q = queue(db, clock)
     claim = q.claim("w")
     assert claim is not None
@@ -202,8 +203,8 @@ def test_success_records_results_and_outbox_atomically_and_supersede_cancels_uns
     with db.sessions() as session:
         rows = session.scalars(select(Delivery).order_by(Delivery.id)).all()
         assert [(d.destination, d.state, d.max_attempts, d.priority) for d in rows] == [
-            ("a", DeliveryState.PENDING, 4, int(JobPriority.URGENT)),
-            ("b", DeliveryState.PENDING, 4, int(JobPriority.URGENT)),
+            ("a", DeliveryState.PENDING, 4, int(Priority.URGENT)),
+            ("b", DeliveryState.PENDING, 4, int(Priority.URGENT)),
         ]
         seen = session.scalars(select(Result.input_fingerprint)).one()
     assert seen == job_row(db, job_id).input_fingerprint, "the result records the input it saw"

@@ -24,8 +24,9 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from pipeline.findings import AlgorithmInfo, Classification, Code, Finding, Findings, Priority
+from pipeline.findings import AlgorithmInfo, Classification, Code, Finding, Findings
 from pipeline.volume import InstanceRef, Volume
+from vocabulary import Priority
 
 _ERROR_PREFIXES = ("Error", "E:")
 _WARNING_PREFIXES = ("Warning", "W:")

@@ -17,8 +17,9 @@ from storage.completion import digest_of, input_fingerprint
 from storage.db import make_engine, make_session_factory, transaction
 from storage.ingest import add_event
 from storage.migrate import upgrade
-from storage.models import Event, Instance, Job, JobPriority, JobState, Series, Study, StudyState, utcnow
+from storage.models import Event, Instance, Job, JobState, Series, Study, StudyState, utcnow
 from tests.support.process import clean_env, cli_command
+from vocabulary import Priority
 
 
 def seed_jobs(url: str, count: int, *, pipeline: str = "noop") -> None:
@@ -61,7 +62,7 @@ def seed_jobs(url: str, count: int, *, pipeline: str = "noop") -> None:
                 job = Job(
                     study_id=study.id,
                     pipeline=pipeline,
-                    priority=int(JobPriority.ROUTINE),
+                    priority=int(Priority.ROUTINE),
                     state=JobState.QUEUED,
                     input_fingerprint=input_fingerprint(pipeline, digest_of([(uid + ".1.1", sha)])),
                     attempts=0,

@@ -21,11 +21,12 @@ from daemon.service.worker import Worker
 from storage.completion import digest_of, input_fingerprint
 from storage.db import make_engine, make_session_factory, transaction
 from storage.migrate import upgrade
-from storage.models import Association, Delivery, Instance, JobPriority, Series, Study, StudyState
+from storage.models import Association, Delivery, Instance, Series, Study, StudyState
 from storage.outbox import Outbox
 from storage.queue import enqueue
 from storage.retry import Backoff
 from storage.spool import Spool
+from vocabulary import Priority
 
 T0 = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
 
@@ -151,7 +152,7 @@ def add_job(
     db: Db,
     study_id: int | None = None,
     *,
-    priority: JobPriority = JobPriority.ROUTINE,
+    priority: Priority = Priority.ROUTINE,
     at: dt.datetime = T0,
     max_attempts: int = 3,
     pipeline: str = "noop",
