@@ -47,6 +47,7 @@ import torch
 from pipeline.errors import BundleError, TransientError
 from pipeline.findings import AlgorithmInfo
 from pipeline.volume import Volume
+from vocabulary import is_sha256_hex
 
 __all__ = ["NEVER_RESOLVED", "BundleKind", "BundleRuntime", "Prediction"]
 __all__ += ["bundle_sha256", "clear_bundle_cache", "load_bundle"]
@@ -61,7 +62,6 @@ _INFERENCE = "configs/inference.json"
 _METADATA = "configs/metadata.json"
 _DEFAULT_WEIGHTS = ("model.pt", "model.ts")
 _FILE_MACRO = re.compile(r'"%[^"#]*\.(json|ya?ml)[#"]')  # "%other.json#id" reads an unpinned file
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _CACHE_SIZE = 4
 # What MONAI's ConfigParser raises for a config that does not build (bad id, import, expression).
 _BUILD_ERRORS = (KeyError, ValueError, TypeError, AttributeError, ImportError, RuntimeError, SyntaxError)
@@ -325,7 +325,7 @@ class BundleRuntime:
         if not path.is_dir():
             raise BundleError(f"bundle directory {path} does not exist")
         pinned = sha256.strip().lower()
-        if not _HEX64.match(pinned):
+        if not is_sha256_hex(pinned):
             raise BundleError(f"pinned sha256 for bundle {path} must be 64 hex digits, got {sha256!r}")
         files = _read_bundle(path, roots)
         if not any(rel.startswith("models/") for rel in files):

@@ -12,7 +12,6 @@ What is geometry (sorting, spacing, the affine) lives in ``geometry.py``; this m
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Generator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,10 +26,7 @@ from pydicom.pixels import iter_pixels
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from pipeline.errors import GeometryError
-
-# PS3.5 9.1: a UID is dot-separated numeric components without leading zeros, at most 64 chars.
-_UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
-_UID_MAX_LEN = 64
+from vocabulary import is_valid_uid
 
 # What pydicom and the codec plugins raise on data they cannot decode (never a bare Exception).
 _DECODE_ERRORS = (
@@ -42,11 +38,6 @@ _DECODE_ERRORS = (
     NotImplementedError,
     OSError,
 )
-
-
-def is_valid_uid(value: str) -> bool:
-    """True when ``value`` is a syntactically valid UID (PS3.5 9.1)."""
-    return 0 < len(value) <= _UID_MAX_LEN and _UID_RE.fullmatch(value) is not None
 
 
 @dataclass(frozen=True)

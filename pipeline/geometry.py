@@ -41,9 +41,10 @@ from pathlib import Path
 import numpy as np
 from pydicom.uid import CTImageStorage, MRImageStorage, SecondaryCaptureImageStorage
 
-from pipeline.decode import FrameHeader, FrameJob, InstanceHeader, decode_into, is_valid_uid, read_header
+from pipeline.decode import FrameHeader, FrameJob, InstanceHeader, decode_into, read_header
 from pipeline.errors import GeometryError
 from pipeline.volume import InstanceRef, Volume
+from vocabulary import is_valid_uid
 
 IOP_TOL = 1e-3  # |rowcos|, |colcos| within 1 +- IOP_TOL and |rowcos . colcos| <= IOP_TOL
 ORIENTATION_TOL = 1e-3  # max difference of any direction cosine between slices of one volume

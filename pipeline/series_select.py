@@ -14,7 +14,6 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, get_args
 
 import numpy as np
 from pydicom.uid import (
@@ -27,12 +26,11 @@ from pydicom.uid import (
     MRImageStorage,
 )
 
-from pipeline.decode import InstanceHeader, is_valid_uid, read_header
+from pipeline.decode import InstanceHeader, read_header
 from pipeline.errors import GeometryError, NoUsableSeries
 from pipeline.geometry import DUPLICATE_TOL_MM, slice_normal
-
-Orientation = Literal["axial", "coronal", "sagittal", "oblique"]
-ORIENTATIONS: frozenset[str] = frozenset(get_args(Orientation))
+from pipeline.orientation import ORIENTATIONS, Orientation
+from vocabulary import is_valid_uid
 
 # Image storage SOP classes that can form a volume (PS3.4 B.5). Everything else (Secondary Capture,
 # dose SR and other SR, presentation states, SEG, encapsulated PDF...) is skipped by class.
@@ -58,11 +56,15 @@ SKIPPED_IMAGE_TYPES: dict[str, str] = {
     "MOSAIC": "Siemens mosaic (slices tiled in one image)",
 }
 
-_AXIS_ORIENTATION: tuple[Orientation, Orientation, Orientation] = ("sagittal", "coronal", "axial")
+_AXIS_ORIENTATION = (Orientation.SAGITTAL, Orientation.CORONAL, Orientation.AXIAL)
 
 
 def _joined(values: Sequence[str]) -> str:
     return "\\".join(values)
+
+
+def _names(orientations: Iterable[Orientation]) -> list[str]:
+    return sorted(o.value for o in orientations)
 
 
 def orientation_of(iop: Sequence[float], *, max_obliquity_deg: float = 30.0) -> Orientation:
@@ -75,7 +77,7 @@ def orientation_of(iop: Sequence[float], *, max_obliquity_deg: float = 30.0) -> 
     normal = np.abs(slice_normal(iop))
     axis = int(np.argmax(normal))
     if math.degrees(math.acos(min(1.0, float(normal[axis])))) > max_obliquity_deg:
-        return "oblique"
+        return Orientation.OBLIQUE
     return _AXIS_ORIENTATION[axis]
 
 
@@ -84,7 +86,7 @@ class SelectionRule:
     """What series a pipeline accepts."""
 
     modalities: frozenset[str]  # Modality values, e.g. frozenset({"CT"})
-    orientations: frozenset[str] = frozenset({"axial"})  # among axial, coronal, sagittal, oblique
+    orientations: frozenset[Orientation] = frozenset({Orientation.AXIAL})  # plain strings are accepted
     min_slices: int = 1  # distinct slice positions
     slice_thickness_mm: tuple[float, float] = (0.0, math.inf)  # inclusive range of SliceThickness
     require_original_primary: bool = False  # False: ORIGINAL\PRIMARY only preferred, DERIVED allowed
@@ -100,8 +102,9 @@ class SelectionRule:
             )
         if not isinstance(self.orientations, frozenset) or not self.orientations <= ORIENTATIONS:
             raise ValueError(
-                f"SelectionRule.orientations must be a frozenset of {sorted(ORIENTATIONS)}, got {self.orientations!r}"
+                f"SelectionRule.orientations must be a frozenset of {_names(ORIENTATIONS)}, got {self.orientations!r}"
             )
+        object.__setattr__(self, "orientations", frozenset(Orientation(o) for o in self.orientations))
         if not self.orientations:
             raise ValueError("SelectionRule.orientations is empty: no series could ever qualify")
         if self.min_slices < 1:
@@ -117,7 +120,7 @@ class SelectionRule:
         low, high = self.slice_thickness_mm
         parts = [
             f"Modality in {sorted(self.modalities)}",
-            f"orientation in {sorted(self.orientations)}",
+            f"orientation in {_names(self.orientations)}",
             f">= {self.min_slices} slices",
         ]
         if low > 0 or math.isfinite(high):
@@ -147,7 +150,7 @@ class _Candidate:
     uid: str
     headers: list[InstanceHeader]
     modality: str = ""
-    orientation: Orientation = "oblique"
+    orientation: Orientation = Orientation.OBLIQUE
     n_slices: int = 0
     thickness: float | None = None
     original_primary: bool = False
@@ -200,7 +203,7 @@ def _evaluate(c: _Candidate, rule: SelectionRule) -> str | None:
         return "mixed orientations " + ", ".join(f"{o} x{n}" for o, n in sorted(orientations.items()))
     c.orientation = next(iter(orientations))
     if c.orientation not in rule.orientations:
-        return f"orientation {c.orientation} not in {sorted(rule.orientations)}"
+        return f"orientation {c.orientation} not in {_names(rule.orientations)}"
     assert frames[0].orientation is not None
     normal = slice_normal(frames[0].orientation)
     along = sorted(float(np.asarray(f.position) @ normal) for f in frames if f.position is not None)

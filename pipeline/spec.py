@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +22,10 @@ from typing import Any
 from pipeline.findings import VolumeMethod
 from pipeline.measure import PriorityThresholds
 from pipeline.series_select import SelectionRule
+from vocabulary import is_sha256_hex
 
 __all__ = ["BundleSpec", "PipelineSpec"]
 
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 # Domain separation for the spec digest and for the fingerprint handed to the writers.
 _IDENTITY_NAMESPACE = "pacs-triage/pipeline-spec/v1"
 
@@ -61,7 +60,7 @@ class BundleSpec:
             raise ValueError(f"BundleSpec.overrides for {self.path} must be JSON values: {exc}") from exc
         object.__setattr__(self, "overrides", MappingProxyType(overrides))
         pinned = self.sha256.strip().lower()
-        if not _HEX64.match(pinned):
+        if not is_sha256_hex(pinned):
             raise ValueError(
                 f"BundleSpec.sha256 for {self.path} must be 64 hex digits (see pipeline.bundle_runtime."
                 f"bundle_sha256), got {self.sha256!r}"
@@ -113,7 +112,7 @@ class PipelineSpec:
             "version": self.version,
             "selection": {
                 "modalities": sorted(self.selection.modalities),
-                "orientations": sorted(self.selection.orientations),
+                "orientations": sorted(o.value for o in self.selection.orientations),
                 "min_slices": self.selection.min_slices,
                 "slice_thickness_mm": [low, high if math.isfinite(high) else "inf"],
                 "require_original_primary": self.selection.require_original_primary,

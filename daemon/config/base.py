@@ -8,6 +8,8 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
+from vocabulary import validate_ae_title
+
 DEFAULT_AE_TITLE = "PACS_TRIAGE"
 DEFAULT_PORT = 11112
 DEFAULT_TLS_PORT = 2762  # IANA "dicom-tls"
@@ -45,16 +47,6 @@ def _parse_size(value: Any) -> Any:
 
 
 ByteSize = Annotated[int, BeforeValidator(_parse_size), Field(ge=0)]
-
-
-def validate_ae_title(value: str) -> str:
-    """PS3.5 6.2: AE is 1-16 characters of the default repertoire, no backslash or control characters."""
-    title = value.strip()
-    if not 1 <= len(title) <= 16:
-        raise ValueError(f"AE title {value!r} must be 1 to 16 characters")
-    if any(c == "\\" or not (0x20 <= ord(c) < 0x7F) for c in title):
-        raise ValueError(f"AE title {value!r} may only contain printable ASCII other than backslash")
-    return title
 
 
 AETitle = Annotated[str, BeforeValidator(lambda v: validate_ae_title(str(v)))]

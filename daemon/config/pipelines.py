@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
 from daemon.config.base import Name, _Section
+from pipeline.findings import VolumeMethod
+from pipeline.orientation import Orientation
+from vocabulary import is_sha256_hex
 
-_SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
-Orientation = Literal["axial", "coronal", "sagittal", "oblique"]
 BUILTIN_PIPELINES = ("echo", "noop", "demo")  # names a [[pipelines.monai]] entry may not take
 
 
@@ -28,7 +28,7 @@ class BundleConfig(_Section):
     @field_validator("sha256")
     @classmethod
     def _sha256(cls, value: str) -> str:
-        if not _SHA256.match(value.strip()):
+        if not is_sha256_hex(value.strip().lower()):
             raise ValueError(f"{value!r} is not a sha256 (64 hex digits)")
         return value.strip().lower()
 
@@ -56,14 +56,14 @@ class MonaiPipelineConfig(_Section):
     classification: BundleConfig | None = None
     allowed_dirs: tuple[Path, ...] = Field(min_length=1)  # bundles load only from inside these
     modalities: tuple[str, ...] = ("CT",)
-    orientations: tuple[Orientation, ...] = ("axial",)
+    orientations: tuple[Orientation, ...] = (Orientation.AXIAL,)
     min_slices: int = Field(default=16, ge=1)
     min_slice_thickness: float = Field(default=0.0, ge=0)  # mm
     max_slice_thickness: float | None = Field(default=None, ge=0)  # mm; None: no upper limit
     require_original_primary: bool = False
     thresholds: ThresholdsConfig = ThresholdsConfig()
     make_seg: bool = True  # also send a DICOM SEG when something was segmented
-    volume_method: Literal["voxel count", "probability sum"] | None = None  # None: the bundle's best
+    volume_method: VolumeMethod | None = None  # "voxel count" or "probability sum"; None: the bundle's best
     device: str | None = None  # "cpu", "cuda", "cuda:1"; None: CUDA when present, else CPU
     amp: bool = True  # mixed precision on CUDA
 

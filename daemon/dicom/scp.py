@@ -30,9 +30,10 @@ from daemon.dicom.access import AccessPolicy, Refusal
 from daemon.dicom.errors import InvalidDataset, ReceiveError
 from daemon.dicom.file_meta import file_header
 from daemon.dicom.status import StoreStatus, status_for
-from daemon.dicom.validation import MAX_UID_LENGTH, check_request_uids, validate_received
+from daemon.dicom.validation import check_request_uids, validate_received
 from storage.errors import StorageError
 from storage.ingest import AssociationInfo, Ingest
+from vocabulary import MAX_UID_LENGTH
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,6 @@ shared/testdata/MANIFEST.md), so the receiver checks what it relies on itself.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -15,16 +14,7 @@ from pydicom.uid import UID
 
 from daemon.dicom.errors import DatasetMismatch, InvalidDataset
 from storage.ingest import IncomingInstance
-
-# PS3.5 9.1: components of digits, no leading zero except "0" itself, separated by ".", <= 64 chars.
-_UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
-MAX_UID_LENGTH = 64
-
-
-def is_valid_uid(value: object) -> bool:
-    return (
-        isinstance(value, str) and 0 < len(value) <= MAX_UID_LENGTH and _UID_RE.fullmatch(value) is not None
-    )
+from vocabulary import is_valid_uid
 
 
 def require_uid(value: object, what: str) -> str:

@@ -1,4 +1,4 @@
-"""What a worker needs from an analysis pipeline: the :class:`Pipeline` protocol and its result."""
+"""What a worker needs from an analysis pipeline: the :class:`Pipeline` protocol and its :class:`AnalysisOutcome`."""
 
 from __future__ import annotations
 
@@ -14,8 +14,11 @@ from vocabulary import Priority
 
 
 @dataclass(frozen=True)
-class PipelineResult:
-    """What a pipeline concluded about a study, and the DICOM objects to send back."""
+class AnalysisOutcome:
+    """What any pipeline concluded about a study, and the DICOM objects to send back, as a worker records it.
+
+    The MONAI pipeline builds it from the richer :class:`pipeline.runner.PipelineResult`.
+    """
 
     priority: Priority
     summary: str
@@ -30,7 +33,7 @@ class Pipeline(Protocol):
     name: str
     version: str
 
-    def run(self, study_files: Sequence[Path], *, input_fingerprint: str) -> PipelineResult:
+    def run(self, study_files: Sequence[Path], *, input_fingerprint: str) -> AnalysisOutcome:
         """Analyse one study. Raise ``pipeline.errors.PermanentError`` when this input can never work."""
         ...
 

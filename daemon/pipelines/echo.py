@@ -14,7 +14,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from daemon.pipelines.base import PipelineResult
+from daemon.pipelines.base import AnalysisOutcome
 from pipeline.errors import NoUsableSeries
 from pipeline.uids import derive_uid
 from vocabulary import Priority
@@ -42,8 +42,8 @@ class NoopPipeline:
     name = "noop"
     version = "1"
 
-    def run(self, study_files: Sequence[Path], *, input_fingerprint: str) -> PipelineResult:
-        return PipelineResult(Priority.ROUTINE, f"noop: {len(study_files)} files")
+    def run(self, study_files: Sequence[Path], *, input_fingerprint: str) -> AnalysisOutcome:
+        return AnalysisOutcome(Priority.ROUTINE, f"noop: {len(study_files)} files")
 
 
 class EchoPipeline:
@@ -55,7 +55,7 @@ class EchoPipeline:
     def __init__(self, delay_seconds: float = 0.0) -> None:
         self.delay_seconds = delay_seconds
 
-    def run(self, study_files: Sequence[Path], *, input_fingerprint: str) -> PipelineResult:
+    def run(self, study_files: Sequence[Path], *, input_fingerprint: str) -> AnalysisOutcome:
         headers: list[Dataset] = [dcmread(path, stop_before_pixels=True) for path in study_files]
         if not headers:
             raise NoUsableSeries("the study has no instances to report on")
@@ -72,7 +72,7 @@ class EchoPipeline:
                 f"{first.get('SeriesDescription', '')!s}: {len(items)} instances".rstrip()
             )
         summary = "\n".join(lines)
-        return PipelineResult(
+        return AnalysisOutcome(
             Priority.ROUTINE, summary, (self._report(headers, series, summary, input_fingerprint),)
         )
 

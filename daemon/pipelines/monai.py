@@ -19,9 +19,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from daemon.config import BundleConfig, Config, MonaiPipelineConfig
-from daemon.pipelines.base import Pipeline, PipelineResult
+from daemon.pipelines.base import AnalysisOutcome, Pipeline
 from pipeline.errors import PipelineError
-from pipeline.findings import VolumeMethod
 from pipeline.measure import PriorityThresholds
 from pipeline.series_select import SelectionRule
 from pipeline.spec import BundleSpec, PipelineSpec
@@ -37,7 +36,7 @@ class MonaiPipeline:
         self.version = spec.version
         self.spec = spec
 
-    def run(self, study_files: Sequence[Path], *, input_fingerprint: str) -> PipelineResult:
+    def run(self, study_files: Sequence[Path], *, input_fingerprint: str) -> AnalysisOutcome:
         """Analyse one study; PermanentError (no usable series, geometry, bundle) fails the job."""
         from pipeline import runner  # torch and MONAI: imported by workers only, not by `serve`
 
@@ -47,7 +46,7 @@ class MonaiPipeline:
             f"series {result.series_instance_uid}: {result.selection_reason}",
             *result.notes,
         ]
-        return PipelineResult(
+        return AnalysisOutcome(
             priority=result.findings.priority,
             summary="\n".join(line for line in lines if line),
             datasets=result.datasets,
@@ -98,7 +97,7 @@ def spec_from_config(entry: MonaiPipelineConfig) -> PipelineSpec:
         ),
         thresholds=thresholds,
         make_seg=entry.make_seg,
-        volume_method=None if entry.volume_method is None else VolumeMethod(entry.volume_method),
+        volume_method=entry.volume_method,
     )
 
 

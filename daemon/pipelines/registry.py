@@ -11,11 +11,18 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from daemon.config import Config, ConfigError
-from daemon.pipelines.base import Pipeline, PipelineResult, UnknownPipeline
+from daemon.pipelines.base import AnalysisOutcome, Pipeline, UnknownPipeline
 from daemon.pipelines.echo import EchoPipeline, NoopPipeline
 from daemon.pipelines.monai import check_specs, monai_factories
 
-__all__ = ["Pipeline", "PipelineResult", "Pipelines", "UnknownPipeline", "builtin_pipelines", "check_routing"]
+__all__ = [
+    "Pipeline",
+    "AnalysisOutcome",
+    "Pipelines",
+    "UnknownPipeline",
+    "builtin_pipelines",
+    "check_routing",
+]
 
 
 def builtin_pipelines(config: Config) -> dict[str, Callable[[], Pipeline]]:

@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.config import Config
 from daemon.logs import setup_logging
-from daemon.pipelines.registry import PipelineResult, Pipelines
+from daemon.pipelines.registry import AnalysisOutcome, Pipelines
 from daemon.polling import run_until_stopped
 from pipeline.errors import PermanentError
 from pipeline.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
@@ -57,7 +57,7 @@ class _Run:
     """One pipeline run in its thread: the outcome, once ``done`` is set."""
 
     done: threading.Event
-    result: PipelineResult | None = None
+    result: AnalysisOutcome | None = None
     error: BaseException | None = None
 
 
@@ -201,7 +201,7 @@ class Worker:
         else:
             log.warning("job %d failed (%s): now %s", claim.job.id, text.splitlines()[0], state.value)
 
-    def _succeed(self, claim: Claim, result: PipelineResult) -> None:
+    def _succeed(self, claim: Claim, result: AnalysisOutcome) -> None:
         job = claim.job
         records = [self._write(ds, int(result.priority), result.summary) for ds in result.datasets]
         destinations = [Destination(name=d.name, peer=d.peer) for d in self.config.destinations_for(job.rule)]

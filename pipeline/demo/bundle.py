@@ -20,6 +20,7 @@ from pathlib import Path
 from pipeline.bundle_runtime import bundle_sha256
 from pipeline.errors import BundleError
 from pipeline.measure import PriorityThresholds
+from pipeline.orientation import Orientation
 from pipeline.series_select import SelectionRule
 from pipeline.spec import BundleSpec, PipelineSpec
 
@@ -45,7 +46,7 @@ _PIN_KEYS = (SEGMENTATION_BUNDLE, CLASSIFICATION_BUNDLE)
 #: Axial CT of at least 16 slices, 0.5-5 mm thick: the phantoms (2.5 mm) and abdominal CT.
 DEMO_SELECTION = SelectionRule(
     modalities=frozenset({"CT"}),
-    orientations=frozenset({"axial"}),
+    orientations=frozenset({Orientation.AXIAL}),
     min_slices=16,
     slice_thickness_mm=(0.5, 5.0),
 )
