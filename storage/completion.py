@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from storage.db import transaction, translate_errors
 from storage.errors import NotFound
-from storage.ingest import add_event
+from storage.events import add_event
 from storage.models import Association, Instance, Series, Study, StudyState
 from storage.queue import enqueue
 from vocabulary import Priority

@@ -2,7 +2,8 @@
 
 Rows are written in the same transaction as the job's results (``storage/queue.py``), so a
 result is never stored without its deliveries, nor a delivery without its result. A dispatcher
-claims a row under a lease (``storage/leases.py``), sends it, and records the outcome here.
+claims a row under a lease (the leased-row mechanism of ``storage/leases.py``), sends it, and
+records the outcome here.
 
     pending ──claim──▶ sending ──▶ delivered
        ▲                  │
@@ -22,12 +23,11 @@ from dataclasses import dataclass
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage import leases
-from storage.db import transaction, translate_errors
-from storage.errors import InvalidTransition, NotFound
-from storage.ingest import add_event
+from storage.db import translate_errors
+from storage.events import add_event
+from storage.leases import LeasedTable, Leases
 from storage.models import Delivery, DeliveryState, Result, utcnow
-from storage.retry import Backoff, exhausted
+from storage.retry import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,26 @@ DELIVERY_MOVES: dict[DeliveryState, frozenset[DeliveryState]] = {
     D.DEAD: frozenset({D.PENDING, D.CANCELLED}),
     D.CANCELLED: frozenset({D.PENDING}),
 }
-MAX_ERROR_CHARS = 2000
+DELIVERIES: LeasedTable[Delivery, DeliveryState] = LeasedTable(
+    model=Delivery,
+    entity="delivery",
+    plural="deliveries",
+    states=DeliveryState,
+    moves=DELIVERY_MOVES,
+    ready=D.PENDING,
+    running=D.SENDING,
+    failed=D.DEAD,  # a destination that refuses for good: nothing to wait for
+    dead=D.DEAD,
+    retryable=(D.DEAD, D.CANCELLED),
+    holder="dispatcher",
+    list_command="pacs-triage deliveries list",
+    max_error_chars=2000,
+)
+
+
+def move(session: Session, row: Delivery, to: DeliveryState, now: dt.datetime, **detail: object) -> None:
+    """Change a delivery's state, refusing moves :data:`DELIVERY_MOVES` does not allow; audit it."""
+    DELIVERIES.move(session, row, to, now, **detail)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,6 +109,11 @@ class DeliveryView:
             delivered_at=row.delivered_at,
         )
 
+    @classmethod
+    def load(cls, session: Session, row: Delivery) -> DeliveryView:
+        """The view of ``row``, with its result read in ``session``."""
+        return cls.from_row(row, session.get_one(Result, row.result_id))
+
 
 @dataclass(frozen=True)
 class DeliveryClaim:
@@ -97,19 +121,6 @@ class DeliveryClaim:
 
     delivery: DeliveryView
     owner: str
-
-
-def move(session: Session, row: Delivery, to: DeliveryState, now: dt.datetime, **detail: object) -> None:
-    """Change a delivery's state, refusing moves the state machine does not allow; audit it."""
-    current = DeliveryState(row.state)
-    if to not in DELIVERY_MOVES[current]:
-        allowed = ", ".join(sorted(DELIVERY_MOVES[current])) or "none (final state)"
-        raise InvalidTransition(
-            f"delivery {row.id} is {current.value}; it cannot become {to.value} (allowed: {allowed})"
-        )
-    row.state = to
-    row.updated_at = now
-    add_event(session, "delivery", row.id, to.value, previous=current.value, **detail)
 
 
 def add_deliveries(
@@ -161,8 +172,7 @@ def cancel_for_job(session: Session, job_id: int, now: dt.datetime, *, reason: s
         .with_for_update()
     ).all()
     for row in rows:
-        leases.clear_lease(row)
-        move(session, row, DeliveryState.CANCELLED, now, reason=reason)
+        DELIVERIES.revoke(session, row, D.CANCELLED, now, reason=reason)
     return len(rows)
 
 
@@ -178,76 +188,36 @@ class Outbox:
         clock: Callable[[], dt.datetime] = utcnow,
     ) -> None:
         self.sessions = sessions
-        self.lease_seconds = lease_seconds
-        self.backoff = backoff or Backoff(base_seconds=10.0, max_seconds=900.0)
         self.clock = clock
+        self.leases = Leases(
+            sessions,
+            DELIVERIES,
+            lease_seconds=lease_seconds,
+            backoff=backoff or Backoff(base_seconds=10.0, max_seconds=900.0),
+            clock=clock,
+        )
 
     def claim(self, worker: str) -> DeliveryClaim | None:
         """The next due delivery, highest priority then oldest, leased to ``worker``; None if none."""
-        owner = leases.new_owner(worker)
-        now = self.clock()
-        with transaction(self.sessions, "claiming a delivery") as session:
-            row_id = leases.claim_next(
-                session,
-                Delivery,
-                ready=DeliveryState.PENDING,
-                running=DeliveryState.SENDING,
-                owner=owner,
-                now=now,
-                lease_seconds=self.lease_seconds,
-            )
-            if row_id is None:
-                return None
-            row, result = session.execute(
-                select(Delivery, Result)
-                .join(Result, Result.id == Delivery.result_id)
-                .where(Delivery.id == row_id)
-            ).one()
-            add_event(
-                session,
-                "delivery",
-                row.id,
-                DeliveryState.SENDING.value,
-                previous=DeliveryState.PENDING.value,
-                attempt=row.attempts,
-                owner=owner,
-            )
-            return DeliveryClaim(DeliveryView.from_row(row, result), owner)
+        claimed = self.leases.claim(worker, DeliveryView.load)
+        return None if claimed is None else DeliveryClaim(*claimed)
 
     def heartbeat(self, claim: DeliveryClaim) -> bool:
-        with transaction(self.sessions, "extending a delivery lease") as session:
-            return leases.extend(
-                session,
-                Delivery,
-                claim.delivery.id,
-                owner=claim.owner,
-                running=DeliveryState.SENDING,
-                now=self.clock(),
-                lease_seconds=self.lease_seconds,
-            )
+        """Extend the lease; False when it is no longer ours (reaped)."""
+        return self.leases.heartbeat(claim.delivery.id, claim.owner)
 
     def delivered(self, claim: DeliveryClaim, status: int, *, comment: str = "") -> bool:
         """Record that the destination accepted the object; False when the lease was lost meanwhile."""
-        now = self.clock()
-        with transaction(self.sessions, "recording a delivery") as session:
-            row = leases.take(
-                session, Delivery, claim.delivery.id, owner=claim.owner, running=DeliveryState.SENDING
-            )
-            if row is None:
-                return False
-            leases.clear_lease(row)
+
+        def record(session: Session, row: Delivery, now: dt.datetime) -> bool:
             row.last_status = status
-            row.last_error = comment[:MAX_ERROR_CHARS] or None
+            row.last_error = comment[: DELIVERIES.max_error_chars] or None
             row.delivered_at = now
-            move(
-                session,
-                row,
-                DeliveryState.DELIVERED,
-                now,
-                status=f"0x{status:04X}",
-                **({"comment": comment} if comment else {}),
-            )
+            detail = {"comment": comment} if comment else {}
+            move(session, row, D.DELIVERED, now, status=f"0x{status:04X}", **detail)
             return True
+
+        return self.leases.settle(claim.delivery.id, claim.owner, "recording a delivery", record) or False
 
     def failed(
         self,
@@ -258,53 +228,21 @@ class Outbox:
         permanent: bool = False,
     ) -> DeliveryState | None:
         """Record a failed attempt: back to pending after a backoff, or dead. None: lease was lost."""
-        now = self.clock()
-        with transaction(self.sessions, "recording a failed delivery") as session:
-            row = leases.take(
-                session, Delivery, claim.delivery.id, owner=claim.owner, running=DeliveryState.SENDING
-            )
-            if row is None:
-                return None
-            leases.clear_lease(row)
+
+        def record(session: Session, row: Delivery, now: dt.datetime) -> DeliveryState:
             row.last_status = status
-            row.last_error = error[:MAX_ERROR_CHARS]
-            detail: dict[str, object] = {"attempt": row.attempts, "error": error[:300]}
-            if status is not None:
-                detail["status"] = f"0x{status:04X}"
-            delay = None if permanent else leases.schedule_retry(row, self.backoff, now)
-            if delay is None:
-                move(session, row, DeliveryState.DEAD, now, **detail)
-                return DeliveryState.DEAD
-            move(session, row, DeliveryState.PENDING, now, retry_in_seconds=round(delay, 3), **detail)
-            return DeliveryState.PENDING
+            detail = {} if status is None else {"status": f"0x{status:04X}"}
+            return self.leases.after_failure(session, row, now, error, permanent=permanent, **detail)
+
+        return self.leases.settle(claim.delivery.id, claim.owner, "recording a failed delivery", record)
 
     def reap(self) -> int:
         """Give expired delivery leases back (their dispatcher died mid-send); returns how many."""
-        now = self.clock()
-        with transaction(self.sessions, "reaping delivery leases") as session:
-            ids = leases.expired(session, Delivery, running=DeliveryState.SENDING, now=now)
-            for row_id in ids:
-                row = session.get_one(Delivery, row_id)
-                leases.clear_lease(row)
-                reason = "lease expired: the dispatcher died or hung while sending"
-                if exhausted(row.attempts, row.max_attempts):
-                    move(session, row, DeliveryState.DEAD, now, reason=reason, attempt=row.attempts)
-                else:
-                    row.run_after = now
-                    move(session, row, DeliveryState.PENDING, now, reason=reason, attempt=row.attempts)
-            return len(ids)
+        return self.leases.reap()
 
     def retry(self, delivery_id: int) -> DeliveryView:
         """Operator: send a dead or cancelled delivery again, with a fresh set of attempts."""
-        now = self.clock()
-        with transaction(self.sessions, "retrying a delivery") as session:
-            row = session.get(Delivery, delivery_id, with_for_update=True)
-            if row is None:
-                raise NotFound(f"no delivery {delivery_id}; see `pacs-triage deliveries list`")
-            row.attempts = 0
-            row.run_after = now
-            move(session, row, DeliveryState.PENDING, now, reason="retried by operator")
-            return DeliveryView.from_row(row, session.get_one(Result, row.result_id))
+        return self.leases.retry(delivery_id, DeliveryView.load)
 
     def recent(self, states: Sequence[DeliveryState] = (), limit: int = 50) -> list[DeliveryView]:
         """Deliveries, newest first, optionally only those in ``states``."""

@@ -10,7 +10,8 @@
 
 A study has at most one job that is not superseded: :func:`enqueue` supersedes the older ones in
 the same transaction that queues the new one. The input fingerprint is unique, so the same input
-is never queued twice. Claiming is ``storage/leases.py``; the retry policy ``storage/retry.py``.
+is never queued twice. Claiming, heartbeats, retries and reaping are the leased-row mechanism of
+``storage/leases.py``; the retry policy is ``storage/retry.py``; the audit ``storage/events.py``.
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage import leases
+from storage import events
 from storage.db import transaction, translate_errors
-from storage.errors import InvalidTransition, NotFound
-from storage.ingest import add_event
-from storage.models import Event, Job, JobState, Result, Study, utcnow
+from storage.errors import NotFound
+from storage.events import EventView, add_event
+from storage.leases import LeasedTable, Leases
+from storage.models import Job, JobState, Result, Study, utcnow
 from storage.outbox import Destination, add_deliveries, cancel_for_job
-from storage.retry import Backoff, exhausted
+from storage.retry import Backoff
 from vocabulary import Priority
 
 log = logging.getLogger(__name__)
@@ -44,8 +46,36 @@ JOB_MOVES: dict[JobState, frozenset[JobState]] = {
     S.CANCELLED: frozenset({S.QUEUED, S.SUPERSEDED}),
     S.SUPERSEDED: frozenset(),
 }
-RETRYABLE = frozenset({S.FAILED, S.DEAD, S.CANCELLED})
-MAX_ERROR_CHARS = 4000
+FINISHED = frozenset({S.SUCCEEDED, S.FAILED, S.DEAD, S.CANCELLED, S.SUPERSEDED})
+RETRYABLE = (S.FAILED, S.DEAD, S.CANCELLED)  # an operator may queue these again
+
+
+def _stamp_finished(job: Job, to: JobState, now: dt.datetime) -> None:
+    if to in FINISHED:
+        job.finished_at = now
+
+
+JOBS: LeasedTable[Job, JobState] = LeasedTable(
+    model=Job,
+    entity="job",
+    plural="jobs",
+    states=JobState,
+    moves=JOB_MOVES,
+    ready=S.QUEUED,
+    running=S.RUNNING,
+    failed=S.FAILED,
+    dead=S.DEAD,
+    retryable=RETRYABLE,
+    holder="worker",
+    list_command="pacs-triage jobs list",
+    max_error_chars=4000,
+    on_move=_stamp_finished,
+)
+
+
+def move(session: Session, job: Job, to: JobState, now: dt.datetime, **detail: object) -> None:
+    """Change a job's state, refusing moves :data:`JOB_MOVES` does not allow; audit it."""
+    JOBS.move(session, job, to, now, **detail)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,6 +122,12 @@ class JobView:
             finished_at=job.finished_at,
         )
 
+    @classmethod
+    def load(cls, session: Session, job: Job) -> JobView:
+        """The view of ``job``, with its study's UID read in ``session``."""
+        uid = session.scalar(select(Study.study_instance_uid).where(Study.id == job.study_id))
+        return cls.from_row(job, uid or "")
+
 
 @dataclass(frozen=True)
 class Claim:
@@ -113,30 +149,6 @@ class NewResult:
     sha256: str
     priority: int = 0
     summary: str = ""
-
-
-@dataclass(frozen=True, kw_only=True)
-class EventView:
-    at: dt.datetime
-    entity: str
-    entity_id: str
-    kind: str
-    detail: str
-
-
-def move(session: Session, job: Job, to: JobState, now: dt.datetime, **detail: object) -> None:
-    """Change a job's state, refusing moves :data:`JOB_MOVES` does not allow; audit it."""
-    current = JobState(job.state)
-    if to not in JOB_MOVES[current]:
-        allowed = ", ".join(sorted(JOB_MOVES[current])) or "none (final state)"
-        raise InvalidTransition(
-            f"job {job.id} is {current.value}; it cannot become {to.value} (allowed: {allowed})"
-        )
-    job.state = to
-    job.updated_at = now
-    if to in (S.SUCCEEDED, S.FAILED, S.DEAD, S.CANCELLED, S.SUPERSEDED):
-        job.finished_at = now
-    add_event(session, "job", job.id, to.value, previous=current.value, **detail)
 
 
 def enqueue(
@@ -190,8 +202,7 @@ def enqueue(
     ).all()
     for old in older:
         # A running job's worker will find its lease gone and drop its result.
-        leases.clear_lease(old)
-        move(session, old, S.SUPERSEDED, now, by_job=job.id)
+        JOBS.revoke(session, old, S.SUPERSEDED, now, by_job=job.id)
         cancel_for_job(session, old.id, now, reason=f"result superseded by job {job.id}")
     return job
 
@@ -207,59 +218,22 @@ class JobQueue:
         backoff: Backoff | None = None,
         clock: Callable[[], dt.datetime] = utcnow,
     ) -> None:
-        if lease_seconds <= 0:
-            raise ValueError(f"lease_seconds must be > 0, got {lease_seconds}")
         self.sessions = sessions
-        self.lease_seconds = lease_seconds
-        self.backoff = backoff or Backoff()
         self.clock = clock
+        self.leases = Leases(
+            sessions, JOBS, lease_seconds=lease_seconds, backoff=backoff or Backoff(), clock=clock
+        )
 
     # -- worker side ---------------------------------------------------------------------------
 
     def claim(self, worker: str) -> Claim | None:
         """The next due job (STAT first, then oldest), leased to ``worker``; None when none is due."""
-        owner = leases.new_owner(worker)
-        now = self.clock()
-        with transaction(self.sessions, "claiming a job") as session:
-            job_id = leases.claim_next(
-                session,
-                Job,
-                ready=S.QUEUED,
-                running=S.RUNNING,
-                owner=owner,
-                now=now,
-                lease_seconds=self.lease_seconds,
-            )
-            if job_id is None:
-                return None
-            job, uid = session.execute(
-                select(Job, Study.study_instance_uid)
-                .join(Study, Study.id == Job.study_id)
-                .where(Job.id == job_id)
-            ).one()
-            add_event(
-                session,
-                "job",
-                job.id,
-                S.RUNNING.value,
-                previous=S.QUEUED.value,
-                attempt=job.attempts,
-                owner=owner,
-            )
-            return Claim(JobView.from_row(job, uid), owner)
+        claimed = self.leases.claim(worker, JobView.load)
+        return None if claimed is None else Claim(*claimed)
 
     def heartbeat(self, claim: Claim) -> bool:
         """Extend the lease; False when it is no longer ours (reaped, cancelled or superseded)."""
-        with transaction(self.sessions, "extending a job lease") as session:
-            return leases.extend(
-                session,
-                Job,
-                claim.job.id,
-                owner=claim.owner,
-                running=S.RUNNING,
-                now=self.clock(),
-                lease_seconds=self.lease_seconds,
-            )
+        return self.leases.heartbeat(claim.job.id, claim.owner)
 
     def succeed(
         self,
@@ -277,30 +251,10 @@ class JobQueue:
         False (and nothing written) when the lease was lost meanwhile: another worker owns the job
         now, or it was cancelled or superseded.
         """
-        now = self.clock()
-        with transaction(self.sessions, "recording a job's results") as session:
-            job = leases.take(session, Job, claim.job.id, owner=claim.owner, running=S.RUNNING)
-            if job is None:
-                return False
-            leases.clear_lease(job)
-            rows = []
-            for new in results:
-                row = Result(
-                    job_id=job.id,
-                    study_id=job.study_id,
-                    input_fingerprint=job.input_fingerprint,
-                    sop_class_uid=new.sop_class_uid,
-                    sop_instance_uid=new.sop_instance_uid,
-                    series_instance_uid=new.series_instance_uid,
-                    path=new.path,
-                    size_bytes=new.size_bytes,
-                    sha256=new.sha256,
-                    priority=new.priority,
-                    summary=new.summary,
-                    created_at=now,
-                )
-                session.add(row)
-                rows.append(row)
+
+        def record(session: Session, job: Job, now: dt.datetime) -> bool:
+            rows = [_result_row(job, new, now) for new in results]
+            session.add_all(rows)
             session.flush()
             for row in rows:
                 add_event(
@@ -314,6 +268,7 @@ class JobQueue:
                     max_attempts=delivery_max_attempts,
                     now=now,
                 )
+            stages = {"stages": {k: round(v, 3) for k, v in stage_seconds.items()}} if stage_seconds else {}
             move(
                 session,
                 job,
@@ -322,100 +277,48 @@ class JobQueue:
                 attempt=job.attempts,
                 results=len(rows),
                 deliveries=len(rows) * len(destinations),
-                **({"stages": {k: round(v, 3) for k, v in stage_seconds.items()}} if stage_seconds else {}),
+                **stages,
             )
             return True
+
+        return self.leases.settle(claim.job.id, claim.owner, "recording a job's results", record) or False
 
     def fail(self, claim: Claim, error: str, *, permanent: bool) -> JobState | None:
         """Record a failed attempt: failed (permanent), queued after a backoff, or dead.
 
         Returns the new state, or None when the lease was lost meanwhile.
         """
-        now = self.clock()
-        with transaction(self.sessions, "recording a job failure") as session:
-            job = leases.take(session, Job, claim.job.id, owner=claim.owner, running=S.RUNNING)
-            if job is None:
-                return None
-            leases.clear_lease(job)
-            job.last_error = error[:MAX_ERROR_CHARS]
-            detail = {"attempt": job.attempts, "error": error[:300]}
-            if permanent:
-                move(session, job, S.FAILED, now, **detail)
-                return S.FAILED
-            delay = leases.schedule_retry(job, self.backoff, now)
-            if delay is None:
-                move(session, job, S.DEAD, now, **detail)
-                return S.DEAD
-            move(session, job, S.QUEUED, now, retry_in_seconds=round(delay, 3), **detail)
-            return S.QUEUED
+        return self.leases.fail(claim.job.id, claim.owner, error, permanent=permanent)
 
     def release(self, claim: Claim, *, reason: str, delay_seconds: float = 0.0) -> bool:
         """Give the lease back without counting the attempt (shutdown, input changed)."""
-        now = self.clock()
-        with transaction(self.sessions, "giving a job lease back") as session:
-            job = leases.take(session, Job, claim.job.id, owner=claim.owner, running=S.RUNNING)
-            if job is None:
-                return False
-            leases.clear_lease(job)
-            job.attempts = max(0, job.attempts - 1)
-            job.run_after = now + dt.timedelta(seconds=delay_seconds)
-            move(session, job, S.QUEUED, now, reason=reason)
-            return True
+        return self.leases.release(claim.job.id, claim.owner, reason=reason, delay_seconds=delay_seconds)
 
     # -- maintenance ---------------------------------------------------------------------------
 
     def reap(self) -> int:
         """Requeue jobs whose lease expired (worker killed or hung), or mark them dead; returns how many."""
-        now = self.clock()
-        with transaction(self.sessions, "reaping job leases") as session:
-            ids = leases.expired(session, Job, running=S.RUNNING, now=now)
-            for job_id in ids:
-                job = session.get_one(Job, job_id)
-                detail = {
-                    "reason": "lease expired: the worker died, hung or lost the database",
-                    "attempt": job.attempts,
-                    "owner": job.lease_owner,
-                }
-                leases.clear_lease(job)
-                if exhausted(job.attempts, job.max_attempts):
-                    job.last_error = f"lease expired on the last attempt ({job.attempts}/{job.max_attempts})"
-                    move(session, job, S.DEAD, now, **detail)
-                else:
-                    job.run_after = now
-                    move(session, job, S.QUEUED, now, **detail)
-            return len(ids)
+        return self.leases.reap()
 
     # -- operator ------------------------------------------------------------------------------
 
     def retry(self, job_id: int) -> JobView:
         """Queue a failed, dead or cancelled job again with a fresh set of attempts."""
-        now = self.clock()
-        with transaction(self.sessions, "retrying a job") as session:
-            job = self._locked(session, job_id)
-            if JobState(job.state) not in RETRYABLE:
-                raise InvalidTransition(
-                    f"job {job_id} is {job.state}; only failed, dead or cancelled jobs can be retried"
-                )
-            job.attempts = 0
-            job.run_after = now
-            move(session, job, S.QUEUED, now, reason="retried by operator")
-            return self._view(session, job)
+        return self.leases.retry(job_id, JobView.load)
 
     def cancel(self, job_id: int) -> JobView:
         """Cancel a job that has not succeeded; a running one's worker drops its result."""
-        now = self.clock()
         with transaction(self.sessions, "cancelling a job") as session:
-            job = self._locked(session, job_id)
-            leases.clear_lease(job)
-            move(session, job, S.CANCELLED, now, reason="cancelled by operator")
-            return self._view(session, job)
+            job = JOBS.locked(session, job_id)
+            JOBS.revoke(session, job, S.CANCELLED, self.clock(), reason="cancelled by operator")
+            return JobView.load(session, job)
 
     def get(self, job_id: int) -> JobView:
         with translate_errors("reading a job"), self.sessions() as session:
             job = session.get(Job, job_id)
             if job is None:
                 raise NotFound(f"no job {job_id}; see `pacs-triage jobs list`")
-            return self._view(session, job)
+            return JobView.load(session, job)
 
     def recent(self, states: Sequence[JobState] = (), limit: int = 50) -> list[JobView]:
         """Jobs, newest first, optionally only those in ``states``."""
@@ -428,20 +331,22 @@ class JobQueue:
 
     def history(self, job_id: int) -> list[EventView]:
         """The audit trail of a job, oldest first."""
-        query = select(Event).where(Event.entity == "job", Event.entity_id == str(job_id)).order_by(Event.id)
         with translate_errors("reading a job's history"), self.sessions() as session:
-            return [
-                EventView(at=e.at, entity=e.entity, entity_id=e.entity_id, kind=e.kind, detail=e.detail)
-                for e in session.scalars(query)
-            ]
+            return events.history(session, "job", job_id)
 
-    def _locked(self, session: Session, job_id: int) -> Job:
-        job = session.get(Job, job_id, with_for_update=True)
-        if job is None:
-            raise NotFound(f"no job {job_id}; see `pacs-triage jobs list`")
-        return job
 
-    @staticmethod
-    def _view(session: Session, job: Job) -> JobView:
-        uid = session.scalar(select(Study.study_instance_uid).where(Study.id == job.study_id))
-        return JobView.from_row(job, uid or "")
+def _result_row(job: Job, new: NewResult, now: dt.datetime) -> Result:
+    return Result(
+        job_id=job.id,
+        study_id=job.study_id,
+        input_fingerprint=job.input_fingerprint,
+        sop_class_uid=new.sop_class_uid,
+        sop_instance_uid=new.sop_instance_uid,
+        series_instance_uid=new.series_instance_uid,
+        path=new.path,
+        size_bytes=new.size_bytes,
+        sha256=new.sha256,
+        priority=new.priority,
+        summary=new.summary,
+        created_at=now,
+    )

@@ -18,7 +18,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.db import transaction, translate_errors
-from storage.ingest import add_event
+from storage.events import add_event
 from storage.models import Delivery, DeliveryState, Instance, Job, JobState, Result, Series, Study, StudyState
 from storage.spool import Spool
 

@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 
 from storage.completion import digest_of, input_fingerprint
 from storage.db import make_engine, make_session_factory, transaction
-from storage.ingest import add_event
+from storage.events import add_event
 from storage.migrate import upgrade
 from storage.models import Event, Instance, Job, JobState, Series, Study, StudyState, utcnow
 from tests.support.process import clean_env, cli_command
