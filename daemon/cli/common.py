@@ -7,7 +7,7 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from daemon.config import Config, ConfigError, load_config
+from daemon.config import Config, ConfigError, environment, load_config
 from daemon.logs import setup_logging
 
 ConfigOption = Annotated[
@@ -32,7 +32,7 @@ def fail(message: str, code: int = 1) -> NoReturn:
 def load(path: Path | None) -> Config:
     """The configuration (exit 2 with the key named when invalid), logging set up from it."""
     try:
-        config = load_config(path)
+        config = load_config(path, environment())
     except ConfigError as exc:
         fail(str(exc), code=2)
     setup_logging(config.logging.level)

@@ -13,6 +13,7 @@ import typer
 from daemon.cli.common import ConfigOption
 from daemon.cli.common import fail as _fail
 from daemon.cli.common import load as _config
+from daemon.cli.config import config_app
 from daemon.cli.jobs import echo_queue
 from daemon.cli.jobs import register as register_job_commands
 from daemon.config import parse_peer
@@ -26,6 +27,7 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Database maintenance.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+app.add_typer(config_app, name="config")
 
 PeerArg = Annotated[str, typer.Argument(help="The peer as AET@HOST:PORT, e.g. ORTHANC@127.0.0.1:4242.")]
 CallingAe = Annotated[
