@@ -24,8 +24,9 @@ import os
 import signal
 import threading
 import time
-import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -36,6 +37,7 @@ from daemon.config import Config
 from daemon.logs import setup_logging
 from daemon.pipelines.registry import AnalysisOutcome, Pipelines
 from daemon.polling import run_until_stopped
+from daemon.service.job_errors import classify
 from pipeline.errors import PermanentError
 from pipeline.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from storage.completion import input_fingerprint, study_input
@@ -50,6 +52,10 @@ from storage.spool import Spool
 log = logging.getLogger(__name__)
 
 PARENT_CHECK_SECONDS = 1.0
+
+# A result (SR, SEG: 1 bit per voxel) is far smaller than its input: the results disk must have
+# room for one byte per this many bytes of input before the model runs.
+INPUT_BYTES_PER_RESULT_BYTE = 8
 
 
 @dataclass
@@ -133,10 +139,10 @@ class Worker:
             return
         try:
             pipeline = self.pipelines.get(job.pipeline)
-        except PermanentError as exc:
-            self._fail(claim, exc, permanent=True)
+            files = self._readable_inputs(job.study_instance_uid, inputs.paths)
+        except (PermanentError, StorageError) as exc:
+            self._fail(claim, exc)
             return
-        files = [self.spool.path_of(p) for p in inputs.paths]
         run = _Run(threading.Event())
 
         def target() -> None:
@@ -151,13 +157,37 @@ class Worker:
         if not self._supervise(claim, run):
             return
         if run.error is not None:
-            self._fail(claim, run.error, permanent=isinstance(run.error, PermanentError))
+            self._fail(claim, run.error)
             return
         assert run.result is not None
         try:
             self._succeed(claim, run.result)
         except SpoolUnavailable as exc:
-            self._fail(claim, exc, permanent=False)
+            self._fail(claim, exc)
+
+    def _readable_inputs(self, study_uid: str, paths: Sequence[str]) -> list[Path]:
+        """The study's files, each readable here, and room for the results, checked before the model
+        runs: a worker on a host without the spool, or with a full results disk, fails transiently,
+        naming the file or the disk, instead of feeding a pipeline half a study.
+        """
+        files = [self.spool.path_of(p) for p in paths]
+        total = 0
+        for relative, path in zip(paths, files, strict=True):
+            try:
+                total += path.stat().st_size
+                readable = os.access(path, os.R_OK)
+            except OSError:
+                readable = False
+            if not readable:
+                raise SpoolUnavailable(
+                    f"spool file {relative} of study {study_uid} is missing or unreadable on this host "
+                    f"({self.name}, spool {self.spool.root}); run the worker where the spool is mounted"
+                )
+        try:
+            self.results.check_space(incoming=total // INPUT_BYTES_PER_RESULT_BYTE)
+        except SpoolUnavailable as exc:
+            raise SpoolUnavailable(f"results disk full, the model was not run: {exc}") from exc
+        return files
 
     def _supervise(self, claim: Claim, run: _Run) -> bool:
         """Heartbeat until the run is done; False if the lease was given back on shutdown."""
@@ -187,19 +217,18 @@ class Worker:
                     return False
         return True
 
-    def _fail(self, claim: Claim, error: BaseException, *, permanent: bool) -> None:
+    def _fail(self, claim: Claim, error: BaseException) -> None:
         # The one broad catch of the worker is around the pipeline (in _execute's thread); here the
-        # error is classified and recorded.
-        text = f"{type(error).__name__}: {error}"
-        if not permanent:
-            text += "\n" + "".join(traceback.format_exception(error)[-3:])
-        state = self.queue.fail(claim, text, permanent=permanent)
+        # error is classified (daemon/service/job_errors.py) and recorded: one line, then the traceback.
+        failure = classify(error, pipeline=claim.job.pipeline)
+        state = self.queue.fail(claim, failure.detail, permanent=failure.permanent)
+        kind = "permanently" if failure.permanent else "transiently"
         if state is None:
             log.warning(
-                "job %d failed (%s) but its lease was lost meanwhile", claim.job.id, text.splitlines()[0]
+                "job %d failed %s (%s) but its lease was lost meanwhile", claim.job.id, kind, failure.reason
             )
         else:
-            log.warning("job %d failed (%s): now %s", claim.job.id, text.splitlines()[0], state.value)
+            log.warning("job %d failed %s (%s): now %s", claim.job.id, kind, failure.reason, state.value)
 
     def _succeed(self, claim: Claim, result: AnalysisOutcome) -> None:
         job = claim.job
@@ -255,6 +284,17 @@ class SchemaNotReady(Exception):
     """The database schema is not at the revision this code needs."""
 
 
+def check_spool_readable(spool: Spool) -> None:
+    """At start: the received instances must be readable here (a worker on another host needs the
+    spool on shared storage), else :class:`SpoolUnavailable` naming the directory."""
+    if not (spool.objects.is_dir() and os.access(spool.objects, os.R_OK | os.X_OK)):
+        raise SpoolUnavailable(
+            f"cannot read the spool of received instances at {spool.objects}: mount the storage that "
+            "`pacs-triage serve` writes to at this path (or set PACS_TRIAGE_HOME / storage paths), "
+            "then start the worker again"
+        )
+
+
 def run_process(config: Config, *, standalone: bool, parent_pid: int | None = None) -> None:
     """Body of one worker process: until SIGTERM/SIGINT (or, under ``serve``, until its parent is gone)."""
     setup_logging(config.logging.level)
@@ -268,6 +308,7 @@ def run_process(config: Config, *, standalone: bool, parent_pid: int | None = No
                     f"(or start `pacs-triage serve`) first"
                 )
         spool = Spool(config.spool_dir, min_free_bytes=config.storage.min_free_bytes)
+        check_spool_readable(spool)
         results = Spool(config.results_dir, min_free_bytes=config.storage.min_free_bytes)
         results.open()
         worker = Worker(config, make_session_factory(engine), spool, results)

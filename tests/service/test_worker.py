@@ -42,13 +42,15 @@ def test_unknown_pipeline_fails_permanently(db: Db, tmp_path: Path) -> None:
 
 
 def test_transient_errors_are_retried_then_dead(db: Db, tmp_path: Path) -> None:
-    job_id = add_job(db, pipeline="echo", max_attempts=2)  # its files do not exist: OSError, transient
+    job_id = add_job(db, pipeline="echo", max_attempts=2)  # its files do not exist: transient
     w = worker(db, tmp_path)
     assert w.run_one() and w.run_one()
     assert not w.run_one()
     job = JobQueue(db.sessions).get(job_id)
     assert job.state is JobState.DEAD and job.attempts == 2
-    assert job.last_error is not None and job.last_error.startswith("FileNotFoundError")
+    assert job.last_error is not None and job.last_error.startswith(
+        "SpoolUnavailable: spool file objects/none/"
+    )
 
 
 def test_a_study_that_changed_since_queued_is_given_back(db: Db, tmp_path: Path) -> None:
