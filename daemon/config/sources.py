@@ -148,8 +148,8 @@ def read_environment(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[K
         except ValueError as exc:
             problems.append(f"{name}: {exc}")
             continue
-        keys[tuple(parts)] = name
-        for leaf in _leaves(value):
+        # A list or table given as JSON: only the keys it sets (defaults inside it stay "default").
+        for leaf in _leaves(value) or [()]:
             keys[(*parts, *leaf)] = name
     return data, keys, problems
 

@@ -83,6 +83,10 @@ def test_lists_and_tables_come_from_the_environment_as_json(tmp_path: Path) -> N
     (entry,) = loaded.config.access.allow
     assert (entry.ae_title, entry.network, loaded.config.workers.backoff.jitter) == ("PACS", "10.1.0.0/16", 0)
     assert loaded.provenance.origin(("access", "allow", 0, "network")).detail == "PACS_TRIAGE_ACCESS__ALLOW"
+    assert loaded.provenance.origin(("workers", "backoff", "jitter")).detail == "PACS_TRIAGE_WORKERS__BACKOFF"
+    assert (
+        loaded.provenance.origin(("workers", "backoff", "factor")).source is Source.DEFAULT
+    )  # not in the JSON
     with pytest.raises(
         ConfigError, match=r"PACS_TRIAGE_ACCESS__ALLOW: access.allow is a list or table: give it as JSON"
     ):
