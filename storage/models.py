@@ -257,3 +257,22 @@ class Event(Base):
     detail: Mapped[str] = mapped_column(Text, default="")
 
     __table_args__ = (Index("ix_events_entity", "entity", "entity_id"),)
+
+
+class Heartbeat(Base):
+    """The last sign of life of one component process or thread (receiver, worker, dispatcher, scheduler).
+
+    Written by the component itself, read by ``/readyz`` and the dashboard, so that one node's
+    health is read from the database whichever process serves the request.
+    """
+
+    __tablename__ = "heartbeats"
+
+    name: Mapped[str] = mapped_column(String(160), primary_key=True)  # <component>@<host>:<pid>[#n]
+    # receiver | worker | dispatcher | scheduler (storage.heartbeats.Component)
+    component: Mapped[str] = mapped_column(String(16), index=True)
+    host: Mapped[str] = mapped_column(String(64))
+    pid: Mapped[int] = mapped_column(Integer)
+    busy: Mapped[bool] = mapped_column(Boolean, default=False)  # working on a job or a send right now
+    started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    beat_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)

@@ -9,4 +9,5 @@ pytest_plugins = [
     "tests.support.storescp",
     "tests.support.receivers",
     "tests.support.e2e",
+    "tests.support.http",
 ]

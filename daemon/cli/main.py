@@ -57,15 +57,20 @@ def serve(
 
     With no configuration it listens on port 11112 as PACS_TRIAGE, accepts loopback peers only,
     and keeps its SQLite database and spool under ~/.local/share/pacs-triage (PACS_TRIAGE_HOME).
+    The HTTP API and pages listen on 127.0.0.1:8080 ([http] listen); the admin token is created in
+    <home>/api-token on first start unless [[http.tokens]] are configured.
     """
     from daemon.config import ConfigError
+    from daemon.http.server import HttpStartError, TokenFileError, http_addons
     from daemon.service.serve import serve as run
 
     config = _config(config_path)
     try:
-        run(config, workers=workers)
+        run(config, workers=workers, addons=http_addons(config))
     except ConfigError as exc:
         _fail(str(exc), code=2)
+    except (HttpStartError, TokenFileError) as exc:
+        _fail(str(exc))
     except OSError as exc:
         _fail(f"cannot start: {exc}")
 

@@ -10,6 +10,7 @@ Sources, later wins: embedded defaults < TOML file (``--config``) < environment 
 - ``routing``: ``[[routing.rules]]``;
 - ``delivery``: ``[[destinations]]``, ``[dispatch]``, ``[retention]``;
 - ``pipelines``: ``[pipelines]`` and ``[[pipelines.monai]]``;
+- ``http``: ``[http]`` and ``[[http.tokens]]`` (API, pages, health endpoints);
 - ``model``: the root ``Config`` with the top-level keys, ``[storage]`` and ``[logging]``;
 - ``sources``: reading the file and the environment, merging, errors that name the key;
 - ``report``: the effective values with their sources, secrets masked (``pacs-triage config check``).
@@ -33,6 +34,7 @@ from daemon.config.delivery import (
     RetentionConfig,
 )
 from daemon.config.dicom import AccessConfig, AllowEntry, DicomConfig, TlsConfig
+from daemon.config.http import ApiToken, HttpConfig
 from daemon.config.model import Config, LoggingConfig, StorageConfig, default_home
 from daemon.config.pipelines import (
     BUILTIN_PIPELINES,
@@ -65,6 +67,7 @@ __all__ = [
     "AETitle",
     "AccessConfig",
     "AllowEntry",
+    "ApiToken",
     "BackoffConfig",
     "BundleConfig",
     "ByteSize",
@@ -74,6 +77,7 @@ __all__ = [
     "DestinationConfig",
     "DicomConfig",
     "DispatchConfig",
+    "HttpConfig",
     "LoadedConfig",
     "LoggingConfig",
     "MonaiPipelineConfig",

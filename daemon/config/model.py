@@ -17,6 +17,7 @@ from daemon.config.delivery import (
     RetentionConfig,
 )
 from daemon.config.dicom import AccessConfig, DicomConfig, TlsConfig
+from daemon.config.http import HttpConfig
 from daemon.config.pipelines import PipelinesConfig
 from daemon.config.queue import CompletionConfig, WorkersConfig
 from daemon.config.routing import RoutingConfig
@@ -69,6 +70,7 @@ class Config(_Section):
     dispatch: DispatchConfig = DispatchConfig()
     retention: RetentionConfig = RetentionConfig()
     pipelines: PipelinesConfig = PipelinesConfig()
+    http: HttpConfig = HttpConfig()
 
     @field_validator("database_url")
     @classmethod

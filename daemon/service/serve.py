@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import signal
 import threading
+from collections.abc import Callable, Sequence
 from types import FrameType
+from typing import Protocol
 
 from daemon.config import Config
 from daemon.delivery.dispatcher import DispatchThreads
 from daemon.pipelines.registry import check_routing
-from daemon.service.node import open_node
+from daemon.service.liveness import Beacon
+from daemon.service.node import Node, open_node
 from daemon.service.receivers import make_receiver
 from daemon.service.scheduler import Scheduler
 from daemon.service.worker import WorkerPool
+from storage import heartbeats
+from storage.errors import StorageError
+from storage.heartbeats import Component
+from storage.leases import worker_name
+from storage.models import utcnow
 from storage.outbox import Outbox
 from storage.queue import JobQueue
 from storage.spool import Spool
@@ -26,16 +35,62 @@ SUPERVISE_SECONDS = 1.0
 DISPATCH_STOP_SECONDS = 10.0
 
 
+class Addon(Protocol):
+    """Something ``serve`` runs beside its own parts, on the same node (the HTTP server)."""
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+HEARTBEATS_KEPT_SECONDS = 3600.0  # rows of components silent this long are removed (restarts get new names)
+
+
+class _Beacons:
+    """Heartbeats of what runs in this process: the DICOM listener, the dispatchers, the scheduler."""
+
+    def __init__(self, node: Node) -> None:
+        self.sessions = node.sessions
+        self.receiver = Beacon(node.sessions, Component.RECEIVER, worker_name("receiver"))
+        self.dispatcher = Beacon(node.sessions, Component.DISPATCHER, worker_name("dispatcher"))
+        self.scheduler = Beacon(node.sessions, Component.SCHEDULER, worker_name("scheduler"))
+        self.pruned_at = 0.0
+
+    def beat(self, *, receiver: bool, dispatcher: bool, scheduler: bool) -> None:
+        for beacon, alive in (
+            (self.receiver, receiver),
+            (self.dispatcher, dispatcher),
+            (self.scheduler, scheduler),
+        ):
+            if alive:
+                beacon.beat()
+        now = utcnow()
+        if now.timestamp() - self.pruned_at > HEARTBEATS_KEPT_SECONDS / 4:
+            self.pruned_at = now.timestamp()
+            try:
+                heartbeats.prune(
+                    self.sessions, older_than=now - dt.timedelta(seconds=HEARTBEATS_KEPT_SECONDS)
+                )
+            except StorageError as exc:
+                log.warning("old heartbeats not pruned: %s", exc)
+
+    def forget(self) -> None:
+        for beacon in (self.receiver, self.dispatcher, self.scheduler):
+            beacon.forget()
+
+
 def serve(
     config: Config,
     *,
     workers: int | None = None,
     ready: threading.Event | None = None,
     stop: threading.Event | None = None,
+    addons: Sequence[Callable[[Node], Addon]] = (),
 ) -> None:
     """Run until ``stop`` is set or SIGTERM/SIGINT arrives; stop cleanly (in-flight stores finish).
 
-    ``workers`` worker processes (default ``workers.count``) run the jobs.
+    ``workers`` worker processes (default ``workers.count``) run the jobs. ``addons`` are built on
+    the open node and started last, stopped first: the HTTP server (``daemon/http/server.py``),
+    which the command line passes in because ``daemon.http`` sits above this package.
     """
     stop = stop or threading.Event()
     check_routing(config)
@@ -61,11 +116,15 @@ def serve(
     scheduler = Scheduler(config, node.sessions, node.spool, results, queue, outbox)
     dispatch = DispatchThreads(config, outbox, results)
     pool = WorkerPool(config, config.workers.count if workers is None else workers)
+    beacons = _Beacons(node)
+    extras = [make(node) for make in addons]
     try:
         receiver.start()
         scheduler.start()
         dispatch.start()
         pool.start()
+        for extra in extras:
+            extra.start()
         log.info(
             "pacs-triage ready: database %s, spool %s (%.1f GiB free)",
             node.engine.url.render_as_string(hide_password=True),
@@ -74,14 +133,24 @@ def serve(
         )
         if ready is not None:
             ready.set()
-        while not stop.wait(SUPERVISE_SECONDS):
+        while True:
+            beacons.beat(
+                receiver=True,  # receiver.check() raised otherwise
+                dispatcher=any(t.is_alive() for t in dispatch.threads),
+                scheduler=scheduler.scheduler.running,
+            )
+            if stop.wait(SUPERVISE_SECONDS):
+                break
             receiver.check()
             pool.check()
             dispatch.check()
     finally:
+        for extra in reversed(extras):
+            extra.stop()
         receiver.stop()
         pool.stop()
         dispatch.stop(timeout=DISPATCH_STOP_SECONDS)
         scheduler.stop()
+        beacons.forget()
         node.close()
         log.info("pacs-triage stopped")

@@ -37,12 +37,14 @@ from daemon.config import Config
 from daemon.logs import setup_logging
 from daemon.pipelines.registry import AnalysisOutcome, Pipelines
 from daemon.polling import run_until_stopped
+from daemon.service.liveness import Beacon
 from daemon.service.job_errors import classify
 from pipeline.errors import PermanentError
 from pipeline.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from storage.completion import input_fingerprint, study_input
 from storage.db import make_engine, make_session_factory
 from storage.errors import SpoolUnavailable, StorageError, StorageUnavailable
+from storage.heartbeats import Component
 from storage.leases import worker_name
 from storage.migrate import current_revision, head_revision
 from storage.outbox import Destination
@@ -90,6 +92,7 @@ class Worker:
             sessions, lease_seconds=config.workers.lease_seconds, backoff=config.workers.backoff.policy()
         )
         self.stop = threading.Event()
+        self.beacon = Beacon(sessions, Component.WORKER, self.name)  # for /readyz and the dashboard
 
     def run(self) -> None:
         """Claim and run jobs until :attr:`stop` is set."""
@@ -97,10 +100,12 @@ class Worker:
         run_until_stopped(
             self.stop, self.run_one, idle_seconds=self.config.workers.poll_seconds, who=f"worker {self.name}"
         )
+        self.beacon.forget()
         log.info("worker %s stopped", self.name)
 
     def run_one(self) -> bool:
         """Claim one due job and run it; False when none was due."""
+        self.beacon.beat()
         claim = self.queue.claim(self.name)
         if claim is None:
             return False
@@ -194,6 +199,7 @@ class Worker:
         deadline: float | None = None
         lost = False
         while not run.done.wait(self.config.workers.heartbeat_interval):
+            self.beacon.beat(busy=True, force=True)
             if not lost:
                 try:
                     lost = not self.queue.heartbeat(claim)

@@ -127,6 +127,8 @@ def start_service(
         "PACS_TRIAGE_LOGGING__LEVEL": "INFO",
         # Receiver tests need no analysis workers (each would import the ML stack on 2 cores).
         "PACS_TRIAGE_WORKERS__COUNT": "0",
+        # Any free port: tests run side by side (tests/http/ picks its own and says so).
+        "PACS_TRIAGE_HTTP__LISTEN": "127.0.0.1:0",
     }
     if spool is not None:
         settings["PACS_TRIAGE_STORAGE__SPOOL_DIR"] = str(spool)
