@@ -20,7 +20,8 @@ Claiming, one API on both backends:
   ``FOR UPDATE`` on SQLite.)
 
 Every state change goes through :meth:`LeasedTable.move`, which checks it against the table's
-moves and appends its audit row (``storage/events.py``) in the same transaction.
+moves and appends its audit row (``storage/events.py``) in the same transaction; only the claim
+moves a row by a compare-and-set ``UPDATE``, and it appends the same audit row.
 """
 
 from __future__ import annotations
@@ -96,9 +97,9 @@ class LeasedTable(Generic[Row, State]):
         clear_lease(row)
         self.move(session, row, to, now, **detail)
 
-    def locked(self, session: Session, row_id: int) -> Row:
-        """The row, locked for update, or :class:`NotFound` naming where to find ids."""
-        row = session.get(self.model, row_id, with_for_update=True)
+    def get(self, session: Session, row_id: int, *, lock: bool = False) -> Row:
+        """The row (locked for update with ``lock``), or :class:`NotFound` naming where to find ids."""
+        row = session.get(self.model, row_id, with_for_update=lock)
         if row is None:
             raise NotFound(f"no {self.entity} {row_id}; see `{self.list_command}`")
         return row
@@ -141,6 +142,8 @@ class Leases(Generic[Row, State]):
             )
             if row_id is None:
                 return None
+            # The move to running is this compare-and-set (not LeasedTable.move): on SQLite it is what
+            # refuses a row another claimer took first. It is audited below like any move.
             claimed = session.scalar(
                 update(model)
                 .where(model.id == row_id, model.state == table.ready)
@@ -157,14 +160,13 @@ class Leases(Generic[Row, State]):
             if claimed is None:
                 return None
             row = session.get_one(model, claimed)
-            attempt = row.attempts
             add_event(
                 session,
                 table.entity,
                 row.id,
                 table.running.value,
                 previous=table.ready.value,
-                attempt=attempt,
+                attempt=row.attempts,
                 owner=owner,
             )
             return view(session, row), owner
@@ -272,7 +274,7 @@ class Leases(Generic[Row, State]):
         """Operator: queue a row in a retryable state again, with a fresh set of attempts."""
         table, now = self.table, self.clock()
         with transaction(self.sessions, f"retrying a {table.entity}") as session:
-            row = table.locked(session, row_id)
+            row = table.get(session, row_id, lock=True)
             if table.states(row.state) not in table.retryable:
                 *first, last = (state.value for state in table.retryable)
                 allowed = f"{', '.join(first)} or {last}" if first else last

@@ -26,7 +26,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from storage import events
 from storage.db import transaction, translate_errors
-from storage.errors import NotFound
 from storage.events import EventView, add_event
 from storage.leases import LeasedTable, Leases
 from storage.models import Job, JobState, Result, Study, utcnow
@@ -309,16 +308,13 @@ class JobQueue:
     def cancel(self, job_id: int) -> JobView:
         """Cancel a job that has not succeeded; a running one's worker drops its result."""
         with transaction(self.sessions, "cancelling a job") as session:
-            job = JOBS.locked(session, job_id)
+            job = JOBS.get(session, job_id, lock=True)
             JOBS.revoke(session, job, S.CANCELLED, self.clock(), reason="cancelled by operator")
             return JobView.load(session, job)
 
     def get(self, job_id: int) -> JobView:
         with translate_errors("reading a job"), self.sessions() as session:
-            job = session.get(Job, job_id)
-            if job is None:
-                raise NotFound(f"no job {job_id}; see `pacs-triage jobs list`")
-            return JobView.load(session, job)
+            return JobView.load(session, JOBS.get(session, job_id))
 
     def recent(self, states: Sequence[JobState] = (), limit: int = 50) -> list[JobView]:
         """Jobs, newest first, optionally only those in ``states``."""
