@@ -21,10 +21,11 @@ Processes:
 * Each child runs one :class:`daemon.dicom.scp.Receiver` until SIGTERM/SIGINT and stops like the
   single-process receiver: stop accepting, let in-flight associations finish, abort the rest; a
   store is acknowledged only once durable, so nothing is half-recorded.
-* ``serve`` supervises them: a child that dies is restarted (the peers it served resend what was
-  not acknowledged). On SIGTERM it forwards SIGTERM to every child and waits for them.
-* A child dies with its parent (Linux ``PR_SET_PDEATHSIG``): after a ``kill -9`` of ``serve`` no
-  receiver is left holding the port, exactly as with a single process.
+* ``serve`` supervises them with :mod:`daemon.service.supervisor`: a child that dies is restarted
+  with backoff (the peers it served resend what was not acknowledged). On SIGTERM it forwards
+  SIGTERM to every child and waits for them.
+* A child dies with its parent (SIGKILL by ``PR_SET_PDEATHSIG``): after a ``kill -9`` of ``serve``
+  no receiver is left holding the port, exactly as with a single process.
 
 Only processes of the same user may join a ``SO_REUSEPORT`` group (Linux), so another account
 cannot take connections from the port.
@@ -32,17 +33,10 @@ cannot take connections from the port.
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import multiprocessing
-import multiprocessing.connection
-import multiprocessing.process
-import os
 import signal
 import socket
-import sys
 import threading
-import time
 from types import FrameType
 from typing import Protocol
 
@@ -50,13 +44,13 @@ from daemon.config import Config
 from daemon.dicom.scp import Receiver
 from daemon.logs import setup_logging
 from daemon.service.node import open_node
+from daemon.service.supervisor import ChildSpec, Readiness, Supervisor
 from storage.ingest import Ingest
 
 log = logging.getLogger(__name__)
 
 START_TIMEOUT_SECONDS = 60.0  # a child that has not listened by then fails the start
 STOP_GRACE_SECONDS = 10.0  # in-flight associations get this long (as Receiver.stop), then abort
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class ReceiverService(Protocol):
@@ -80,11 +74,8 @@ class ReceiverProcesses:
     def __init__(self, config: Config, count: int) -> None:
         self.config = config
         self.count = count
-        # spawn: the parent runs threads (scheduler, dispatchers); fork would copy their locks.
-        self.context = multiprocessing.get_context("spawn")
-        self.processes: list[multiprocessing.process.BaseProcess] = []
+        self.supervisor: Supervisor | None = None
         self._reservations: list[socket.socket] = []
-        self._child_config: Config | None = None
 
     def start(self) -> list[tuple[str, int, bool]]:
         """Reserve the port(s), start the children and wait until every one listens."""
@@ -103,11 +94,15 @@ class ReceiverProcesses:
                 child = child.model_copy(
                     update={"tls": self.config.tls.model_copy(update={"port": tls_port})}
                 )
-            self._child_config = child
-            started = [self._spawn(index) for index in range(self.count)]
-            self.processes = [process for process, _ in started]
-            for index, (process, report) in enumerate(started):
-                _wait_ready(index, process, report)
+            spec = ChildSpec(
+                kind="receiver",
+                target=_child,
+                args=(child,),
+                stop_grace_seconds=STOP_GRACE_SECONDS + 10,
+                start_timeout_seconds=START_TIMEOUT_SECONDS,
+            )
+            self.supervisor = Supervisor(spec, self.count)
+            self.supervisor.start(wait=True)
         except BaseException:
             self.stop()
             raise
@@ -122,54 +117,22 @@ class ReceiverProcesses:
             )
         return bound
 
-    def _spawn(
-        self, index: int
-    ) -> tuple[multiprocessing.process.BaseProcess, multiprocessing.connection.Connection]:
-        assert self._child_config is not None
-        reader, writer = self.context.Pipe(duplex=False)
-        process = self.context.Process(
-            target=_child,
-            args=(self._child_config, index, os.getpid(), writer),
-            name=f"pacs-triage-receiver-{index}",
-            daemon=False,
-        )
-        process.start()
-        writer.close()  # the child holds the other end; EOF here means it died
-        log.info("receiver process %d started (pid %s)", index, process.pid)
-        return process, reader
-
     def check(self) -> None:
         """Restart receiver processes that died; their peers resend what was not acknowledged."""
-        for index, process in enumerate(self.processes):
-            if not process.is_alive():
-                log.warning(
-                    "receiver process %d (pid %s) exited with %s; restarting it",
-                    index,
-                    process.pid,
-                    process.exitcode,
-                )
-                self.processes[index], report = self._spawn(index)
-                report.close()  # the others serve meanwhile; the next check() sees if it died again
+        if self.supervisor is not None:
+            self.supervisor.check()
 
     def stop(self) -> None:
         """SIGTERM every child (in-flight stores finish or fail), wait, kill stragglers."""
-        for process in self.processes:
-            if process.is_alive():
-                process.terminate()
-        deadline = time.monotonic() + STOP_GRACE_SECONDS + 10
-        for process in self.processes:
-            process.join(timeout=max(0.1, deadline - time.monotonic()))
-            if process.is_alive():
-                log.warning("receiver pid %s did not stop in time; killing it", process.pid)
-                process.kill()
-                process.join(timeout=5)
-        self.processes = []
+        if self.supervisor is not None:
+            self.supervisor.stop()
+            self.supervisor = None
         for sock in self._reservations:
             sock.close()
         self._reservations = []
 
     def pids(self) -> list[int]:
-        return [p.pid for p in self.processes if p.pid is not None]
+        return self.supervisor.pids() if self.supervisor is not None else []
 
 
 def _reserve(host: str, port: int) -> socket.socket:
@@ -192,38 +155,8 @@ def _reserve(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _wait_ready(
-    index: int, process: multiprocessing.process.BaseProcess, report: multiprocessing.connection.Connection
-) -> None:
-    with report:
-        if not report.poll(START_TIMEOUT_SECONDS):
-            raise RuntimeError(f"receiver process {index} did not start within {START_TIMEOUT_SECONDS:.0f} s")
-        try:
-            problem = report.recv()
-        except EOFError:
-            process.join(timeout=5)
-            raise RuntimeError(
-                f"receiver process {index} exited with {process.exitcode} while starting (see its log)"
-            ) from None
-    if problem:
-        raise OSError(f"receiver process {index} could not start: {problem}")
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Have the kernel SIGKILL this process when ``serve`` exits, however it exits (Linux)."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
-            log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
-
-
-def _child(
-    config: Config, index: int, parent_pid: int, report: multiprocessing.connection.Connection
-) -> None:
+def _child(index: int, readiness: Readiness, config: Config) -> None:
     """Body of one receiver process: receive until SIGTERM/SIGINT (or the parent's death)."""
-    _die_with_parent(parent_pid)
     setup_logging(config.logging.level)
     stop = threading.Event()
 
@@ -241,10 +174,9 @@ def _child(
         try:
             receiver.start()
         except Exception as exc:
-            report.send(f"{type(exc).__name__}: {exc}")
+            readiness.failed(f"{type(exc).__name__}: {exc}")
             raise
-        report.send("")
-        report.close()
+        readiness.ready()
         stop.wait()
     finally:
         receiver.stop(grace_seconds=STOP_GRACE_SECONDS)

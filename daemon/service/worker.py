@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import io
 import logging
-import multiprocessing
-import multiprocessing.process
 import os
 import signal
 import threading
@@ -37,8 +35,9 @@ from daemon.config import Config
 from daemon.logs import setup_logging
 from daemon.pipelines.registry import AnalysisOutcome, Pipelines
 from daemon.polling import run_until_stopped
-from daemon.service.liveness import Beacon
 from daemon.service.job_errors import classify
+from daemon.service.liveness import Beacon
+from daemon.service.supervisor import ChildSpec, Readiness, Supervisor
 from pipeline.errors import PermanentError
 from pipeline.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from storage.completion import input_fingerprint, study_input
@@ -52,8 +51,6 @@ from storage.queue import Claim, JobQueue, NewResult
 from storage.spool import Spool
 
 log = logging.getLogger(__name__)
-
-PARENT_CHECK_SECONDS = 1.0
 
 # A result (SR, SEG: 1 bit per voxel) is far smaller than its input: the results disk must have
 # room for one byte per this many bytes of input before the model runs.
@@ -301,8 +298,8 @@ def check_spool_readable(spool: Spool) -> None:
         )
 
 
-def run_process(config: Config, *, standalone: bool, parent_pid: int | None = None) -> None:
-    """Body of one worker process: until SIGTERM/SIGINT (or, under ``serve``, until its parent is gone)."""
+def run_process(config: Config, *, standalone: bool, readiness: Readiness | None = None) -> None:
+    """Body of one worker process: until SIGTERM/SIGINT (under ``serve``, also sent when serve dies)."""
     setup_logging(config.logging.level)
     engine = make_engine(config.effective_database_url, pool_size=2)
     try:
@@ -327,73 +324,53 @@ def run_process(config: Config, *, standalone: bool, parent_pid: int | None = No
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-        if parent_pid is not None:
-            threading.Thread(target=_watch_parent, args=(parent_pid, worker.stop), daemon=True).start()
+        if readiness is not None:
+            readiness.ready()
         worker.run()
+    except Exception as exc:
+        if readiness is not None:
+            readiness.failed(f"{type(exc).__name__}: {exc}")
+        raise
     finally:
         engine.dispose()
 
 
-def _watch_parent(parent_pid: int, stop: threading.Event) -> None:
-    """Stop (after the current job) when ``serve`` died without stopping us, e.g. ``kill -9``."""
-    while not stop.wait(PARENT_CHECK_SECONDS):
-        if os.getppid() != parent_pid:
-            log.warning("serve (pid %d) is gone; this worker stops after its current job", parent_pid)
-            stop.set()
-
-
-def _pool_child(config: Config, parent_pid: int) -> None:
-    run_process(config, standalone=False, parent_pid=parent_pid)
+def _pool_child(_index: int, readiness: Readiness, config: Config) -> None:
+    run_process(config, standalone=False, readiness=readiness)
 
 
 class WorkerPool:
-    """The worker processes of ``serve``: started, restarted when one dies, stopped on shutdown."""
+    """The worker processes of ``serve``: started, restarted (with backoff) when one dies, stopped.
+
+    A worker gets SIGTERM when serve dies (``kill -9`` included): it finishes its job within
+    ``workers.shutdown_grace_seconds`` or gives the lease back. A worker that was killed leaves its
+    job to the lease reaper.
+    """
 
     def __init__(self, config: Config, count: int) -> None:
         self.config = config
-        self.count = count
-        # spawn: the parent runs threads (receiver, scheduler); fork would copy their locks.
-        self.context = multiprocessing.get_context("spawn")
-        self.processes: list[multiprocessing.process.BaseProcess] = []
-
-    def _spawn(self, index: int) -> multiprocessing.process.BaseProcess:
-        process = self.context.Process(
-            target=_pool_child,
-            args=(self.config, os.getpid()),
-            name=f"pacs-triage-worker-{index}",
-            daemon=False,
+        self.supervisor = Supervisor(
+            ChildSpec(
+                kind="worker",
+                target=_pool_child,
+                args=(config,),
+                death_signal=signal.SIGTERM,
+                stop_grace_seconds=config.workers.shutdown_grace_seconds + 10,
+            ),
+            count,
         )
-        process.start()
-        log.info("worker process %d started (pid %s)", index, process.pid)
-        return process
 
     def start(self) -> None:
-        self.processes = [self._spawn(i) for i in range(self.count)]
+        # Not waiting: a worker imports the ML stack (seconds); the receiver need not wait for it.
+        self.supervisor.start(wait=False)
 
     def check(self) -> None:
         """Restart workers that died (killed, crashed); their jobs come back when the leases expire."""
-        for index, process in enumerate(self.processes):
-            if not process.is_alive():
-                log.warning(
-                    "worker process %d (pid %s) exited with %s; restarting it",
-                    index,
-                    process.pid,
-                    process.exitcode,
-                )
-                self.processes[index] = self._spawn(index)
+        self.supervisor.check()
 
     def pids(self) -> list[int]:
-        return [p.pid for p in self.processes if p.pid is not None]
+        return self.supervisor.pids()
 
     def stop(self) -> None:
-        for process in self.processes:
-            if process.is_alive() and process.pid is not None:
-                process.terminate()  # SIGTERM: finish or give back
-        limit = time.monotonic() + self.config.workers.shutdown_grace_seconds + 10
-        for process in self.processes:
-            process.join(timeout=max(0.1, limit - time.monotonic()))
-            if process.is_alive():
-                log.warning("worker pid %s did not stop in time; killing it", process.pid)
-                process.kill()
-                process.join(timeout=5)
-        self.processes = []
+        """SIGTERM: each worker finishes its job or gives it back; stragglers are killed."""
+        self.supervisor.stop()

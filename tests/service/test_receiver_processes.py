@@ -3,13 +3,15 @@
 Real ``pacs-triage serve`` subprocesses, real associations from dcmtk's storescu, SQLite and
 PostgreSQL: concurrent associations (which the kernel spreads over the processes) record every
 instance once; SIGTERM stops every process cleanly; a dead receiver is restarted; ``kill -9`` of serve
-leaves no receiver holding the port; a port already served is refused, not shared.
+leaves no receiver holding the port; a port already served is refused, not shared; the receivers
+stay up (same PIDs) while nothing kills them, after a restart too.
 """
 
 from __future__ import annotations
 
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,6 +56,26 @@ def receiver_pids(service: Service) -> list[int]:
         except psutil.Error:  # a zombie not reaped yet, or gone
             continue
     return pids
+
+
+# Long enough for several supervision rounds (serve checks its children every second; the crash
+# loop of issue 11 item 14 replaced a receiver every ~3 s), short enough for a test.
+STABLE_WINDOW_S = 15.0
+
+
+def assert_pids_stay(service: Service, pids: list[int], *, window: float) -> None:
+    """Poll serve's receiver children until ``window`` has passed; fail at the first change."""
+    deadline = time.monotonic() + window
+
+    def unchanged_until_the_window_ends() -> bool:
+        assert service.alive(), service.log_text()[-3000:]
+        now = receiver_pids(service)
+        assert sorted(now) == sorted(pids), f"receiver processes changed from {pids} to {now}"
+        return time.monotonic() >= deadline
+
+    wait_until(
+        unchanged_until_the_window_ends, timeout=window + 30, what="the observation window", interval=0.2
+    )
 
 
 def small_instances(directory: Path, count: int) -> list[Path]:
@@ -142,3 +164,29 @@ def test_a_port_already_served_is_refused_not_shared(sqlite_services: ServiceFac
     assert intruder.process.wait(timeout=120) == 1
     assert "Address already in use" in intruder.log_text()
     assert service.echo() == 0
+
+
+def test_receivers_keep_their_pids_before_and_after_a_restart(
+    sqlite_services: ServiceFactory, tmp_path: Path
+) -> None:
+    """Issue 11 item 14: with receivers > 1 a restarted child died again every ~3 s (BrokenPipeError)."""
+    service = sqlite_services(env=RECEIVERS)
+    first = receiver_pids(service)
+    assert len(first) == 2
+    assert_pids_stay(service, first, window=STABLE_WINDOW_S)
+    victim, survivor = first
+    psutil.Process(victim).send_signal(signal.SIGKILL)
+
+    def replacement() -> list[int] | None:
+        pids = receiver_pids(service)
+        return pids if len(set(pids) - {victim}) == 2 else None
+
+    replaced = wait_until(replacement, timeout=60, what="a replacement receiver")
+    assert survivor in replaced
+    assert_pids_stay(service, replaced, window=STABLE_WINDOW_S)
+    files = small_instances(tmp_path / "in", 12)
+    send_concurrently(service, files, associations=4)
+    assert service.status_json()["instances"] == 12
+    assert receiver_pids(service) == replaced, "the receivers stayed up while receiving"
+    assert service.log_text().count("restarting it") == 1, service.log_text()[-3000:]
+    assert "BrokenPipeError" not in service.log_text()
