@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: run serve test lint typecheck pytest venv clean
+.PHONY: run serve test lint typecheck contracts pytest venv clean
 
 venv: $(STAMP)
 
@@ -37,10 +37,14 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# The rooms of DESIGN.md: [tool.importlinter] in pyproject.toml (layers, independence, no cycles).
+contracts: $(STAMP)
+	$(BIN)/lint-imports --no-logo
+
 pytest: $(STAMP)
 	$(BIN)/pytest
 
-test: lint typecheck pytest
+test: lint typecheck contracts pytest
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .import_linter_cache
