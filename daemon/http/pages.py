@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, Form, Request
+from fastapi import APIRouter, Depends, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
@@ -119,12 +119,28 @@ def dashboard(request: Request, node: NodeDep, now: Now, caller: Caller) -> Resp
     )
 
 
+def _worklist_filter(request: Request) -> StudyFilter:
+    """The filter form's fields; a field left empty ("any") filters nothing."""
+    query = {k: v for k, v in request.query_params.items() if v.strip()}
+    priority = query.get("priority")
+    if priority not in (None, "stat", "urgent", "routine"):
+        raise HTTPException(400, f"unknown priority {priority!r}")
+    try:
+        date = dt.date.fromisoformat(query["date"]) if "date" in query else None
+    except ValueError as exc:
+        raise HTTPException(400, f"date {query['date']!r} is not YYYY-MM-DD") from exc
+    return study_filter(
+        date=date,
+        priority=[priority] if priority else None,  # type: ignore[list-item]
+        pipeline=query.get("pipeline"),
+    )
+
+
 @router.get("/worklist", response_class=HTMLResponse)
-def worklist_page(
-    request: Request, node: NodeDep, caller: Caller, flt: Annotated[StudyFilter, Depends(study_filter)]
-) -> Response:
+def worklist_page(request: Request, node: NodeDep, caller: Caller) -> Response:
     if caller is None:
         return _login(request)
+    flt = _worklist_filter(request)
     return _page(request, "worklist.html", caller, title="Worklist", studies=worklist(node.sessions, flt))
 
 
