@@ -30,10 +30,7 @@ parsed and loaded are the bytes that were hashed (no second read from disk).
 from __future__ import annotations
 
 import enum
-import hashlib
-import io
 import json
-import re
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -44,24 +41,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.bundle_config import INFERENCE, NEVER_RESOLVED, build_parser, channel_names, load_network
+from pipeline.bundle_pins import bundle_sha256, read_pinned
 from pipeline.errors import BundleError, TransientError
 from pipeline.findings import AlgorithmInfo
 from pipeline.volume import Volume
-from vocabulary import is_sha256_hex
 
 __all__ = ["NEVER_RESOLVED", "BundleKind", "BundleRuntime", "Prediction"]
 __all__ += ["bundle_sha256", "clear_bundle_cache", "load_bundle"]
 
-#: Top-level ids of ``inference.json`` dropped before parsing: the daemon feeds data, loads weights
-#: and drives inference itself. Anything that still refers to them fails with a BundleError.
-NEVER_RESOLVED: tuple[str, ...] = (
-    *("datalist", "dataset", "dataloader", "data", "test_imagelist", "test_labellist", "handlers"),
-    *("evaluator", "checkpointloader", "initialize", "run", "evaluating", "finalize"),
-)
-_INFERENCE = "configs/inference.json"
-_METADATA = "configs/metadata.json"
-_DEFAULT_WEIGHTS = ("model.pt", "model.ts")
-_FILE_MACRO = re.compile(r'"%[^"#]*\.(json|ya?ml)[#"]')  # "%other.json#id" reads an unpinned file
 _CACHE_SIZE = 4
 # What MONAI's ConfigParser raises for a config that does not build (bad id, import, expression).
 _BUILD_ERRORS = (KeyError, ValueError, TypeError, AttributeError, ImportError, RuntimeError, SyntaxError)
@@ -99,156 +87,6 @@ class Prediction:
         for array in (self.labels, self.probabilities):
             if array is not None:
                 array.flags.writeable = False
-
-
-# --- pinning -------------------------------------------------------------------------------------
-
-
-def _digest(files: Mapping[str, bytes]) -> str:
-    sha = hashlib.sha256()
-    for rel in sorted(files):
-        name = rel.encode("utf-8")
-        data = files[rel]
-        sha.update(len(name).to_bytes(8, "big") + name + len(data).to_bytes(8, "big"))
-        sha.update(data)
-    return sha.hexdigest()
-
-
-def _read_bundle(bundle_dir: Path, roots: Sequence[Path] = ()) -> dict[str, bytes]:
-    """The covered files (see :func:`bundle_sha256`) by relative POSIX path, each read once."""
-    paths = [p for p in (bundle_dir / "configs").glob("*.json") if p.is_file()]
-    paths += [p for p in (bundle_dir / "models").rglob("*") if p.is_file()]
-    files: dict[str, bytes] = {}
-    for path in sorted(paths):
-        real = path.resolve()
-        if roots and not any(real.is_relative_to(root) for root in roots):
-            raise BundleError(
-                f"bundle file {path} resolves to {real}, outside the allowed bundle directories"
-            )
-        files[path.relative_to(bundle_dir).as_posix()] = real.read_bytes()
-    return files
-
-
-def bundle_sha256(bundle_dir: str | Path) -> str:
-    """Hex sha256 pinning a bundle: every file of ``configs/*.json`` and ``models/**`` (recursive).
-
-    Files are taken in sorted order of their POSIX path relative to the bundle directory; for each,
-    the digest is fed ``len(path) || path || len(content) || content`` (lengths as 8-byte big-endian,
-    path in UTF-8). Nothing else is covered: ``docs/``, ``LICENSE``, ``configs/*.yaml`` and
-    ``scripts/`` are not read by this runtime (the bundle directory is never put on ``sys.path``).
-    """
-    return _digest(_read_bundle(Path(bundle_dir)))
-
-
-# --- parsing -------------------------------------------------------------------------------------
-
-
-def _target_name(item: object) -> str:
-    target = item.get("_target_") if isinstance(item, dict) else None
-    return target.rsplit(".", 1)[-1] if isinstance(target, str) else ""
-
-
-def _json(files: Mapping[str, bytes], rel: str) -> dict[str, Any]:
-    try:
-        content = json.loads(files[rel])
-    except KeyError:
-        raise BundleError(f"bundle has no {rel}") from None
-    except ValueError as exc:
-        raise BundleError(f"{rel} is not valid JSON: {exc}") from exc
-    if not isinstance(content, dict):
-        raise BundleError(f"{rel} must hold a JSON object")
-    return content
-
-
-def _label_names(meta: Mapping[str, Any]) -> tuple[str, ...]:
-    """Channel names from ``network_data_format.outputs.pred.channel_def`` (or the only output)."""
-    outputs = meta.get("network_data_format", {}).get("outputs", {})
-    output = outputs.get("pred") or (next(iter(outputs.values())) if len(outputs) == 1 else None)
-    channel_def = output.get("channel_def") if isinstance(output, dict) else None
-    if not isinstance(channel_def, dict) or not channel_def:
-        raise BundleError(
-            f"{_METADATA} has no network_data_format.outputs.pred.channel_def naming the labels"
-        )
-    try:
-        by_index = {int(k): str(v) for k, v in channel_def.items()}
-    except ValueError as exc:
-        raise BundleError(f"{_METADATA}: channel_def keys must be channel indices: {exc}") from exc
-    if sorted(by_index) != list(range(len(by_index))):
-        raise BundleError(f"{_METADATA}: channel_def indices must be 0..C-1, got {sorted(by_index)}")
-    return tuple(by_index[i] for i in range(len(by_index)))
-
-
-def _replace_io(parser: Any, section: str, names: tuple[str, ...], prefix: str = "") -> None:
-    """Replace the file loaders/writers of ``section#transforms`` by ``Identityd`` on the same keys."""
-    transforms = parser.get(f"{section}#transforms")
-    if not isinstance(transforms, list):
-        return
-    for index, item in enumerate(transforms):
-        name = _target_name(item)
-        if name in names or (prefix and name.startswith(prefix)):
-            parser[f"{section}#transforms#{index}"] = {"_target_": "Identityd", "keys": item.get("keys")}
-
-
-def _build_parser(files: Mapping[str, bytes], overrides: Mapping[str, Any], device: torch.device) -> Any:
-    from monai.bundle import ConfigParser
-
-    config = _json(files, _INFERENCE)
-    for key in NEVER_RESOLVED:
-        config.pop(key, None)
-    macro = _FILE_MACRO.search(json.dumps(config))
-    if macro:
-        raise BundleError(
-            f"{_INFERENCE}: macro {macro.group(0)} reads another file; only same-file macros are allowed"
-        )
-    parser = ConfigParser()
-    parser.read_meta(_json(files, _METADATA))
-    parser.read_config(config)
-    for key, value in overrides.items():
-        try:
-            parser[key] = value
-        except (KeyError, IndexError, ValueError) as exc:
-            raise BundleError(f"override {key!r}: no such id in {_INFERENCE} ({exc})") from exc
-    parser["device"] = device
-    if isinstance(parser.get("inferer"), dict) and "device" in parser["inferer"]:
-        parser["inferer#device"] = device
-    if isinstance(parser.get("network_def"), dict) and "pretrained" in parser["network_def"]:
-        parser["network_def#pretrained"] = False
-    _replace_io(parser, "preprocessing", ("LoadImaged", "LoadImage"))
-    _replace_io(parser, "postprocessing", (), prefix="Save")
-    return parser
-
-
-def _load_network(parser: Any, files: Mapping[str, bytes], device: torch.device) -> torch.nn.Module:
-    """The network with the pinned weights, on ``device``, in eval mode."""
-    if "modelname" in parser:
-        name = parser.get_parsed_content("modelname")
-        if not isinstance(name, str) or Path(name).name != name:
-            raise BundleError(f"modelname must be a file name in models/, got {name!r}")
-        candidates: tuple[str, ...] = (name,)
-    else:
-        candidates = _DEFAULT_WEIGHTS
-    found = [f"models/{n}" for n in candidates if f"models/{n}" in files]
-    if not found:
-        raise BundleError(f"bundle has no weights: none of {['models/' + n for n in candidates]} exists")
-    rel = found[0]
-    data = io.BytesIO(files[rel])
-    if rel.endswith(".ts"):
-        try:
-            network: torch.nn.Module = torch.jit.load(data, map_location=device)
-        except RuntimeError as exc:
-            raise BundleError(f"{rel} is not a TorchScript module: {exc}") from exc
-        return network.eval()
-    network = parser.get_parsed_content("network_def")
-    if not isinstance(network, torch.nn.Module):
-        raise BundleError(f"network_def built a {type(network).__name__}, not a torch.nn.Module")
-    try:
-        state = torch.load(data, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and len(state) == 1 and isinstance(state.get("model"), dict):
-            state = state["model"]  # a CheckpointSaver file with load_dict {"model": ...}
-        network.load_state_dict(state, strict=True)
-    except (RuntimeError, TypeError, ValueError, AttributeError) as exc:
-        raise BundleError(f"{rel} does not hold a state dict for network_def: {exc}") from exc
-    return network.to(device).eval()
 
 
 def _import_error(exc: BaseException | None) -> ImportError | None:
@@ -292,7 +130,7 @@ class BundleRuntime:
         self.parser = parser
         self.network = network
         meta = parser.get("_meta_", {})
-        self.label_names = _label_names(meta)
+        self.label_names = channel_names(meta)
         self.name = str(meta.get("name") or path.name)
         self.version = str(meta.get("version") or "unknown")
         self.image_key = str(parser.get_parsed_content("image_key")) if "image_key" in parser else "image"
@@ -324,27 +162,16 @@ class BundleRuntime:
             )
         if not path.is_dir():
             raise BundleError(f"bundle directory {path} does not exist")
-        pinned = sha256.strip().lower()
-        if not is_sha256_hex(pinned):
-            raise BundleError(f"pinned sha256 for bundle {path} must be 64 hex digits, got {sha256!r}")
-        files = _read_bundle(path, roots)
-        if not any(rel.startswith("models/") for rel in files):
-            raise BundleError(f"bundle {path} has no weights: models/ is missing or empty")
-        actual = _digest(files)
-        if actual != pinned:
-            raise BundleError(
-                f"bundle {path} sha256 mismatch: pinned {pinned}, found {actual}; "
-                "the bundle changed since it was pinned (re-pin it only if the change is trusted)"
-            )
+        files, actual = read_pinned(path, sha256, roots)
         device_ = _resolve_device(device)
         try:
-            parser = _build_parser(files, overrides or {}, device_)
-            network = _load_network(parser, files, device_)
+            parser = build_parser(files, overrides or {}, device_)
+            network = load_network(parser, files, device_)
             return cls(path=path, sha256=actual, device=device_, amp=amp, parser=parser, network=network)
         except BundleError:
             raise
         except _BUILD_ERRORS as exc:
-            raise BundleError(f"bundle {path} ({_INFERENCE}) could not be built: {exc}") from exc
+            raise BundleError(f"bundle {path} ({INFERENCE}) could not be built: {exc}") from exc
 
     def algorithm(self, pipeline: str) -> AlgorithmInfo:
         """The TID 4019 algorithm identification of this bundle for ``pipeline``."""

@@ -33,16 +33,15 @@ from __future__ import annotations
 
 import math
 import os
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pydicom.uid import CTImageStorage, MRImageStorage, SecondaryCaptureImageStorage
 
-from pipeline.decode import FrameHeader, FrameJob, InstanceHeader, decode_into, read_header
+from pipeline.decode import FrameJob, decode_into
 from pipeline.errors import GeometryError
+from pipeline.headers import FrameHeader, InstanceHeader, read_header
 from pipeline.volume import InstanceRef, Volume
 from vocabulary import is_valid_uid
 
@@ -397,37 +396,5 @@ def load_volume(paths: Iterable[str | os.PathLike[str]], *, workers: int | None 
         modality=first.modality,
         source_instances=tuple(
             InstanceRef(h.sop_class_uid, h.sop_instance_uid, f.frame_number) for h, f in frames
-        ),
-    )
-
-
-def _derived_uid(seed: str, part: str) -> str:
-    """A deterministic UUID-derived UID (PS3.5 B.2, root 2.25) for synthetic volumes."""
-    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, f'{seed}/{part}').int}"
-
-
-def volume_from_array(
-    array: np.ndarray, affine: np.ndarray, *, modality: str = "OT", uid_seed: str = "synthetic"
-) -> Volume:
-    """A Volume from an ``[i, j, k]`` array and an LPS affine (phantoms, tests), with derived UIDs."""
-    arr = np.asarray(array)
-    aff = np.asarray(affine, dtype=float)
-    if aff.shape != (4, 4) or not np.all(np.isfinite(aff)) or not np.allclose(aff[3], [0, 0, 0, 1]):
-        raise ValueError(f"affine must be a finite 4x4 with last row [0, 0, 0, 1], got {aff.tolist()}")
-    if arr.ndim != 3:
-        raise ValueError(f"array must be 3-D [i, j, k], got shape {arr.shape}")
-    if abs(float(np.linalg.det(aff[:3, :3]))) < 1e-12:
-        raise ValueError("affine is singular: its i, j, k columns do not span space")
-    sop_class = {"CT": CTImageStorage, "MR": MRImageStorage}.get(modality, SecondaryCaptureImageStorage)
-    series = _derived_uid(uid_seed, "series")
-    return Volume(
-        array=arr,
-        affine=aff,
-        study_instance_uid=_derived_uid(uid_seed, "study"),
-        series_instance_uid=series,
-        frame_of_reference_uid=_derived_uid(uid_seed, "frame-of-reference"),
-        modality=modality,
-        source_instances=tuple(
-            InstanceRef(sop_class, _derived_uid(uid_seed, f"instance/{k}")) for k in range(arr.shape[2])
         ),
     )

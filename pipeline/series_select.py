@@ -26,9 +26,9 @@ from pydicom.uid import (
     MRImageStorage,
 )
 
-from pipeline.decode import InstanceHeader, read_header
 from pipeline.errors import GeometryError, NoUsableSeries
 from pipeline.geometry import DUPLICATE_TOL_MM, slice_normal
+from pipeline.headers import InstanceHeader, read_header
 from pipeline.orientation import ORIENTATIONS, Orientation
 from vocabulary import is_valid_uid
 

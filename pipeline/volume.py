@@ -14,9 +14,11 @@ Conventions (stated once, used everywhere):
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
+from pydicom.uid import CTImageStorage, MRImageStorage, SecondaryCaptureImageStorage
 
 COORDINATE_SPACE = "LPS"
 
@@ -71,3 +73,35 @@ class Volume:
         """Map voxel indices (N x 3, may be fractional) to LPS patient coordinates in mm."""
         ijk = np.atleast_2d(np.asarray(ijk, dtype=float))
         return ijk @ self.affine[:3, :3].T + self.affine[:3, 3]
+
+
+def _derived_uid(seed: str, part: str) -> str:
+    """A deterministic UUID-derived UID (PS3.5 B.2, root 2.25) for synthetic volumes."""
+    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, f'{seed}/{part}').int}"
+
+
+def volume_from_array(
+    array: np.ndarray, affine: np.ndarray, *, modality: str = "OT", uid_seed: str = "synthetic"
+) -> Volume:
+    """A Volume from an ``[i, j, k]`` array and an LPS affine (phantoms, tests), with derived UIDs."""
+    arr = np.asarray(array)
+    aff = np.asarray(affine, dtype=float)
+    if aff.shape != (4, 4) or not np.all(np.isfinite(aff)) or not np.allclose(aff[3], [0, 0, 0, 1]):
+        raise ValueError(f"affine must be a finite 4x4 with last row [0, 0, 0, 1], got {aff.tolist()}")
+    if arr.ndim != 3:
+        raise ValueError(f"array must be 3-D [i, j, k], got shape {arr.shape}")
+    if abs(float(np.linalg.det(aff[:3, :3]))) < 1e-12:
+        raise ValueError("affine is singular: its i, j, k columns do not span space")
+    sop_class = {"CT": CTImageStorage, "MR": MRImageStorage}.get(modality, SecondaryCaptureImageStorage)
+    series = _derived_uid(uid_seed, "series")
+    return Volume(
+        array=arr,
+        affine=aff,
+        study_instance_uid=_derived_uid(uid_seed, "study"),
+        series_instance_uid=series,
+        frame_of_reference_uid=_derived_uid(uid_seed, "frame-of-reference"),
+        modality=modality,
+        source_instances=tuple(
+            InstanceRef(sop_class, _derived_uid(uid_seed, f"instance/{k}")) for k in range(arr.shape[2])
+        ),
+    )

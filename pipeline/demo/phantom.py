@@ -26,20 +26,13 @@ import pydicom
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 
+from pipeline.demo.anatomy import ANATOMY_STREAM, TISSUE, Anatomy, Ellipsoid, body, random_rotation
 from pipeline.uids import derive_uid
 from pipeline.volume import InstanceRef, Volume
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-_ANATOMY, _LESIONS, _NOISE = 0, 1, 2  # independent RNG streams per seed
+_ANATOMY, _LESIONS, _NOISE = ANATOMY_STREAM, 1, 2  # independent RNG streams per seed
 
-# Tissue ids (painter's order) and their HU, (low, high) drawn per seed.
-_TISSUE_HU: tuple[tuple[str, float, float], ...] = (
-    ("air", -1000, -1000), ("fat", -110, -90), ("muscle", 45, 60), ("lung", -870, -830),
-    ("liver", 100, 115), ("spleen", 110, 125), ("kidney", 150, 175), ("aorta", 150, 190),
-    ("ivc", 120, 145), ("cortical", 650, 800), ("cancellous", 200, 280), ("canal", 10, 25),
-    ("disc", 70, 95),
-)  # fmt: skip
-_T = {name: index for index, (name, _, _) in enumerate(_TISSUE_HU)}
 HOST_ORGAN = "liver"
 
 
@@ -132,140 +125,12 @@ def phantom_uid(seed: int, role: str) -> str:
     return derive_uid("phantom", str(seed), role)
 
 
-@dataclass(frozen=True)
-class _Ellipsoid:
-    centre: np.ndarray  # (3,) LPS mm
-    axes: np.ndarray  # (3,) semi-axes mm
-    rotation: np.ndarray  # (3, 3), columns are the axis directions
-
-    @property
-    def form(self) -> np.ndarray:
-        """M with inside <=> d^T M d <= 1, d = point - centre."""
-        return np.asarray(self.rotation @ np.diag(self.axes**-2.0) @ self.rotation.T)
-
-    def inside(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
-        """Boolean mask for points given as broadcastable coordinate arrays (mm)."""
-        m = self.form
-        dx, dy, dz = x - self.centre[0], y - self.centre[1], z - self.centre[2]
-        q = m[0, 0] * dx * dx + m[1, 1] * dy * dy + m[2, 2] * dz * dz
-        q = q + 2 * (m[0, 1] * dx * dy + m[0, 2] * dx * dz + m[1, 2] * dy * dz)
-        return np.asarray(q <= 1.0)
-
-
-@dataclass(frozen=True)
-class _Anatomy:
-    """The body of one seed: ``plane`` then ``paint`` give tissue ids (painter's order) at points."""
-
-    a: float  # body semi-axes (x, y), mm
-    b: float
-    cy: float  # body centre y
-    zc: float  # body reference z (couch position)
-    fat: float  # subcutaneous fat thickness
-    organs: tuple[tuple[int, _Ellipsoid], ...]  # lungs, liver, spleen, kidneys (drawn in order)
-    rib_phase: float
-    disc_phase: float
-    hu: np.ndarray  # HU per tissue id
-
-    def plane(self, x: np.ndarray, y: np.ndarray) -> _Plane:
-        """The z-independent part (elliptic cylinders) on points x, y."""
-        u, v = np.broadcast_arrays(np.asarray(x, float), np.asarray(y, float) - self.cy)
-        base = np.zeros(u.shape, dtype=np.uint8)
-        base[(u / self.a) ** 2 + (v / self.b) ** 2 <= 1] = _T["fat"]
-        ai, bi = self.a - self.fat, self.b - self.fat
-        base[(u / ai) ** 2 + (v / bi) ** 2 <= 1] = _T["muscle"]
-        inner = (u / (0.96 * ai)) ** 2 + (v / (0.96 * bi)) ** 2 <= 1
-        late = np.zeros(u.shape, dtype=np.uint8)  # drawn over the organs
-        ys = bi - 62.0  # vertebral body centre, relative to the body centre
-        for name, (cx, cyy, ra, rb) in (("aorta", (20, ys - 32, 12, 12)), ("ivc", (-24, ys - 34, 15, 11))):
-            late[((u - cx) / ra) ** 2 + ((v - cyy) / rb) ** 2 <= 1] = _T[name]
-        vertebra = u**2 + (v - ys) ** 2
-        late[vertebra <= 18.0**2] = _T["cortical"]
-        late[vertebra <= 16.0**2] = _T["cancellous"]
-        late[(u / 24.0) ** 2 + ((v - ys - 38) / 9.0) ** 2 <= 1] = _T["cortical"]
-        late[u**2 + (v - ys - 27) ** 2 <= 8.0**2] = _T["canal"]
-        # Rib arcs on a ring inside the muscle wall, sparing the front and the spine.
-        radial = (u / (ai - 6)) ** 2 + (v / (bi - 6)) ** 2
-        phi = np.arctan2(v / bi, u / ai)
-        ring = (radial <= 1.0) & (radial >= ((ai - 14) / (ai - 6)) ** 2)
-        ring &= (np.abs(phi + np.pi / 2) > 0.3 * np.pi) & (np.abs(phi - np.pi / 2) > 0.12 * np.pi)
-        return _Plane(base, inner, late, np.nonzero(ring), phi[ring] * 6 / np.pi)
-
-    def paint(self, plane: _Plane, x: np.ndarray, y: np.ndarray, z: np.ndarray | float) -> np.ndarray:
-        """Add the z-dependent structures (organs, discs, ribs) to ``plane``."""
-        ids = plane.base.copy()
-        x, y, z = np.asarray(x, float), np.asarray(y, float), np.asarray(z, float)
-        grid = x.ndim == y.ndim == 2 and x.shape[1] == y.shape[0] == 1 and z.ndim == 0
-        for tissue_id, ellipsoid in self.organs:
-            if np.all(np.abs(z - ellipsoid.centre[2]) > ellipsoid.axes.max()):
-                continue
-            if grid:  # an axial plane: only the block around the organ
-                reach = np.sqrt(np.diag(np.linalg.inv(ellipsoid.form)))
-                bx = np.abs(x[:, 0] - ellipsoid.centre[0]) <= reach[0]
-                by = np.abs(y[0, :] - ellipsoid.centre[1]) <= reach[1]
-                block = np.ix_(bx, by)
-                hit = plane.inner[block] & ellipsoid.inside(x[bx], y[:, by], z)
-                ids[block] = np.where(hit, np.uint8(tissue_id), ids[block])
-            else:
-                hit = plane.inner & ellipsoid.inside(x, y, z)
-                ids[np.broadcast_to(hit, ids.shape)] = tissue_id
-        x, y, z = np.broadcast_arrays(x, y, z)
-        ids[plane.late > 0] = plane.late[plane.late > 0]
-        w = z - self.zc
-        ids[(plane.late == _T["cancellous"]) & ((w - self.disc_phase) % 32.0 < 6.0)] = _T["disc"]
-        # An arc's angular position drifts with z, as an oblique rib's does.
-        w_ring = w[plane.ring]
-        rib = ((plane.ring_angle + w_ring / 40.0 + self.rib_phase) % 1.0 < 0.3) & (w_ring > -70.0)
-        ids[tuple(index[rib] for index in plane.ring)] = _T["cortical"]
-        return ids
-
-
-@dataclass(frozen=True)
-class _Plane:
-    base: np.ndarray  # fat and muscle ids
-    inner: np.ndarray  # where organs may be drawn
-    late: np.ndarray  # vessels and spine ids, 0 elsewhere
-    ring: tuple[np.ndarray, ...]  # indices of the rib ring
-    ring_angle: np.ndarray  # angle on the ring, in units of the rib period
-
-
-def _rotation(rng: np.random.Generator) -> np.ndarray:
-    q, r = np.linalg.qr(rng.standard_normal((3, 3)))
-    q = q * np.sign(np.diag(r))
-    return q if np.linalg.det(q) > 0 else -q
-
-
-def _rot_z(angle: float) -> np.ndarray:
-    c, s = np.cos(angle), np.sin(angle)
-    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
-
-
-def _anatomy(seed: int) -> _Anatomy:
-    rng = np.random.default_rng((seed, _ANATOMY))
-    a, b, cy = rng.uniform(150, 175), rng.uniform(108, 130), rng.uniform(-10, 10)
-    zc, fat = rng.uniform(-220, -120), rng.uniform(8, 22)
-    zl = zc + rng.uniform(-10, 15)  # liver centre z
-    organs: list[tuple[int, _Ellipsoid]] = []
-    for side in (-1, 1):
-        centre = np.array([side * 0.45 * a, cy + 0.1 * b, zc + rng.uniform(140, 160)])
-        organs.append((_T["lung"], _Ellipsoid(centre, np.array([0.42 * a, 0.7 * b, 110.0]), np.eye(3))))
-    liver_axes = np.array([rng.uniform(72, 85), rng.uniform(70, 82), rng.uniform(68, 80)])
-    liver_centre = np.array([-0.38 * a, cy - 0.08 * b, zl])
-    organs.append((_T["liver"], _Ellipsoid(liver_centre, liver_axes, _rot_z(rng.uniform(-0.3, 0.3)))))
-    spleen_centre = np.array([0.55 * a, cy + 0.3 * b, zl + rng.uniform(10, 30)])
-    organs.append((_T["spleen"], _Ellipsoid(spleen_centre, np.array([25.0, 50, 50]), _rot_z(0.5))))
-    for side in (-1, 1):
-        centre = np.array([side * 62.0, cy + b - fat - 70, zl - rng.uniform(55, 70)])
-        organs.append((_T["kidney"], _Ellipsoid(centre, np.array([28.0, 25, 52]), _rot_z(side * 0.4))))
-    hu = np.array([rng.uniform(lo, hi) for _, lo, hi in _TISSUE_HU], dtype=np.float32)
-    return _Anatomy(a, b, cy, zc, fat, tuple(organs), rng.uniform(0, 1), rng.uniform(0, 32), hu)
-
-
 def _grid(seed: int, slices: int, options: PhantomOptions) -> np.ndarray:
     """Affine of the full axial grid: centred in x/y, slab centred on the body reference z."""
     rng = np.random.default_rng((seed, _ANATOMY, 1))
     ps = options.pixel_spacing_mm or round(float(rng.uniform(0.70, 0.80)), 4)
     dz, n = options.slice_thickness_mm, options.matrix
-    zc = _anatomy(seed).zc
+    zc = body(seed).zc
     origin = [round(c, 3) for c in (-(n - 1) / 2 * ps, -(n - 1) / 2 * ps, zc - (slices - 1) / 2 * dz)]
     affine = np.diag([ps, ps, dz, 1.0])
     affine[:3, 3] = origin
@@ -279,7 +144,7 @@ def _axes(affine: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, np.nd
     return x, y, z
 
 
-def _lesion_box(lesion: _Ellipsoid, affine: np.ndarray, shape: tuple[int, ...]) -> tuple[slice, ...]:
+def _lesion_box(lesion: Ellipsoid, affine: np.ndarray, shape: tuple[int, ...]) -> tuple[slice, ...]:
     """Index box (clipped to the grid) that holds the lesion."""
     step = np.diag(affine)[:3]
     centre = (lesion.centre - affine[:3, 3]) / step
@@ -289,7 +154,7 @@ def _lesion_box(lesion: _Ellipsoid, affine: np.ndarray, shape: tuple[int, ...]) 
     return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
 
 
-def _coverage(lesion: _Ellipsoid, affine: np.ndarray, shape: tuple[int, ...], centres: bool = False) -> tuple[tuple[slice, ...], np.ndarray]:  # fmt: skip
+def _coverage(lesion: Ellipsoid, affine: np.ndarray, shape: tuple[int, ...], centres: bool = False) -> tuple[tuple[slice, ...], np.ndarray]:  # fmt: skip
     """Bounding box and the fraction of each of its voxels inside the lesion (~0.35 mm supersampling);
     with ``centres``, whether each voxel centre is inside (the ground-truth mask)."""
     box = _lesion_box(lesion, affine, shape)
@@ -307,21 +172,21 @@ def _coverage(lesion: _Ellipsoid, affine: np.ndarray, shape: tuple[int, ...], ce
 
 
 def _place_lesions(
-    seed: int, count: int, anatomy: _Anatomy, z_range: tuple[float, float], options: PhantomOptions
-) -> list[tuple[_Ellipsoid, float]]:
+    seed: int, count: int, anatomy: Anatomy, z_range: tuple[float, float], options: PhantomOptions
+) -> list[tuple[Ellipsoid, float]]:
     """Ellipsoids fully inside the liver (3 mm margin) and the imaged slab, apart from each other."""
     rng = np.random.default_rng((seed, _LESIONS))
-    liver = next(e for t, e in anatomy.organs if t == _T[HOST_ORGAN])
+    liver = next(e for t, e in anatomy.organs if t == TISSUE[HOST_ORGAN])
     log_lo, log_hi = np.log(options.lesion_volume_ml)
     volumes = sorted(np.exp(rng.uniform(log_lo, log_hi, count)), reverse=True)
     directions = rng.standard_normal((256, 3))
     directions /= np.linalg.norm(directions, axis=1, keepdims=True)
-    placed: list[tuple[_Ellipsoid, float]] = []
+    placed: list[tuple[Ellipsoid, float]] = []
     for volume in volumes:
         radius = (3 * volume * 1000 / (4 * np.pi)) ** (1 / 3)
         stretch = rng.uniform(0.8, 1.25, 2)
         axes = radius * np.array([stretch[0], stretch[1], 1 / (stretch[0] * stretch[1])])
-        rotation, contrast = _rotation(rng), float(rng.uniform(*options.contrast_hu))
+        rotation, contrast = random_rotation(rng), float(rng.uniform(*options.contrast_hu))
         bound = float(axes.max()) + 3.0
         for _ in range(2000):
             centre = liver.centre + rng.uniform(-1, 1, 3) * liver.axes
@@ -331,8 +196,8 @@ def _place_lesions(
                 continue
             shell = centre + bound * directions
             x, y, z = shell[:, 0], shell[:, 1], shell[:, 2]
-            if np.all(anatomy.paint(anatomy.plane(x, y), x, y, z) == _T[HOST_ORGAN]):
-                placed.append((_Ellipsoid(centre, axes, rotation), contrast))
+            if np.all(anatomy.paint(anatomy.plane(x, y), x, y, z) == TISSUE[HOST_ORGAN]):
+                placed.append((Ellipsoid(centre, axes, rotation), contrast))
                 break
         else:
             raise ValueError(
@@ -345,8 +210,8 @@ def _floats(v: np.ndarray) -> tuple[float, float, float]:
     return (float(v[0]), float(v[1]), float(v[2]))
 
 
-def _ellipsoid(lesion: Lesion) -> _Ellipsoid:
-    return _Ellipsoid(np.array(lesion.centre_lps), np.array(lesion.semi_axes_mm), np.array(lesion.rotation))
+def _ellipsoid(lesion: Lesion) -> Ellipsoid:
+    return Ellipsoid(np.array(lesion.centre_lps), np.array(lesion.semi_axes_mm), np.array(lesion.rotation))
 
 
 def lesion_coverage(gt: GroundTruth, affine: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
@@ -376,10 +241,10 @@ def phantom_ground_truth(
 ) -> GroundTruth:
     """The ground truth of a phantom without rendering it (cheap: anatomy and lesion placement only)."""
     options = options or PhantomOptions()
-    anatomy, affine = _anatomy(seed), _grid(seed, slices, options)
+    anatomy, affine = body(seed), _grid(seed, slices, options)
     shape = (options.matrix, options.matrix, slices)
     z = _axes(affine, shape)[2]
-    liver = next(e for t, e in anatomy.organs if t == _T[HOST_ORGAN])
+    liver = next(e for t, e in anatomy.organs if t == TISSUE[HOST_ORGAN])
     sign = 1.0 if options.hyperdense else -1.0
     voxel_ml = float(np.prod(np.diag(affine)[:3])) / 1000.0
     truth = []
@@ -398,7 +263,7 @@ def phantom_ground_truth(
     return GroundTruth(
         seed=seed, lesions=tuple(truth), shape=shape, affine=tuple(tuple(float(c) for c in row) for row in affine),
         organ=HOST_ORGAN, organ_centre_lps=_floats(liver.centre), organ_semi_axes_mm=_floats(liver.axes),
-        organ_hu=float(anatomy.hu[_T[HOST_ORGAN]]), noise_sd_hu=noise_sd, study_instance_uid=study,
+        organ_hu=float(anatomy.hu[TISSUE[HOST_ORGAN]]), noise_sd_hu=noise_sd, study_instance_uid=study,
         series_instance_uid=series, frame_of_reference_uid=frame, options=options,
     )  # fmt: skip
 
@@ -419,7 +284,7 @@ def make_phantom_volume(
     same noise statistics as the full volume but not the same values.
     """
     gt = phantom_ground_truth(seed, lesions, slices, options=options)
-    anatomy, full_affine = _anatomy(seed), np.array(gt.affine)
+    anatomy, full_affine = body(seed), np.array(gt.affine)
     window = [range(*s.indices(n)) for s, n in zip(region or (slice(None),) * 3, gt.shape, strict=True)]
     shape = (len(window[0]), len(window[1]), len(window[2]))
     affine = full_affine.copy()

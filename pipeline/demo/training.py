@@ -22,11 +22,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
@@ -38,168 +36,22 @@ from monai.transforms import (
 
 from pipeline.bundle_runtime import BundleRuntime, bundle_sha256
 from pipeline.demo import metrics as demo_metrics
+from pipeline.demo.bundle_configs import (
+    HU_WINDOW,
+    SEG_SPACING,
+    build_network,
+    cls_config,
+    metadata,
+    seg_config,
+)
 from pipeline.demo.phantom import PhantomOptions, lesion_coverage, make_phantom_volume, phantom_ground_truth
 from pipeline.volume import Volume
 
 TRAIN_SEED_BASE = 10_000_000
-HU_WINDOW = (-60.0, 160.0)
-SEG_SPACING = (1.25, 1.25, 2.5)
 TRAIN_OPTIONS = PhantomOptions(
     lesion_volume_ml=(0.3, 35.0), contrast_hu=(30.0, 90.0), noise_sd_hu=(8.0, 22.0)
 )
 THREADS = 2
-
-
-def _preprocessing(spacing: tuple[float, ...], extra: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "_target_": "Compose",
-        "transforms": [
-            {"_target_": "LoadImaged", "keys": "@image_key"},
-            {"_target_": "EnsureChannelFirstd", "keys": "@image_key"},
-            {"_target_": "Spacingd", "keys": "@image_key", "pixdim": list(spacing), "mode": "bilinear"},
-            {
-                "_target_": "ScaleIntensityRanged",
-                "keys": "@image_key",
-                "a_min": HU_WINDOW[0],
-                "a_max": HU_WINDOW[1],
-                "b_min": 0.0,
-                "b_max": 1.0,
-                "clip": True,
-            },  # fmt: skip
-            {
-                "_target_": "CropForegroundd",
-                "keys": "@image_key",
-                "source_key": "@image_key",
-                "allow_smaller": True,
-            },
-            *extra,
-            {"_target_": "EnsureTyped", "keys": "@image_key"},
-        ],
-    }
-
-
-def _common(network_def: Any) -> dict[str, Any]:
-    return {
-        "imports": ["$import numpy"],
-        "bundle_root": ".",
-        "image_key": "image",
-        "output_dir": "$@bundle_root + '/eval'",
-        "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
-        "network_def": network_def,
-        "network": "$@network_def.to(@device)",
-    }
-
-
-def seg_config() -> dict[str, Any]:
-    """``lesion_seg/configs/inference.json``."""
-    unet = _unet()
-    return {
-        **_common(unet),
-        "preprocessing": _preprocessing(SEG_SPACING, []),
-        "inferer": {
-            "_target_": "SlidingWindowInferer",
-            "roi_size": [96, 96, 32],
-            "sw_batch_size": 2,
-            "overlap": 0.25,
-            "mode": "gaussian",
-        },  # fmt: skip
-        "postprocessing": {
-            "_target_": "Compose",
-            "transforms": [
-                {"_target_": "Activationsd", "keys": "pred", "softmax": True},
-                {
-                    "_target_": "Invertd",
-                    "keys": "pred",
-                    "transform": "@preprocessing",
-                    "orig_keys": "@image_key",
-                    "nearest_interp": False,
-                    "to_tensor": True,
-                },  # fmt: skip
-                {"_target_": "CopyItemsd", "keys": "pred", "times": 1, "names": "pred_prob"},
-                {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
-                {
-                    "_target_": "SaveImaged",
-                    "keys": "pred",
-                    "output_dir": "@output_dir",
-                    "output_postfix": "seg",
-                    "separate_folder": True,
-                },  # fmt: skip
-            ],
-        },
-    }
-
-
-def _unet() -> dict[str, Any]:
-    return {"_target_": "UNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [16, 32, 64, 128],
-            "strides": [2, 2, 2], "num_res_units": 1, "norm": "batch"}  # fmt: skip
-
-
-def cls_config() -> dict[str, Any]:
-    """``lesion_cls/configs/inference.json``: the segmentation UNet, then a pooling head to (background, lesion)."""
-    # A 6 x 6 x 3 voxel cube (7.5 mm) fits inside a 1 mL sphere: its mean lesion probability is ~1 for a
-    # lesion of 1 mL or more and small for specks, so the maximum over cubes scores "a lesion >= ~1 mL".
-    head = "torch.nn.Softmax(dim=1), torch.nn.AvgPool3d([6, 6, 3], stride=1), torch.nn.AdaptiveMaxPool3d(1)"
-    return {
-        **_common(f"$torch.nn.Sequential(@backbone_def, {head}, torch.nn.Flatten())"),
-        "backbone_def": _unet(),
-        "preprocessing": _preprocessing(
-            SEG_SPACING, [{"_target_": "DivisiblePadd", "keys": "@image_key", "k": 8}]
-        ),
-        "inferer": {"_target_": "SimpleInferer"},
-        "postprocessing": {"_target_": "Compose", "transforms": [{"_target_": "Identityd", "keys": "pred"}]},
-    }
-
-
-def metadata(kind: str) -> dict[str, Any]:
-    """``configs/metadata.json`` of one bundle (``"seg"`` or ``"cls"``)."""
-    seg = kind == "seg"
-    output = (
-        {"type": "image", "format": "segmentation", "num_channels": 2, "spatial_shape": [96, 96, 32], "dtype": "float32",
-         "value_range": [0, 1], "is_patch_data": True, "channel_def": {"0": "background", "1": "lesion"}}
-        if seg else
-        {"type": "probabilities", "format": "classification", "num_channels": 2, "spatial_shape": [2],
-         "dtype": "float32", "value_range": [0, 1], "is_patch_data": False,
-         "channel_def": {"0": "background (max. mean probability in a 7.5 mm cube)", "1": "lesion present"}}
-    )  # fmt: skip
-    return {
-        "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20220324.json",
-        "version": "0.1.0",
-        "changelog": {"0.1.0": "first demo bundle, trained on pacs-triage phantoms"},
-        "monai_version": "1.6.1",
-        "pytorch_version": torch.__version__.split("+")[0],
-        "numpy_version": np.__version__,
-        "required_packages_version": {},
-        "name": f"Phantom liver lesion {'segmentation' if seg else 'classification'} (demo)",
-        "task": "Liver lesion segmentation in CT" if seg else "Liver lesion presence in CT",
-        "description": "Trained only on synthetic phantoms by pipeline.demo.training; a pipeline demo, not a clinical model.",
-        "authors": "pacs-triage developers",
-        "copyright": "Copyright (c) pacs-triage developers",
-        "intended_use": "This is an example, not to be used for diagnostic purposes",
-        "network_data_format": {
-            "inputs": {
-                "image": {
-                    "type": "image",
-                    "format": "hounsfield",
-                    "modality": "CT",
-                    "num_channels": 1,
-                    "spatial_shape": [96, 96, 32] if seg else ["8*n", "8*n", "8*n"],
-                    "dtype": "float32",
-                    "value_range": [0, 1],
-                    "is_patch_data": seg,
-                    "channel_def": {"0": "image"},
-                }
-            },
-            "outputs": {"pred": output},
-        },  # fmt: skip
-    }
-
-
-def build_network(config: dict[str, Any]) -> torch.nn.Module:
-    """The ``network_def`` of a bundle config."""
-    parser = ConfigParser(config)
-    net = parser.get_parsed_content("network_def")
-    assert isinstance(net, torch.nn.Module)
-    return net
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from pipeline.uids import (
     result_uids,
 )
 from pipeline.volume import Volume
-from pipeline.writers.sr import OUTPUT_CHARACTER_SET, finalize_output, header_copies
+from pipeline.writers.output import OUTPUT_CHARACTER_SET, finalize_output, header_copies
 
 SEG_SERIES_NUMBER = 9902
 CONTENT_LABEL = "PACS_TRIAGE"  # CS: upper case, digits, underscore (PS3.5 6.2)

@@ -29,7 +29,6 @@ decodes into it, and our own text may need it.
 
 from __future__ import annotations
 
-import copy
 import datetime
 from collections.abc import Sequence
 from typing import TypedDict
@@ -37,16 +36,12 @@ from typing import TypedDict
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
-from pydicom.uid import UID, SegmentationStorage
-from pydicom.valuerep import DA, DT, TM
+from pydicom.uid import SegmentationStorage
 
 from pipeline import codes
 from pipeline.findings import AlgorithmInfo, Classification, Finding, Findings, VolumeMethod
 from pipeline.uids import (
     DEVICE_OBSERVER_UID,
-    IMPLEMENTATION_CLASS_UID,
-    IMPLEMENTATION_VERSION_NAME,
     MANUFACTURER,
     PRODUCT_NAME,
     SOFTWARE_VERSION,
@@ -55,24 +50,9 @@ from pipeline.uids import (
     tracking_uid,
 )
 from pipeline.volume import InstanceRef, Volume
+from pipeline.writers.output import OUTPUT_CHARACTER_SET, finalize_output, header_copies
 
 SR_SERIES_NUMBER = 9901
-OUTPUT_CHARACTER_SET = "ISO_IR 192"
-_TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UT", "UC", "PN"})
-# Type 2 attributes highdicom reads from the first source (PS3.3 C.7.1.1, C.7.2.1): empty if absent.
-_PATIENT_STUDY_TYPE2 = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "AccessionNumber",
-    "StudyID",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-)
-_PIXEL_DATA_GROUP = 0x7FE00000
-DEIDENTIFICATION_METHOD_UNSTATED = "not stated in the source images"
 
 
 def write_sr(
@@ -182,65 +162,6 @@ def _source_headers(source_datasets: Sequence[Dataset], volume: Volume) -> list[
     return header_copies(source_datasets)
 
 
-def header_copies(source_datasets: Sequence[Dataset]) -> list[Dataset]:
-    """Pixel-free copies of the sources for highdicom; the first one decoded (``patient_study_header``).
-
-    The others are shallow: highdicom reads only their UIDs and geometry.
-    """
-    return [patient_study_header(source_datasets[0])] + [_pixel_free(ds) for ds in source_datasets[1:]]
-
-
-def _pixel_free(ds: Dataset) -> Dataset:
-    return Dataset({tag: elem for tag, elem in ds.items() if tag < _PIXEL_DATA_GROUP})
-
-
-def patient_study_header(source: Dataset) -> Dataset:
-    """A decoded, pixel-free copy of ``source`` from which highdicom copies patient and study.
-
-    Every text value is decoded from the source's character set into ``str`` (sequences too), so
-    the output can re-encode it in its own; Type 2 patient/study attributes that are absent become
-    empty (PS3.3 C.7.1.1, C.7.2.1) so highdicom can copy them, and a de-identified patient
-    whose source left the method empty gets a method that says so.
-    """
-    header = copy.deepcopy(_pixel_free(source))
-    header.decode()
-    for keyword in _PATIENT_STUDY_TYPE2:
-        if keyword not in header:
-            setattr(header, keyword, "")
-    # PS3.3 C.7.1.1: a de-identified patient needs a method (1C); some anonymisers leave it empty.
-    if (
-        header.get("PatientIdentityRemoved") == "YES"
-        and not header.get("DeidentificationMethod")
-        and not header.get("DeidentificationMethodCodeSequence")
-    ):
-        header.DeidentificationMethod = DEIDENTIFICATION_METHOD_UNSTATED
-    return header
-
-
-def set_character_set(dataset: Dataset) -> None:
-    """ISO_IR 192 (UTF-8) when any text is outside ASCII, else the default repertoire (PS3.5 6.1).
-
-    Leaving plain-ASCII objects on the default repertoire keeps them readable by the oldest PACS
-    and fully checkable by validators (dcmtk's VR checker skips ISO_IR 192 text).
-    """
-    if _has_non_ascii(dataset):
-        dataset.SpecificCharacterSet = OUTPUT_CHARACTER_SET
-    elif "SpecificCharacterSet" in dataset:
-        del dataset.SpecificCharacterSet
-
-
-def _has_non_ascii(dataset: Dataset) -> bool:
-    for elem in dataset:
-        if elem.VR == "SQ":
-            if any(_has_non_ascii(item) for item in elem.value):
-                return True
-        elif elem.VR in _TEXT_VRS and elem.value is not None:
-            values = elem.value if isinstance(elem.value, MultiValue | list) else [elem.value]
-            if any(not str(value).isascii() for value in values):
-                return True
-    return False
-
-
 def _check_seg(seg: Dataset, volume: Volume) -> None:
     if seg.SOPClassUID != SegmentationStorage:
         raise ValueError(
@@ -301,7 +222,9 @@ def _finding_group(
                 unit=codes.coded(codes.UNIT_ML),
                 # 126030 names voxel counting; a probability-sum estimate has no standard code,
                 # so the method is then left out rather than mis-stated.
-                method=codes.coded(codes.VOLUME_METHOD) if finding.volume_method is VolumeMethod.VOXEL_COUNT else None,
+                method=codes.coded(codes.VOLUME_METHOD)
+                if finding.volume_method is VolumeMethod.VOXEL_COUNT
+                else None,
             ),
             hd.sr.Measurement(
                 name=codes.coded(codes.DIAMETER),
@@ -400,23 +323,3 @@ def _triage_group(
             )
         ],
     )
-
-
-def finalize_output(dataset: Dataset, content_datetime: datetime.datetime | None) -> None:
-    """Last touches shared by the SR and SEG writers: character set, implementation, date/time."""
-    set_character_set(dataset)
-    dataset.file_meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
-    dataset.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-    if content_datetime is not None:
-        _stamp_datetime(dataset, content_datetime)
-
-
-def _stamp_datetime(dataset: Dataset, when: datetime.datetime) -> None:
-    """Set Content, Series and Instance Creation Date/Time to ``when``."""
-    date, time = DA(when.date()), TM(when.time())
-    for prefix in ("Content", "Series", "InstanceCreation"):
-        setattr(dataset, f"{prefix}Date", date)
-        setattr(dataset, f"{prefix}Time", time)
-    equipment = dataset.get("ContributingEquipmentSequence")
-    if equipment:  # highdicom appends itself, stamped with the current time, as the last item
-        equipment[-1].ContributionDateTime = DT(when)

@@ -218,7 +218,7 @@ def demo_bundle(root: Path) -> tuple[Path, str]:
         return root / "lesion_seg", "demo `lesion_seg` (trained weights)"
     import json
 
-    from pipeline.demo.training import metadata, seg_config
+    from pipeline.demo.bundle_configs import metadata, seg_config
 
     bundle = root / "lesion_seg"
     (bundle / "configs").mkdir(parents=True)

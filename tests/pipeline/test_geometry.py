@@ -18,9 +18,9 @@ from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, SecondaryCa
 from pydicom.valuerep import format_number_as_ds
 
 from pipeline.errors import GeometryError, PermanentError
-from pipeline.geometry import load_volume, shear_angle_deg, slice_normal, volume_from_array
+from pipeline.geometry import load_volume, shear_angle_deg, slice_normal
 from pipeline.series_select import orientation_of
-from pipeline.volume import Volume
+from pipeline.volume import Volume, volume_from_array
 from tests.paths import TESTDATA
 
 ABDOMEN = sorted((TESTDATA / "ct_series" / "abdomen_20").glob("*.dcm"))

@@ -7,18 +7,17 @@ import math
 import numpy as np
 import pytest
 
-from pipeline import measure
+from pipeline import morphology
 from pipeline.findings import AlgorithmInfo, Classification, Finding, VolumeMethod
 from pipeline.labels import LESION, MORPHOLOGICALLY_ABNORMAL_STRUCTURE, is_background, segment_codes
 from pipeline.measure import (
     PriorityThresholds,
-    connected_components,
     findings_from_prediction,
-    max_feret_diameter_mm,
     measure_labels,
     summary_line,
     triage,
 )
+from pipeline.morphology import connected_components, max_feret_diameter_mm
 from pipeline.volume import InstanceRef, Volume
 from vocabulary import Priority
 
@@ -92,7 +91,7 @@ def test_two_components_are_counted_and_the_largest_gives_the_diameter() -> None
 @pytest.mark.parametrize("backend", ["default", "numpy"])
 def test_connected_components_use_26_connectivity(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
     if backend == "numpy":
-        monkeypatch.setattr(measure, "_scipy_ndimage", lambda: None)
+        monkeypatch.setattr(morphology, "_scipy_ndimage", lambda: None)
     mask = np.zeros((6, 6, 6), bool)
     mask[0, 0, 0] = mask[1, 1, 1] = True  # corner-touching: one component
     mask[4, 4, 4] = mask[4, 4, 5] = True  # face-touching: another one
@@ -104,7 +103,7 @@ def test_connected_components_use_26_connectivity(backend: str, monkeypatch: pyt
 
 
 def test_numpy_components_match_a_flood_fill_on_random_masks(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(measure, "_scipy_ndimage", lambda: None)
+    monkeypatch.setattr(morphology, "_scipy_ndimage", lambda: None)
     rng = np.random.default_rng(7)
     for _ in range(5):
         mask = rng.random((14, 12, 9)) < 0.18
