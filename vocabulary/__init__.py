@@ -12,12 +12,13 @@ from vocabulary.identifiers import (
     is_valid_uid,
     validate_ae_title,
 )
-from vocabulary.priority import Priority
+from vocabulary.priority import Priority, PriorityName
 
 __all__ = [
     "MAX_AE_TITLE_LENGTH",
     "MAX_UID_LENGTH",
     "Priority",
+    "PriorityName",
     "is_sha256_hex",
     "is_valid_uid",
     "validate_ae_title",

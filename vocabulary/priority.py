@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from typing import Literal, get_args
 
 
 class Priority(enum.IntEnum):
@@ -25,3 +26,11 @@ class Priority(enum.IntEnum):
         except KeyError:
             choices = ", ".join(p.name.lower() for p in cls)
             raise ValueError(f"unknown priority {name!r}: choose one of {choices}") from None
+
+
+#: How a priority is spelled in configuration files, on the command line and in the HTTP API: its name
+#: in lower case. (A Literal, so that pydantic and OpenAPI show the choices.)
+PriorityName = Literal["routine", "urgent", "stat"]
+
+if get_args(PriorityName) != tuple(p.name.lower() for p in Priority):  # one vocabulary, kept in step
+    raise RuntimeError("vocabulary.PriorityName must list the names of vocabulary.Priority, in order")

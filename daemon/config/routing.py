@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from daemon.config.base import AETitle, Name, _Section
-from vocabulary import Priority
-
-PriorityName = Literal["stat", "urgent", "routine"]
+from vocabulary import Priority, PriorityName
 
 
 class RouteRule(_Section):

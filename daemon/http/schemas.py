@@ -14,8 +14,7 @@ from storage.operations import BulkOutcome, DeliveryOutcome, JobOutcome
 from storage.outbox import DeliveryView
 from storage.queue import JobView
 from storage.studies import StudyDetail, StudySummary, TimelineEntry
-
-PriorityName = Literal["routine", "urgent", "stat"]
+from vocabulary import PriorityName
 
 
 class _Out(BaseModel):
