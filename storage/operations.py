@@ -79,7 +79,9 @@ def retry_job(sessions: sessionmaker[Session], job_id: int, *, by: str, now: dt.
             _requeue_job(session, job, now, by, "retried by operator")
         elif state not in (J.QUEUED, J.RUNNING):
             hint = "re-run it instead" if state == J.SUCCEEDED else "a newer job of its study replaced it"
-            raise InvalidTransition(f"job {job_id} is {state.value}; it cannot be retried ({hint})")
+            raise InvalidTransition(
+                f"job {job_id} is {state.value}; only failed, dead or cancelled jobs can be retried ({hint})"
+            )
         _audit(session, "job", job_id, "retry", by, changed)
         return JobOutcome(job=_job_view(session, job), changed=changed)
 

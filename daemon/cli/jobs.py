@@ -5,6 +5,7 @@ queue part of ``status``. Registered into the ``pacs-triage`` app by ``daemon/cl
 from __future__ import annotations
 
 import datetime as dt
+import getpass
 import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -62,6 +63,18 @@ def _queues(node: Node) -> tuple[JobQueue, Outbox]:
     from storage.queue import JobQueue
 
     return JobQueue(node.sessions), Outbox(node.sessions)
+
+
+def _actor() -> str:
+    """Who is acting, for the audit row of an operator action: ``cli:<user>``."""
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):  # no passwd entry (some containers)
+        return "cli"
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
 
 
 def _when(value: dt.datetime | None) -> str:
@@ -157,17 +170,24 @@ def jobs_show(job_id: int, config_path: ConfigOption = None, as_json: JsonFlag =
 @jobs_app.command("retry")
 def jobs_retry(job_id: int, config_path: ConfigOption = None) -> None:
     """Queue a failed, dead or cancelled job again, with a fresh set of attempts."""
+    from storage.operations import retry_job
+
     with _node(config_path) as node:
-        job = _queues(node)[0].retry(job_id)
-    typer.echo(f"job {job.id} queued again (study {job.study_instance_uid})")
+        done = retry_job(node.sessions, job_id, by=_actor(), now=_now())
+    job = done.job
+    what = "queued again" if done.changed else f"already {job.state.value}"
+    typer.echo(f"job {job.id} {what} (study {job.study_instance_uid})")
 
 
 @jobs_app.command("cancel")
 def jobs_cancel(job_id: int, config_path: ConfigOption = None) -> None:
     """Cancel a job that has not succeeded (a running one's result is dropped)."""
+    from storage.operations import cancel_job
+
     with _node(config_path) as node:
-        job = _queues(node)[0].cancel(job_id)
-    typer.echo(f"job {job.id} cancelled (study {job.study_instance_uid})")
+        done = cancel_job(node.sessions, job_id, by=_actor(), now=_now())
+    what = "cancelled" if done.changed else "was already cancelled"
+    typer.echo(f"job {done.job.id} {what} (study {done.job.study_instance_uid})")
 
 
 @deliveries_app.command("list")
@@ -194,9 +214,13 @@ def deliveries_list(
 @deliveries_app.command("retry")
 def deliveries_retry(delivery_id: int, config_path: ConfigOption = None) -> None:
     """Send a dead or cancelled delivery again, with a fresh set of attempts."""
+    from storage.operations import retry_delivery
+
     with _node(config_path) as node:
-        d = _queues(node)[1].retry(delivery_id)
-    typer.echo(f"delivery {d.id} of {d.sop_instance_uid} to {d.destination} queued again")
+        done = retry_delivery(node.sessions, delivery_id, by=_actor(), now=_now())
+    d = done.delivery
+    what = "queued again" if done.changed else f"already {d.state.value}"
+    typer.echo(f"delivery {d.id} of {d.sop_instance_uid} to {d.destination} {what}")
 
 
 @studies_app.command("complete")

@@ -17,6 +17,7 @@ from daemon.service.liveness import Beacon
 from daemon.service.node import Node, open_node
 from daemon.service.receivers import make_receiver
 from daemon.service.scheduler import Scheduler
+from daemon.service.systemd import Notifier
 from daemon.service.worker import WorkerPool
 from storage import heartbeats
 from storage.errors import StorageError
@@ -118,6 +119,7 @@ def serve(
     pool = WorkerPool(config, config.workers.count if workers is None else workers)
     beacons = _Beacons(node)
     extras = [make(node) for make in addons]
+    notifier = Notifier.from_environment()
     try:
         receiver.start()
         scheduler.start()
@@ -133,18 +135,21 @@ def serve(
         )
         if ready is not None:
             ready.set()
+        notifier.ready(f"receiving as {config.ae_title} on port {config.port}")
         while True:
             beacons.beat(
                 receiver=True,  # receiver.check() raised otherwise
                 dispatcher=any(t.is_alive() for t in dispatch.threads),
                 scheduler=scheduler.scheduler.running,
             )
+            notifier.watchdog()  # the supervision loop turns: systemd's WatchdogSec= is satisfied
             if stop.wait(SUPERVISE_SECONDS):
                 break
             receiver.check()
             pool.check()
             dispatch.check()
     finally:
+        notifier.stopping()
         for extra in reversed(extras):
             extra.stop()
         receiver.stop()
