@@ -1,19 +1,38 @@
 -- Orthanc auto-routing for pacs-triage (mounted by deploy/compose.yaml, listed in orthanc.json).
 --
 -- When a study has been quiet for StableAge seconds, send pacs-triage every instance of it that
--- (a) did not come from pacs-triage itself (its SR and SEG come back into the same study) and
+-- (a) pacs-triage did not create (its SR and SEG come back into the same study) and
 -- (b) was not forwarded before. Without (a) and (b) each report would make the study "stable"
--- again and send it round and round; pacs-triage would ignore the identical copies, but the
--- network would not. Forwarded instances are marked with the user metadata ForwardedToTriage.
+-- again and send it round and round. pacs-triage ignores its own objects and identical copies
+-- anyway (they never become an analysis input), but the network would not.
+--
+-- Our objects are recognised by where they came from (the AE title of the TRIAGE_MODALITY entry
+-- of DicomModalities, read from Orthanc's own configuration, so it is written in one place) and
+-- by the Manufacturer pacs-triage writes into every object it creates. Forwarded instances are
+-- marked with the user metadata ForwardedToTriage.
 
-TRIAGE_MODALITY = 'pacs-triage'  -- the key in DicomModalities
-TRIAGE_AET = 'PACS_TRIAGE'       -- the calling AE title pacs-triage sends its results with
+TRIAGE_MODALITY = 'pacs-triage'          -- the key in DicomModalities
+TRIAGE_MANUFACTURER = 'pacs-triage project'  -- Manufacturer of every pacs-triage object (pipeline/uids.py)
+
+function TriageAet()
+  local modality = ParseJson(RestApiGet('/modalities/' .. TRIAGE_MODALITY .. '/configuration'))
+  return modality['AET']
+end
+
+function IsOurs(instanceId, meta, triageAet)
+  if meta['RemoteAET'] == triageAet then
+    return true
+  end
+  local tags = ParseJson(RestApiGet('/instances/' .. instanceId .. '/simplified-tags'))
+  return tags['Manufacturer'] == TRIAGE_MANUFACTURER
+end
 
 function OnStableStudy(studyId, tags, metadata)
+  local triageAet = TriageAet()
   local pending = {}
   for _, instance in pairs(ParseJson(RestApiGet('/studies/' .. studyId .. '/instances'))) do
     local meta = ParseJson(RestApiGet('/instances/' .. instance['ID'] .. '/metadata?expand'))
-    if meta['RemoteAET'] ~= TRIAGE_AET and meta['ForwardedToTriage'] == nil then
+    if meta['ForwardedToTriage'] == nil and not IsOurs(instance['ID'], meta, triageAet) then
       table.insert(pending, instance['ID'])
     end
   end

@@ -4,7 +4,11 @@ A study in ``receiving`` becomes complete when
 
 * every association that last delivered one of its series has been **released** and a quiet
   period has passed since the later of that release and the last instance received; or
-* no instance has arrived for the **idle timeout** (an association still open, aborted, or lost).
+* no instance has arrived for the **idle timeout** and no association that delivered to it is
+  still open (it was aborted or lost). An open association holds the study, so a sender that
+  pauses does not get a report on half a study; only when it has been silent for
+  ``open_association_timeout_seconds`` (longer than the receiver lets an association sit idle:
+  its receiver must have died) does the idle timeout apply again.
 
 Completion happens in two steps so no file is read while the database is locked:
 :func:`snapshot` reads what the study holds; the caller routes it (``daemon/service/routing.py`` reads a
@@ -15,6 +19,11 @@ The input fingerprint of a job is a hash of the pipeline name and every instance
 UID and content sha256) of the study: a late or replaced instance gives a new fingerprint, and
 the new job supersedes the old one (``storage/queue.py``), so a study is never split into
 unrelated jobs.
+
+Objects we created never become an analysis input: an instance whose SOP Instance UID is one of
+our results (a PACS sending the study back with our SR and SEG in it) is stored but left out of
+the routing facts, the content digest and the worker's input. The study's fingerprint is then
+unchanged, so it gets no new job and no second report.
 """
 
 from __future__ import annotations
@@ -26,13 +35,13 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, exists, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.db import transaction, translate_errors
 from storage.errors import NotFound
 from storage.events import add_event
-from storage.models import Association, Instance, Series, Study, StudyState
+from storage.models import Association, Instance, Result, Series, Study, StudyState
 from storage.queue import enqueue
 from vocabulary import Priority
 
@@ -45,6 +54,8 @@ class CompletionPolicy:
 
     quiet_seconds: float = 10.0
     idle_timeout_seconds: float = 60.0
+    # An association still open holds its study until it has been silent this long (None: forever).
+    open_association_timeout_seconds: float | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.quiet_seconds <= self.idle_timeout_seconds:
@@ -75,7 +86,13 @@ def decide(
     now: dt.datetime,
 ) -> CompletionReason | None:
     """Whether a receiving study is complete at ``now``, and why; None: keep waiting."""
-    if now - last_received_at >= dt.timedelta(seconds=policy.idle_timeout_seconds):
+    silent = now - last_received_at
+    if any(a.ended_at is None for a in associations):
+        limit = policy.open_association_timeout_seconds
+        if limit is not None and silent >= dt.timedelta(seconds=max(limit, policy.idle_timeout_seconds)):
+            return CompletionReason.IDLE  # its receiver is gone: no one will end that association
+        return None
+    if silent >= dt.timedelta(seconds=policy.idle_timeout_seconds):
         return CompletionReason.IDLE
     if not associations or not all(a.released and a.ended_at is not None for a in associations):
         return None
@@ -147,11 +164,16 @@ def input_fingerprint(pipeline: str, content_digest: str) -> str:
     return hashlib.sha256(f"pacs-triage/job-input/v1\n{pipeline}\n{content_digest}".encode()).hexdigest()
 
 
+def analysable() -> ColumnElement[bool]:
+    """Instances that may be analysis input: not one of our own results sent back to us."""
+    return ~exists().where(Result.sop_instance_uid == Instance.sop_instance_uid)
+
+
 def content_digest(session: Session, study_id: int) -> str:
     rows = session.execute(
         select(Instance.sop_instance_uid, Instance.sha256)
         .join(Series, Series.id == Instance.series_id)
-        .where(Series.study_id == study_id)
+        .where(Series.study_id == study_id, analysable())
     )
     return digest_of(rows)
 
@@ -215,7 +237,7 @@ def snapshot(sessions: sessionmaker[Session], study_id: int) -> StudySnapshot:
             session.execute(
                 select(Instance.series_id, func.count())
                 .join(Series, Series.id == Instance.series_id)
-                .where(Series.study_id == study_id)
+                .where(Series.study_id == study_id, analysable())
                 .group_by(Instance.series_id)
             ).all()
         )
@@ -224,10 +246,13 @@ def snapshot(sessions: sessionmaker[Session], study_id: int) -> StudySnapshot:
             if not counts.get(series.id):
                 continue
             aes = session.scalars(
-                select(Instance.calling_ae).where(Instance.series_id == series.id).distinct()
+                select(Instance.calling_ae).where(Instance.series_id == series.id, analysable()).distinct()
             ).all()
             sample = session.scalar(
-                select(Instance.path).where(Instance.series_id == series.id).order_by(Instance.id).limit(1)
+                select(Instance.path)
+                .where(Instance.series_id == series.id, analysable())
+                .order_by(Instance.id)
+                .limit(1)
             )
             assert sample is not None
             facts.append(
@@ -376,7 +401,7 @@ def study_input(sessions: sessionmaker[Session], study_id: int) -> StudyInput:
         rows = session.execute(
             select(Instance.path, Instance.sop_instance_uid, Instance.sha256)
             .join(Series, Series.id == Instance.series_id)
-            .where(Series.study_id == study_id)
+            .where(Series.study_id == study_id, analysable())
             .order_by(Series.id, Instance.id)
         ).all()
     return StudyInput(tuple(path for path, _, _ in rows), digest_of((uid, sha) for _, uid, sha in rows))

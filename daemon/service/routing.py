@@ -141,6 +141,10 @@ class CompletionSweep:
         self.policy = CompletionPolicy(
             quiet_seconds=config.completion.quiet_seconds,
             idle_timeout_seconds=config.completion.idle_timeout_seconds,
+            # A receiver aborts an association silent for dicom.network_timeout; one still open
+            # after that and the idle timeout belongs to a receiver that died.
+            open_association_timeout_seconds=config.dicom.network_timeout
+            + config.completion.idle_timeout_seconds,
         )
 
     def run_once(self, now: dt.datetime | None = None) -> list[completion.Completed]:

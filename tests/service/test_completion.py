@@ -19,7 +19,7 @@ from storage.spool import Spool
 from tests.support.queue_db import T0, Db, add_study
 from vocabulary import Priority
 
-POLICY = CompletionPolicy(quiet_seconds=2, idle_timeout_seconds=30)
+POLICY = CompletionPolicy(quiet_seconds=2, idle_timeout_seconds=30, open_association_timeout_seconds=100)
 
 
 def at(seconds: float) -> dt.datetime:
@@ -32,7 +32,11 @@ def at(seconds: float) -> dt.datetime:
         ([AssociationEnd(at(1), True)], 2.9, None),  # released, quiet period not over
         ([AssociationEnd(at(1), True)], 3.0, CompletionReason.RELEASED),
         ([AssociationEnd(at(1), True), AssociationEnd(None, False)], 29, None),  # one still open
-        ([AssociationEnd(at(1), True), AssociationEnd(None, False)], 30, CompletionReason.IDLE),
+        # Issue 11 item 11: an open association holds the study past the idle timeout...
+        ([AssociationEnd(at(1), True), AssociationEnd(None, False)], 30, None),
+        ([AssociationEnd(None, False)], 99, None),
+        # ...until it has been silent longer than a live receiver allows (its receiver died).
+        ([AssociationEnd(None, False)], 100, CompletionReason.IDLE),
         ([AssociationEnd(at(1), False)], 29, None),  # aborted: no release, only the idle timeout
         ([AssociationEnd(at(1), False)], 30, CompletionReason.IDLE),
         ([AssociationEnd(at(5), True)], 6.9, None),  # quiet counts from the later release
