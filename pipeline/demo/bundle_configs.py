@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from monai.bundle import ConfigParser
 
+from pipeline.bundle_runtime import BundleKind
+
 __all__ = ["HU_WINDOW", "SEG_SPACING", "build_network", "cls_config", "metadata", "seg_config"]
 
 HU_WINDOW = (-60.0, 160.0)
@@ -118,9 +120,9 @@ def cls_config() -> dict[str, Any]:
     }
 
 
-def metadata(kind: str) -> dict[str, Any]:
-    """``configs/metadata.json`` of one bundle (``"seg"`` or ``"cls"``)."""
-    seg = kind == "seg"
+def metadata(kind: BundleKind) -> dict[str, Any]:
+    """``configs/metadata.json`` of the segmentation or the classification bundle."""
+    seg = kind is BundleKind.SEGMENTATION
     output = (
         {"type": "image", "format": "segmentation", "num_channels": 2, "spatial_shape": [96, 96, 32], "dtype": "float32",
          "value_range": [0, 1], "is_patch_data": True, "channel_def": {"0": "background", "1": "lesion"}}

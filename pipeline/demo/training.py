@@ -34,7 +34,7 @@ from monai.transforms import (
     Spacingd,
 )
 
-from pipeline.bundle_runtime import BundleRuntime, bundle_sha256
+from pipeline.bundle_runtime import BundleKind, BundleRuntime, bundle_sha256
 from pipeline.demo import metrics as demo_metrics
 from pipeline.demo.bundle_configs import (
     HU_WINDOW,
@@ -189,8 +189,11 @@ def train(out: Path, seg_steps: int, seed: int = 0) -> None:
     assert isinstance(cls, torch.nn.Sequential)
     cls[0].load_state_dict(seg.state_dict())
     cls.eval()
-    for kind, net, config in (("seg", seg, seg_config()), ("cls", cls, cls_config())):
-        bundle = out / f"lesion_{kind}"
+    for name, kind, net, config in (
+        ("lesion_seg", BundleKind.SEGMENTATION, seg, seg_config()),
+        ("lesion_cls", BundleKind.CLASSIFICATION, cls, cls_config()),
+    ):
+        bundle = out / name
         (bundle / "configs").mkdir(parents=True, exist_ok=True)
         (bundle / "models").mkdir(exist_ok=True)
         (bundle / "configs" / "inference.json").write_text(json.dumps(config, indent=4) + "\n")

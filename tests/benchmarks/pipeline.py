@@ -223,7 +223,7 @@ def demo_bundle(root: Path) -> tuple[Path, str]:
     bundle = root / "lesion_seg"
     (bundle / "configs").mkdir(parents=True)
     (bundle / "configs" / "inference.json").write_text(json.dumps(seg_config()))
-    (bundle / "configs" / "metadata.json").write_text(json.dumps(metadata("seg")))
+    (bundle / "configs" / "metadata.json").write_text(json.dumps(metadata(BundleKind.SEGMENTATION)))
     random_weights(bundle)
     return bundle, "demo `lesion_seg` architecture (random weights: bundle not trained yet)"
 
