@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from storage.db import transaction
 from storage.errors import IntegrityProblem
+from storage.file_records import Placement, lock_instance, remove_if_unnamed
 from storage.group_commit import GroupCommit
 from storage.models import Association, Event, Instance, Series, Study, StudyState
 from storage.spool import Spool
@@ -135,33 +136,46 @@ class Ingest:
         association: AssociationInfo,
         received_at: dt.datetime | None = None,
     ) -> StoreOutcome:
-        """Write the bytes durably, then record them; raises StorageUnavailable on disk/db failure."""
+        """Write the bytes durably, then record them; raises StorageUnavailable on disk/db failure.
+
+        The file is placed before the transaction (the fsyncs stay outside the database's locks)
+        and checked again under the instance lock (storage/file_records.py); superseded files
+        are removed under that lock too, only when no row names them, before we return.
+        """
         received_at = received_at or dt.datetime.now(dt.UTC)
-        pending = self.spool.write_pending(tuple(chunks))
-        rel = self.spool.relative_path_for(incoming.sop_instance_uid, pending.sha256)
-        already_on_disk = self.spool.has(rel)
-        if already_on_disk:
+        chunks = tuple(chunks)
+        pending = self.spool.write_pending(chunks)
+        uid = incoming.sop_instance_uid
+        rel = self.spool.relative_path_for(uid, pending.sha256)
+        if self.spool.has(rel):
             # Same UID and same content hash: the file of record (or an unrecorded orphan of a
             # crash) already holds exactly these bytes.
             self.spool.discard(pending)
         else:
-            self.spool.commit(pending, incoming.sop_instance_uid)
+            self.spool.commit(pending, uid)
+        placement = Placement(self.spool, uid, rel, chunks)
         try:
             outcome, old_path = self._record(
-                incoming, rel, pending.size_bytes, pending.sha256, association, received_at
+                incoming, placement, pending.size_bytes, pending.sha256, association, received_at
             )
         except BaseException:
-            if not already_on_disk:
-                self.spool.remove(rel)
+            self._remove_unnamed(rel, uid)
             raise
         if old_path is not None and old_path != rel:
-            self.spool.remove(old_path)
+            self._remove_unnamed(old_path, uid)
         return outcome
+
+    def _remove_unnamed(self, rel: str, uid: str) -> None:
+        """Best effort: a file left now is an orphan that the next start removes."""
+        try:
+            remove_if_unnamed(self.sessions, self.spool, rel, uid)
+        except Exception as exc:  # noqa: BLE001 - never hides the store's own outcome
+            log.warning("could not remove %s now (removed at the next start): %s", rel, exc)
 
     def _record(
         self,
         incoming: IncomingInstance,
-        rel: str,
+        placement: Placement,
         size: int,
         sha256: str,
         association: AssociationInfo,
@@ -170,13 +184,15 @@ class Ingest:
         key = (incoming.study_instance_uid, incoming.series_instance_uid)
         known = self._known_series.get(key)
         if known is not None and association.id in self._known_associations:
-            if self._record_fast(known, incoming, rel, size, sha256, association, received_at):
+            if self._record_fast(known, incoming, placement, size, sha256, association, received_at):
                 return StoreOutcome.STORED, None
             self._known_series.pop(key, None)
         for attempt in range(_RACE_RETRIES):
             try:
                 with transaction(self.sessions, "recording an instance") as session:
-                    recorded = self._record_in(session, incoming, rel, size, sha256, association, received_at)
+                    recorded = self._record_in(
+                        session, incoming, placement, size, sha256, association, received_at
+                    )
             except IntegrityError as exc:
                 # Two associations created the same study/series/instance at once (PostgreSQL);
                 # the retry finds the other's row.
@@ -196,7 +212,7 @@ class Ingest:
         self,
         known: tuple[int, int],
         incoming: IncomingInstance,
-        rel: str,
+        placement: Placement,
         size: int,
         sha256: str,
         association: AssociationInfo,
@@ -227,7 +243,7 @@ class Ingest:
             "sop_instance_uid": incoming.sop_instance_uid,
             "sop_class_uid": incoming.sop_class_uid,
             "transfer_syntax_uid": incoming.transfer_syntax_uid,
-            "path": rel,
+            "path": placement.relative_path,
             "size_bytes": size,
             "sha256": sha256,
             "calling_ae": association.calling_ae,
@@ -238,6 +254,11 @@ class Ingest:
         }
 
         def work(conn: Connection) -> None:
+            # Never wait for the instance lock inside a shared transaction (it holds other
+            # units' row locks): a busy instance takes the full path, which waits first.
+            if not lock_instance(conn, placement.uid_hash, wait=False):
+                raise _Stale
+            placement.ensure()
             if conn.execute(_TOUCH_STUDY, params).rowcount != 1:
                 raise _Stale
             if conn.execute(_TOUCH_SERIES, params).rowcount != 1:
@@ -254,12 +275,16 @@ class Ingest:
         self,
         session: Session,
         incoming: IncomingInstance,
-        rel: str,
+        placement: Placement,
         size: int,
         sha256: str,
         association: AssociationInfo,
         received_at: dt.datetime,
     ) -> _Recorded:
+        # The instance lock first, while this transaction holds nothing else (no lock cycles).
+        lock_instance(session.connection(), placement.uid_hash)
+        placement.ensure()
+        rel = placement.relative_path
         if session.get(Association, association.id) is None:
             session.add(
                 Association(

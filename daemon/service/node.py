@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.config import Config
 from storage.db import make_engine, make_session_factory
+from storage.file_records import remove_orphans
 from storage.ingest import Ingest
 from storage.migrate import upgrade
 from storage.spool import Spool
@@ -42,4 +43,6 @@ def open_node(config: Config, *, migrate: bool = True, open_spool: bool = True) 
     spool = Spool(config.spool_dir, min_free_bytes=config.storage.min_free_bytes)
     if open_spool:
         spool.open()
+        if migrate:  # the main process of `serve`: receiver children and CLI commands leave this
+            remove_orphans(sessions, spool)
     return Node(config=config, engine=engine, sessions=sessions, spool=spool, ingest=Ingest(sessions, spool))
