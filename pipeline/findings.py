@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from vocabulary import Priority
 
-__all__ = ["AlgorithmInfo", "Classification", "Code", "Finding", "Findings", "Priority", "VolumeMethod"]
+__all__ = ["AlgorithmInfo", "Classification", "Code", "Finding", "Findings", "VolumeMethod"]
 
 
 class VolumeMethod(enum.Enum):
