@@ -12,6 +12,7 @@ from storage.db import translate_errors
 from storage.models import (
     Delivery,
     DeliveryState,
+    Event,
     Instance,
     Job,
     JobState,
@@ -21,6 +22,8 @@ from storage.models import (
     StudyState,
 )
 from vocabulary import Priority
+
+RESEND_MARK = "lease expired"  # the reason storage/leases.py's reaper records when it requeues a row
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,9 @@ class QueueSummary:
     # the job's last error, fixed only by other input or another pipeline.
     failed_jobs: list[Problem] = field(default_factory=list)
     failed_jobs_total: int = 0
+    # Sends whose outcome was unknown (the dispatcher died or hung holding the lease), so the row
+    # was sent again: the PACS saw a duplicate (deterministic UIDs make it the same object).
+    resent_deliveries_total: int = 0
 
 
 def queue_summary(sessions: sessionmaker[Session], now: dt.datetime, *, limit: int = 10) -> QueueSummary:
@@ -139,7 +145,17 @@ def queue_summary(sessions: sessionmaker[Session], now: dt.datetime, *, limit: i
             )
             or 0
         )
+        resent = session.scalar(
+            select(func.count())
+            .select_from(Event)
+            .where(
+                Event.entity == "delivery",
+                Event.kind == DeliveryState.PENDING.value,
+                Event.detail.contains(RESEND_MARK),
+            )
+        )
     return QueueSummary(
+        resent_deliveries_total=resent or 0,
         jobs_by_state=by_state,
         oldest_queued_seconds=(now - oldest).total_seconds() if oldest is not None else None,
         deliveries_by_state=deliveries,

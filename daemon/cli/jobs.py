@@ -268,6 +268,11 @@ def echo_queue(q: QueueSummary) -> None:
             typer.echo(f"  {state:<11} {sum(by_priority.values()):>6}  ({detail})")
     typer.echo(f"oldest waiting job  {_age(q.oldest_queued_seconds)}")
     typer.echo("deliveries " + ", ".join(f"{k} {v}" for k, v in q.deliveries_by_state.items()))
+    if q.resent_deliveries_total:
+        typer.echo(
+            f"re-sent deliveries: {q.resent_deliveries_total} (a dispatcher died mid-send; the PACS got a "
+            "duplicate with the same UIDs)"
+        )
     for title, total, problems in (
         ("dead jobs", q.dead_jobs_total, q.dead_jobs),
         ("failed jobs (permanent: see `jobs show ID`)", q.failed_jobs_total, q.failed_jobs),

@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydicom import dcmread
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
 from sqlalchemy import select
@@ -141,4 +142,58 @@ class PickyPacs:
         finally:
             if self.hold is not None:
                 self.hold.set()
+            server.shutdown()
+
+
+@dataclass
+class SlowPacs:
+    """A pynetdicom Storage SCP that files what it receives by SOP Instance UID, as a PACS does (a
+    second copy of an object replaces the first), counts every reception, and holds its answer to
+    the first C-STORE until :attr:`answer` is set (a slow link or a busy PACS)."""
+
+    directory: Path
+    ae_title: str = "SLOW_PACS"
+    port: int = field(default_factory=free_port)
+    receptions: list[str] = field(default_factory=list)
+    first_received: threading.Event = field(default_factory=threading.Event)
+    answer: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def destination(self) -> str:
+        return f"{self.ae_title}@127.0.0.1:{self.port}"
+
+    def copies(self) -> dict[str, int]:
+        """SOP Instance UID -> how many objects the PACS holds with it."""
+        held: dict[str, int] = {}
+        for path in self.directory.iterdir():
+            uid = str(dcmread(path).SOPInstanceUID)
+            held[uid] = held.get(uid, 0) + 1
+        return held
+
+    def _store(self, event: Event) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        uid = str(ds.SOPInstanceUID)
+        ds.save_as(self.directory / f"{uid}.dcm", enforce_file_format=True)
+        self.receptions.append(uid)
+        if not self.first_received.is_set():
+            self.first_received.set()
+            self.answer.wait(300)
+        return 0x0000
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[SlowPacs]:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        ae = AE(ae_title=self.ae_title)
+        ae.add_supported_context(BASIC_TEXT_SR)
+        ae.add_supported_context("1.2.840.10008.1.1")
+        ae.network_timeout = ae.dimse_timeout = 600
+        server = ae.start_server(
+            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)]
+        )
+        assert server is not None
+        try:
+            yield self
+        finally:
+            self.answer.set()
             server.shutdown()
