@@ -40,6 +40,7 @@ from daemon.service.liveness import Beacon
 from daemon.service.supervisor import ChildSpec, Readiness, Supervisor
 from pipeline.errors import PermanentError
 from pipeline.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from pipeline.writers.sr import SR_STORAGE_ROOT, PreviousReport, is_report, with_predecessors
 from storage.completion import input_fingerprint, study_input
 from storage.db import make_engine, make_session_factory
 from storage.errors import SpoolUnavailable, StorageError, StorageUnavailable
@@ -49,6 +50,7 @@ from storage.migrate import current_revision, head_revision
 from storage.outbox import Destination
 from storage.queue import Claim, JobQueue, NewResult
 from storage.spool import Spool
+from storage.superseded import delivered_results
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +237,19 @@ class Worker:
 
     def _succeed(self, claim: Claim, result: AnalysisOutcome) -> None:
         job = claim.job
-        records = [self._write(ds, int(result.priority), result.summary) for ds in result.datasets]
+        # Late instances after a delivered report: the new SR names the one(s) it replaces.
+        previous = [
+            PreviousReport(
+                study_instance_uid=r.study_instance_uid,
+                series_instance_uid=r.series_instance_uid,
+                sop_class_uid=r.sop_class_uid,
+                sop_instance_uid=r.sop_instance_uid,
+            )
+            for r in delivered_results(self.sessions, job.study_id, besides_job=job.id)
+            if r.sop_class_uid.startswith(SR_STORAGE_ROOT)
+        ]
+        datasets = [with_predecessors(ds, previous) if is_report(ds) else ds for ds in result.datasets]
+        records = [self._write(ds, int(result.priority), result.summary) for ds in datasets]
         destinations = [Destination(name=d.name, peer=d.peer) for d in self.config.destinations_for(job.rule)]
         if self.queue.succeed(
             claim,

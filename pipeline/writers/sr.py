@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TypedDict
 
 import highdicom as hd
@@ -323,3 +324,52 @@ def _triage_group(
             )
         ],
     )
+
+
+# -- superseding a delivered report -------------------------------------------------------------
+
+SR_STORAGE_ROOT = "1.2.840.10008.5.1.4.1.1.88."  # PS3.4 B.5: every SR Storage SOP Class is 88.x
+
+
+@dataclass(frozen=True, kw_only=True)
+class PreviousReport:
+    """A report of ours that a PACS already holds and a new one replaces."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_class_uid: str
+    sop_instance_uid: str
+
+
+def is_report(ds: Dataset) -> bool:
+    return str(ds.get("SOPClassUID", "")).startswith(SR_STORAGE_ROOT)
+
+
+def with_predecessors(sr: Dataset, previous: Sequence[PreviousReport]) -> Dataset:
+    """``sr`` naming the reports it supersedes, so viewers show only the current one.
+
+    PS3.3 C.17.2 (SR Document General Module): Predecessor Documents Sequence (0040,A360), items
+    by the Hierarchical SOP Instance Reference Macro (Table C.17-3): study, then series, then SOP.
+    """
+    if not previous:
+        return sr
+    items = []
+    for study_uid in sorted({p.study_instance_uid for p in previous}):
+        study = Dataset()
+        study.StudyInstanceUID = study_uid
+        study.ReferencedSeriesSequence = []
+        in_study = [p for p in previous if p.study_instance_uid == study_uid]
+        for series_uid in sorted({p.series_instance_uid for p in in_study}):
+            series = Dataset()
+            series.SeriesInstanceUID = series_uid
+            series.ReferencedSOPSequence = []
+            for p in sorted(in_study, key=lambda p: p.sop_instance_uid):
+                if p.series_instance_uid == series_uid:
+                    sop = Dataset()
+                    sop.ReferencedSOPClassUID = p.sop_class_uid
+                    sop.ReferencedSOPInstanceUID = p.sop_instance_uid
+                    series.ReferencedSOPSequence.append(sop)
+            study.ReferencedSeriesSequence.append(series)
+        items.append(study)
+    sr.PredecessorDocumentsSequence = items
+    return sr
