@@ -37,6 +37,9 @@ class DicomDestination:
         self.config = config
         self.name = config.name
         self.calling_ae = calling_ae
+        if config.ae_title is None or config.host is None or config.port is None:
+            raise Permanent(f"destination {config.name!r}: a DICOM destination needs ae_title, host and port")
+        self.host = config.host
         self.peer = Peer(config.ae_title, config.host, config.port)
 
     def __str__(self) -> str:
@@ -60,7 +63,7 @@ class DicomDestination:
             ca_certificates=c.ca_certificates, certificate=c.certificate, private_key=c.private_key
         )
         try:
-            tls.context(c.host)  # load the files now: a broken file is this destination's problem only
+            tls.context(self.host)  # load the files now: a broken file is this destination's problem only
         except (OSError, ssl.SSLError) as exc:
             raise Permanent(
                 f"destination {self.name!r}: cannot use its TLS files ({exc}); fix ca_certificates / "

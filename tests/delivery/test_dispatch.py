@@ -78,6 +78,7 @@ class MockPacs:
             block=False,
             evt_handlers=[(evt.EVT_REQUESTED, self._requested), (evt.EVT_C_STORE, self._store)],
         )
+        assert server is not None
         try:
             yield self
         finally:

@@ -18,7 +18,7 @@ from tests.support.storescp import Storescp
 
 
 def _reports(storescp: Storescp) -> list[Dataset]:
-    found = []
+    found: list[Dataset] = []
     for path in storescp.files():
         try:
             ds = dcmread(path)
