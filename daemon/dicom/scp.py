@@ -27,6 +27,7 @@ from pynetdicom.utils import make_target
 from daemon.config import Config
 from daemon.dicom import sop_classes
 from daemon.dicom.access import AccessPolicy, Refusal
+from daemon.dicom.encoding import check_encoding
 from daemon.dicom.errors import InvalidDataset, ReceiveError
 from daemon.dicom.file_meta import file_header
 from daemon.dicom.status import StoreStatus, status_for
@@ -266,6 +267,8 @@ class Receiver:
                 request.AffectedSOPClassUID, request.AffectedSOPInstanceUID
             )
             transfer_syntax = str(event.context.transfer_syntax)
+            stream = event.encoded_dataset(include_meta=False)
+            check_encoding(stream, transfer_syntax)  # the bytes we would store, before any decoding
             try:
                 ds = event.dataset
             except Exception as exc:
@@ -278,7 +281,6 @@ class Receiver:
                 is_image=sop_classes.is_image(sop_class),
             )
             header = file_header(sop_class, sop_instance, transfer_syntax)
-            stream = event.encoded_dataset(include_meta=False)
             outcome = self.ingest.store(incoming, (header, stream), info)
         except (ReceiveError, StorageError) as exc:
             status = status_for(exc)
