@@ -37,9 +37,11 @@ import logging
 import signal
 import socket
 import threading
+from pathlib import Path
 from types import FrameType
 from typing import Protocol
 
+from daemon import telemetry
 from daemon.config import Config
 from daemon.dicom.scp import Receiver
 from daemon.logs import setup_logging
@@ -94,10 +96,12 @@ class ReceiverProcesses:
                 child = child.model_copy(
                     update={"tls": self.config.tls.model_copy(update={"port": tls_port})}
                 )
+            # Their counters and histograms (telemetry) are summed from here by the HTTP /metrics.
+            shared = telemetry.prepare_shared_directory(telemetry.shared_directory(self.config.home))
             spec = ChildSpec(
                 kind="receiver",
                 target=_child,
-                args=(child,),
+                args=(child, shared),
                 stop_grace_seconds=STOP_GRACE_SECONDS + 10,
                 start_timeout_seconds=START_TIMEOUT_SECONDS,
             )
@@ -155,8 +159,9 @@ def _reserve(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _child(index: int, readiness: Readiness, config: Config) -> None:
+def _child(index: int, readiness: Readiness, config: Config, metrics_dir: Path) -> None:
     """Body of one receiver process: receive until SIGTERM/SIGINT (or the parent's death)."""
+    telemetry.share_through(metrics_dir)  # before any instrument exists in this process
     setup_logging(config.logging.level)
     stop = threading.Event()
 
