@@ -10,9 +10,10 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragments
+from pydicom.tag import Tag
 from pydicom.uid import UID
 
-from daemon.dicom.errors import DatasetMismatch, InvalidDataset
+from daemon.dicom.errors import DatasetMismatch, InvalidDataset, InvalidValue
 from storage.ingest import IncomingInstance
 from vocabulary import is_valid_uid
 
@@ -26,19 +27,36 @@ def require_uid(value: object, what: str) -> str:
     return str(value)
 
 
+_IS_MIN, _IS_MAX = -(2**31), 2**31 - 1  # PS3.5 Table 6.2-1: IS is a 32-bit signed integer
+
+
 def _text(ds: Dataset, keyword: str, limit: int) -> str | None:
+    """A string attribute we record; PS3.5 6.2: no NUL in character strings (UI alone pads with one)."""
     value = ds.get(keyword)
     if value is None or value == "":
         return None
-    return str(value)[:limit]
+    # Trailing NUL padding is a common writer bug that hides nothing: tolerated, and removed.
+    text = str(value).rstrip("\0 ")
+    if "\0" in text:
+        raise InvalidValue(f"{_name(keyword)} has a NUL byte (PS3.5 6.2)")
+    return text[:limit] or None
 
 
 def _int(ds: Dataset, keyword: str) -> int | None:
+    """An IS attribute we record; PS3.5 Table 6.2-1: -2^31 .. 2^31-1 (unparseable: not recorded)."""
     value = ds.get(keyword)
     try:
-        return int(value) if value not in (None, "") else None
+        number = int(value) if value not in (None, "") else None
     except (TypeError, ValueError):
         return None
+    if number is not None and not _IS_MIN <= number <= _IS_MAX:
+        raise InvalidValue(f"{_name(keyword)} beyond IS range (PS3.5 6.2): {number}")
+    return number
+
+
+def _name(keyword: str) -> str:
+    tag = Tag(keyword)
+    return f"{keyword} ({tag.group:04X},{tag.element:04X})"
 
 
 def check_request_uids(sop_class_uid: Any, sop_instance_uid: Any) -> tuple[str, str]:
