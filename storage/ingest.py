@@ -295,6 +295,11 @@ class Ingest:
                     started_at=association.started_at,
                 )
             )
+        same = _identical(session, incoming, sha256)
+        if same is not None:
+            # An identical resend (the PACS sending a study again, our own results coming back)
+            # changes nothing: the study is not reopened and its completion clock not reset.
+            return _Recorded(StoreOutcome.DUPLICATE, None, *same)
         study = session.scalars(
             select(Study).where(Study.study_instance_uid == incoming.study_instance_uid)
         ).one_or_none()
@@ -404,3 +409,19 @@ class Ingest:
             if row is not None:
                 row.ended_at = dt.datetime.now(dt.UTC)
                 row.released = released
+
+
+def _identical(session: Session, incoming: IncomingInstance, sha256: str) -> tuple[int, int] | None:
+    """(study id, series id) when exactly these bytes are stored under the same UIDs; else None."""
+    row = session.execute(
+        select(Study.id, Series.id)
+        .join(Series, Series.study_id == Study.id)
+        .join(Instance, Instance.series_id == Series.id)
+        .where(
+            Instance.sop_instance_uid == incoming.sop_instance_uid,
+            Instance.sha256 == sha256,
+            Series.series_instance_uid == incoming.series_instance_uid,
+            Study.study_instance_uid == incoming.study_instance_uid,
+        )
+    ).first()
+    return (row[0], row[1]) if row is not None else None

@@ -98,3 +98,26 @@ def test_our_results_sent_back_are_stored_but_start_no_analysis(db: Db, tmp_path
     with db.sessions() as session:
         assert session.scalars(select(Job.id)).all() == [first.job_id]
         assert session.scalar(select(Instance.id).where(Instance.sop_instance_uid == OUR_SR)) is not None
+
+
+def test_an_identical_resend_is_a_no_op(db: Db, tmp_path: Path) -> None:
+    """The same bytes under the same UIDs again: no reopening, no new completion, no new job."""
+    import uuid
+
+    from tests.support.queue_db import ct_series, ingest_files
+    from tests.support.stored import events
+
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    config = load_config(environ={"PACS_TRIAGE_HOME": str(tmp_path)})
+    study = f"2.25.{uuid.uuid4().int}"
+    files = ct_series(tmp_path / "in", study, study + ".1", 3)
+    ingest_files(db, spool, files)
+    done = CompletionSweep(config, db.sessions, spool).force(study)
+    assert done.job_id is not None
+    before = events(db.url)
+    ingest_files(db, spool, files)  # the PACS sends the whole study again
+    with db.sessions() as session:
+        row = session.scalars(select(Study).where(Study.study_instance_uid == study)).one()
+        assert row.state == StudyState.COMPLETE
+    assert [e for e in events(db.url) if e not in before and e[0] != "association"] == []
