@@ -8,6 +8,7 @@ pytest_plugins = [
     "tests.support.queue_db",
     "tests.support.storescp",
     "tests.support.receivers",
+    "tests.support.pki",
     "tests.support.e2e",
     "tests.support.http",
 ]

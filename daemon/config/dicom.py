@@ -16,11 +16,20 @@ class DicomConfig(_Section):
 
     bind_address: str = "0.0.0.0"  # listen everywhere; [access] decides who may associate
     max_associations: int = Field(default=16, ge=1, le=1000)
-    # 0 = no limit: fewer, larger reads; +15-28 % on 0.5 MB CT slices (shared/notes).
-    max_pdu_size: int = Field(default=0, ge=0)
+    # Our Maximum Length Received (PS3.8 D.1). A 0.5 MB CT slice still fits one PDU (as fast as
+    # the former 0 = unlimited); a PDU announcing more than this plus 64 KiB is aborted before any
+    # of it is buffered, so memory per connection stays bounded (issue 11 item 8).
+    max_pdu_size: int = Field(default=4 * 2**20, ge=4096, le=256 * 2**20)
+    # Accept -> complete A-ASSOCIATE-RQ (TLS handshake included), from the first byte; a peer
+    # that stalls mid-PDU is closed after this long (issue 11 item 6).
     acse_timeout: float = Field(default=30.0, gt=0)
     dimse_timeout: float = Field(default=60.0, gt=0)
+    # Idle association -> abort; also the time one PDU may take from its first byte to its last.
     network_timeout: float = Field(default=120.0, gt=0)
+    # Connections not yet associated (still before or in their A-ASSOCIATE-RQ), per source address
+    # and in total; more are closed at accept. They never count against max_associations.
+    max_pending_per_address: int = Field(default=16, ge=1, le=10_000)
+    max_pending_connections: int = Field(default=128, ge=1, le=100_000)
     # Receiver processes sharing the port (SO_REUSEPORT), each with its own GIL and database
     # connection; 1 = receive in the serve process itself. See daemon/service/receivers.py.
     receivers: int = Field(default=1, ge=1, le=64)
@@ -29,6 +38,16 @@ class DicomConfig(_Section):
     @classmethod
     def _address(cls, value: str) -> str:
         ipaddress.ip_address(value)
+        return value
+
+    @field_validator("max_pdu_size", mode="before")
+    @classmethod
+    def _bounded_pdu(cls, value: object) -> object:
+        if value in (0, "0"):
+            raise ValueError(
+                "0 (unlimited) is no longer accepted: any peer could make the receiver buffer gigabytes; "
+                "remove the key or set a size such as 4194304 (4 MiB, the default)"
+            )
         return value
 
 

@@ -8,8 +8,8 @@ through ``daemon/dicom/status.py``.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
-import socket
 import ssl
 import threading
 import time
@@ -30,6 +30,12 @@ from daemon.dicom.access import AccessPolicy, Refusal
 from daemon.dicom.encoding import check_encoding
 from daemon.dicom.errors import InvalidDataset, ReceiveError
 from daemon.dicom.file_meta import file_header
+from daemon.dicom.hardening import (
+    UNLIMITED_BY_PYNETDICOM,
+    ConnectionLimits,
+    HardenedServer,
+    over_association_limit,
+)
 from daemon.dicom.status import StoreStatus, status_for
 from daemon.dicom.validation import check_request_uids, validate_received
 from storage.errors import StorageError
@@ -40,6 +46,9 @@ log = logging.getLogger(__name__)
 
 # A-ASSOCIATE-RJ: rejected-permanent (0x01) by the service user (0x01), PS3.8 Table 9-21.
 _REJECT_DIAGNOSTIC = {Refusal.CALLING_AE_NOT_RECOGNISED: 0x03, Refusal.CALLED_AE_NOT_RECOGNISED: 0x07}
+# A-ASSOCIATE-RJ: rejected-transient (0x02) by the service provider, presentation related (0x03),
+# local-limit-exceeded (0x02): what pynetdicom itself answers over its limit (PS3.8 Table 9-21).
+_REJECT_BUSY = (0x02, 0x03, 0x02)
 
 
 def _status(status: StoreStatus, comment: str = "") -> Dataset:
@@ -63,19 +72,6 @@ def make_tls_context(config: Config) -> ssl.SSLContext:
     return ctx
 
 
-class ReusePortServer(ThreadedAssociationServer):
-    """An association server whose socket joins the port's SO_REUSEPORT group before binding.
-
-    Several receiver processes bind the same port this way and the kernel spreads incoming
-    connections over them (Linux: only sockets of the same user may join the group).
-    """
-
-    def server_bind(self) -> None:
-        assert self.socket is not None
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
-
-
 class Receiver:
     """Owns the pynetdicom AE, its servers (plain and TLS) and the event handlers."""
 
@@ -94,7 +90,9 @@ class Receiver:
     def _build_ae(self) -> AE:
         dicom = self.config.dicom
         ae = AE(ae_title=self.config.ae_title)
-        ae.maximum_associations = dicom.max_associations
+        # dicom.max_associations is enforced in _on_requested, counting only associations whose
+        # request is complete: pynetdicom would count connections still negotiating as well.
+        ae.maximum_associations = UNLIMITED_BY_PYNETDICOM
         ae.maximum_pdu_size = dicom.max_pdu_size
         ae.acse_timeout = dicom.acse_timeout
         ae.dimse_timeout = dicom.dimse_timeout
@@ -139,12 +137,17 @@ class Receiver:
     def _start_server(
         self, address: tuple[str, int], ssl_context: ssl.SSLContext | None
     ) -> ThreadedAssociationServer:
-        """What ``AE.start_server(block=False)`` does, with our server class (SO_REUSEPORT or not)."""
+        """What ``AE.start_server(block=False)`` does, with our bounded server (SO_REUSEPORT or not)."""
+        server_class = functools.partial(
+            HardenedServer,
+            limits=ConnectionLimits.from_config(self.config.dicom),
+            reuse_port=self.reuse_port,
+        )
         server = self.ae.make_server(
             address,
             ssl_context=ssl_context,
             evt_handlers=self.handlers,
-            server_class=ReusePortServer if self.reuse_port else ThreadedAssociationServer,
+            server_class=server_class,  # type: ignore[arg-type]  # a partial of a subclass
         )
         thread = threading.Thread(
             target=make_target(server.serve_forever), name=f"AcceptorServer@{address[1]}", daemon=True
@@ -191,6 +194,14 @@ class Receiver:
         called = str(request.called_ae_title) if request else ""
         decision = self.policy.decide(calling, called, assoc.requestor.address)
         if decision.allowed:
+            if over_association_limit(assoc, self.config.dicom.max_associations):
+                log.warning(
+                    "rejected association from %s (transient): dicom.max_associations (%d) reached",
+                    assoc.requestor.address,
+                    self.config.dicom.max_associations,
+                )
+                assoc.acse.send_reject(*_REJECT_BUSY)
+                assoc.kill()
             return
         assert decision.refusal is not None
         log.warning(

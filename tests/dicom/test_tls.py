@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import ssl
-import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -13,69 +11,12 @@ import pytest
 from daemon.dicom.scu import Peer, TlsClient, echo, send_files
 from tests.paths import TESTDATA
 from tests.support.dicom_bytes import associate, read_quietly
-from tests.support.peers import free_port, need_tool
+from tests.support.peers import free_port
+from tests.support.pki import Pki
 from tests.support.service import Service, start_service
 from tests.support.stored import stored_instances
 
 SLICE = TESTDATA / "ct_series" / "gantry_tilt" / "GE_02.dcm"
-
-
-@dataclass(frozen=True)
-class Pki:
-    ca: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-    rogue_cert: Path  # a client certificate signed by a CA the server does not trust
-    rogue_key: Path
-
-
-def _openssl(command: str, cwd: Path) -> None:
-    subprocess.run(
-        [need_tool("openssl"), *command.split()], cwd=cwd, check=True, capture_output=True, timeout=60
-    )
-
-
-EC_KEY = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"
-
-
-def _ca(name: str, d: Path) -> None:
-    _openssl(
-        f"req -x509 {EC_KEY} -keyout {name}.key -out {name}.pem -days 2 -subj /CN={name} "
-        "-addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign",
-        d,
-    )
-
-
-def _leaf(name: str, ca: str, extensions: str, d: Path) -> None:
-    _openssl(f"req {EC_KEY} -keyout {name}.key -out {name}.csr -subj /CN={name}", d)
-    (d / f"{name}.ext").write_text(extensions)
-    _openssl(
-        f"x509 -req -in {name}.csr -CA {ca}.pem -CAkey {ca}.key -CAcreateserial -out {name}.pem -days 2 "
-        f"-extfile {name}.ext",
-        d,
-    )
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    need_tool("openssl")
-    d = tmp_path_factory.mktemp("pki")
-    _ca("test-ca", d)
-    _ca("rogue-ca", d)
-    _leaf("server", "test-ca", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n", d)
-    _leaf("client", "test-ca", "extendedKeyUsage=clientAuth\n", d)
-    _leaf("rogue", "rogue-ca", "extendedKeyUsage=clientAuth\n", d)
-    return Pki(
-        ca=d / "test-ca.pem",
-        server_cert=d / "server.pem",
-        server_key=d / "server.key",
-        client_cert=d / "client.pem",
-        client_key=d / "client.key",
-        rogue_cert=d / "rogue.pem",
-        rogue_key=d / "rogue.key",
-    )
 
 
 @pytest.fixture(scope="module")
