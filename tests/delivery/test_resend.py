@@ -11,6 +11,7 @@ SQLite and PostgreSQL and a real (pynetdicom) PACS that files objects by SOP Ins
 from __future__ import annotations
 
 import datetime as dt
+import subprocess
 import uuid
 from pathlib import Path
 
@@ -20,7 +21,9 @@ from daemon.dicom.scu import send_files
 from storage.db import make_engine
 from storage.models import Delivery, DeliveryState
 from tests.support.delivery import SlowPacs
-from tests.support.process import wait_until
+from tests.support.dicom_bytes import echo_status
+from tests.support.peers import free_port, need_dcmtk
+from tests.support.process import clean_env, wait_until
 from tests.support.queue_db import ct_series
 from tests.support.service import Service, ServiceFactory
 
@@ -98,3 +101,58 @@ def test_kill_9_mid_delivery_resends_once_and_the_pacs_holds_one_copy(
         status = again.status_json()
         assert status["queue"]["resent_deliveries_total"] == 1, status["queue"]
         assert "re-sent deliveries: 1" in again.cli("status").stdout
+
+
+def test_kill_9_mid_delivery_to_storescp_leaves_one_copy(tmp_path: Path, services: ServiceFactory) -> None:
+    """The same with dcmtk storescp as the PACS, answering each C-STORE only after a pause."""
+    received = tmp_path / "storescp"
+    received.mkdir()
+    port = free_port()
+    log = (tmp_path / "storescp.log").open("wb")
+    scp = subprocess.Popen(
+        [
+            need_dcmtk("storescp"),
+            "-od",
+            str(received),
+            "-aet",
+            "DEST",
+            "--sleep-during",
+            "4",
+            "-v",
+            str(port),
+        ],
+        env=clean_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_until(lambda: echo_status(port, called_ae="DEST", timeout=2) == 0, timeout=20, what="storescp")
+        env = _env_for(f"DEST@127.0.0.1:{port}")
+        first = services(env=env, name="before-crash")
+        _send_study(first, tmp_path)
+        wait_until(
+            lambda: _deliveries(first) == [(DeliveryState.SENDING, 1)],
+            timeout=120,
+            what="a send in flight",
+            interval=0.05,
+        )
+        first.kill9()
+        again = services(env=env, home=first.home, port=first.port, name="after-crash")
+        wait_until(
+            lambda: _deliveries(again) == [(DeliveryState.DELIVERED, 2)],
+            timeout=120,
+            what="the delivery sent again and recorded",
+        )
+        reports = [p for p in received.iterdir() if p.is_file()]
+        assert len(reports) == 1, reports  # storescp files by SOP Instance UID, as a PACS keeps one copy
+        assert again.status_json()["queue"]["resent_deliveries_total"] == 1
+    finally:
+        scp.terminate()
+        scp.wait(timeout=10)
+        log.close()
+
+
+def _env_for(destination: str) -> dict[str, str]:
+    env = _env(SlowPacs(Path("/nonexistent")))
+    env["PACS_TRIAGE_DESTINATION"] = destination
+    return env
