@@ -2,8 +2,8 @@
 
 A study's *current* job is its newest job that was not superseded; its triage result is the
 highest priority among that job's results, and its main finding the first line of their summary.
-Time to result runs from the last instance received to the last delivery of the result (or to the
-job's success when nothing is to be delivered).
+Time to result runs from the last instance received to the arrival of the result's last delivery
+(or to the job's success when nothing is to be delivered); it is unknown while a delivery is due.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, and_, func, or_, select
+from sqlalchemy import ColumnElement, Select, and_, case, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.db import translate_errors
@@ -147,7 +147,12 @@ def _listing(flt: StudyFilter) -> tuple[Select[Any], ColumnElement[Any]]:
         .subquery("result_of")
     )
     delivered = (
-        select(Result.job_id, func.max(Delivery.delivered_at).label("at"))
+        select(
+            Result.job_id,
+            func.max(Delivery.delivered_at).label("at"),
+            func.count().label("n"),
+            func.count(Delivery.delivered_at).label("done"),
+        )
         .join(Delivery, Delivery.result_id == Result.id)
         .group_by(Result.job_id)
         .subquery("delivered")
@@ -160,7 +165,12 @@ def _listing(flt: StudyFilter) -> tuple[Select[Any], ColumnElement[Any]]:
             Job,
             result_of.c.priority,
             result_of.c.summary,
-            func.coalesce(delivered.c.at, Job.finished_at),
+            # The result is there when its last delivery arrived; without deliveries, when the job ended.
+            case(
+                (delivered.c.n.is_(None), Job.finished_at),
+                (delivered.c.n == delivered.c.done, delivered.c.at),
+                else_=None,
+            ),
         )
         .outerjoin(series_n, series_n.c.study_id == Study.id)
         .outerjoin(instance_n, instance_n.c.study_id == Study.id)
