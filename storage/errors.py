@@ -5,6 +5,7 @@ StorageError
 │   ├── DatabaseUnavailable   connection refused, server restarting, locked past the busy timeout
 │   └── SpoolUnavailable      disk full, free space under the threshold, I/O error
 ├── IntegrityProblem       the request contradicts what is stored (a programming or data error)
+│   └── IdentityConflict      another patient for a stored study, a series or instance UID reused elsewhere
 ├── NotFound               no job, delivery or study with that id or UID
 └── InvalidTransition      a state change the row's current state does not allow
 """
@@ -30,6 +31,19 @@ class SpoolUnavailable(StorageUnavailable):
 
 class IntegrityProblem(StorageError):
     """A write contradicts the stored state in a way retrying cannot fix."""
+
+
+class IdentityConflict(IntegrityProblem):
+    """An instance contradicts the identity stored for its study or series: refused, never merged.
+
+    One patient per study (PS3.3 7.1, the Study IE belongs to one Patient IE); a series belongs to
+    one study and an instance to one series (PS3.3 C.7.3.1, C.12.1: UIDs are unique). ``study_id``
+    is the stored study the conflict was found against, for its audit event.
+    """
+
+    def __init__(self, message: str, *, study_id: int) -> None:
+        super().__init__(message)
+        self.study_id = study_id
 
 
 class NotFound(StorageError):

@@ -19,7 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.db import transaction
-from storage.errors import IntegrityProblem
+from storage.errors import IdentityConflict, IntegrityProblem, StorageError
 from storage.file_records import Placement, lock_instance, remove_if_unnamed
 from storage.group_commit import GroupCommit
 from storage.models import Association, Event, Instance, Series, Study, StudyState
@@ -55,6 +55,9 @@ _TOUCH_SERIES = (
 _INSERT_INSTANCE = insert(_INSTANCES)
 
 
+IDENTITY_CONFLICT_EVENT = "identity_conflict"  # audit kind of a refused instance (see stats.py)
+
+
 class StoreOutcome(enum.StrEnum):
     STORED = "stored"  # a new instance
     DUPLICATE = "duplicate"  # identical bytes were already stored: nothing new
@@ -82,6 +85,7 @@ class IncomingInstance:
     sop_class_uid: str
     transfer_syntax_uid: str
     patient_id: str | None = None
+    issuer_of_patient_id: str | None = None
     accession_number: str | None = None
     modality: str | None = None
     body_part_examined: str | None = None
@@ -95,6 +99,21 @@ class _Recorded:
     old_path: str | None  # the replaced file, to remove once the new row is committed
     study_id: int
     series_id: int
+    patient: tuple[str | None, str | None] | None = None  # the study's (Patient ID, issuer), if read
+
+
+def patient_conflict(stored: tuple[str | None, str | None], incoming: IncomingInstance) -> str | None:
+    """Why ``incoming`` belongs to another patient than ``stored`` (Patient ID, issuer), or None.
+
+    A patient is Patient ID qualified by Issuer of Patient ID (PS3.3 C.7.1.1); what one side
+    does not state (an empty Patient ID, no issuer) is not a contradiction.
+    """
+    patient_id, issuer = stored
+    if patient_id and incoming.patient_id and patient_id != incoming.patient_id:
+        return "Patient ID differs from the study's"
+    if issuer and incoming.issuer_of_patient_id and issuer != incoming.issuer_of_patient_id:
+        return "Issuer of Patient ID differs from the study's"
+    return None
 
 
 class _Stale(Exception):
@@ -128,6 +147,9 @@ class Ingest:
         # so a stale entry costs one fallback to the full path, never a wrong row.
         self._known_series: dict[tuple[str, str], tuple[int, int]] = {}  # (study, series UID) -> ids
         self._known_associations: set[str] = set()
+        # (Patient ID, issuer) of the studies in _known_series, as stored: the fast path takes only
+        # instances of the same patient (a study's patient never changes once recorded).
+        self._patients: dict[int, tuple[str | None, str | None]] = {}
 
     def store(
         self,
@@ -158,12 +180,35 @@ class Ingest:
             outcome, old_path = self._record(
                 incoming, placement, pending.size_bytes, pending.sha256, association, received_at
             )
+        except IdentityConflict as exc:
+            self._remove_unnamed(rel, uid)
+            self._record_conflict(exc, incoming, association)
+            raise
         except BaseException:
             self._remove_unnamed(rel, uid)
             raise
         if old_path is not None and old_path != rel:
             self._remove_unnamed(old_path, uid)
         return outcome
+
+    def _record_conflict(
+        self, exc: IdentityConflict, incoming: IncomingInstance, association: AssociationInfo
+    ) -> None:
+        """The refusal's audit row (its own transaction: the store's was rolled back)."""
+        try:
+            with transaction(self.sessions, "recording an identity conflict") as session:
+                add_event(
+                    session,
+                    "study",
+                    exc.study_id,
+                    IDENTITY_CONFLICT_EVENT,
+                    reason=str(exc),
+                    sop_instance_uid=incoming.sop_instance_uid,
+                    calling_ae=association.calling_ae,
+                    association_id=association.id,
+                )
+        except StorageError as err:
+            log.warning("could not record the identity conflict of %s: %s", incoming.sop_instance_uid, err)
 
     def _remove_unnamed(self, rel: str, uid: str) -> None:
         """Best effort: a file left now is an orphan that the next start removes."""
@@ -183,7 +228,13 @@ class Ingest:
     ) -> tuple[StoreOutcome, str | None]:
         key = (incoming.study_instance_uid, incoming.series_instance_uid)
         known = self._known_series.get(key)
-        if known is not None and association.id in self._known_associations:
+        patient = self._patients.get(known[0]) if known is not None else None
+        if (
+            known is not None
+            and association.id in self._known_associations
+            and patient is not None
+            and patient_conflict(patient, incoming) is None  # else the full path refuses it
+        ):
             if self._record_fast(known, incoming, placement, size, sha256, association, received_at):
                 return StoreOutcome.STORED, None
             self._known_series.pop(key, None)
@@ -204,6 +255,10 @@ class Ingest:
             if len(self._known_series) >= _KNOWN_SERIES_LIMIT:
                 self._known_series.clear()
             self._known_series[key] = (recorded.study_id, recorded.series_id)
+            if recorded.patient is not None:
+                if len(self._patients) >= _KNOWN_SERIES_LIMIT:
+                    self._patients.clear()
+                self._patients[recorded.study_id] = recorded.patient
             self._known_associations.add(association.id)
             return recorded.outcome, recorded.old_path
         raise AssertionError("unreachable")
@@ -307,6 +362,7 @@ class Ingest:
             study = Study(
                 study_instance_uid=incoming.study_instance_uid,
                 patient_id=incoming.patient_id,
+                issuer_of_patient_id=incoming.issuer_of_patient_id,
                 accession_number=incoming.accession_number,
                 state=StudyState.RECEIVING,
                 first_received_at=received_at,
@@ -316,6 +372,12 @@ class Ingest:
             session.flush()
             add_event(session, "study", study.id, "created", calling_ae=association.calling_ae)
         else:
+            conflict = patient_conflict((study.patient_id, study.issuer_of_patient_id), incoming)
+            if conflict is not None:
+                raise IdentityConflict(
+                    f"identity conflict: {conflict} {incoming.study_instance_uid} (never merged)",
+                    study_id=study.id,
+                )
             study.last_received_at = received_at
             if study.state != StudyState.RECEIVING:
                 add_event(
@@ -345,9 +407,9 @@ class Ingest:
             session.add(series)
             session.flush()
         elif series.study_id != study.id:
-            raise IntegrityProblem(
-                f"series {incoming.series_instance_uid} already belongs to another study than "
-                f"{incoming.study_instance_uid}"
+            raise IdentityConflict(
+                f"identity conflict: series {incoming.series_instance_uid} is in another study",
+                study_id=series.study_id,
             )
         series.last_received_at = received_at
         series.last_association_id = association.id
@@ -355,14 +417,15 @@ class Ingest:
         instance = session.scalars(
             select(Instance).where(Instance.sop_instance_uid == incoming.sop_instance_uid)
         ).one_or_none()
+        patient = (study.patient_id, study.issuer_of_patient_id)
+        if instance is not None and instance.series_id != series.id:
+            raise IdentityConflict(
+                f"identity conflict: instance {incoming.sop_instance_uid} is in another series",
+                study_id=study.id,
+            )
         if instance is not None and instance.sha256 == sha256:
-            return _Recorded(StoreOutcome.DUPLICATE, None, study.id, series.id)
+            return _Recorded(StoreOutcome.DUPLICATE, None, study.id, series.id, patient)
         if instance is not None:
-            if instance.series_id != series.id:
-                raise IntegrityProblem(
-                    f"instance {incoming.sop_instance_uid} already belongs to series other than "
-                    f"{incoming.series_instance_uid}"
-                )
             old_path = instance.path
             instance.path = rel
             instance.size_bytes = size
@@ -383,7 +446,7 @@ class Ingest:
                 sop_instance_uid=incoming.sop_instance_uid,
                 calling_ae=association.calling_ae,
             )
-            return _Recorded(StoreOutcome.REPLACED, old_path, study.id, series.id)
+            return _Recorded(StoreOutcome.REPLACED, old_path, study.id, series.id, patient)
         session.add(
             Instance(
                 series_id=series.id,
@@ -399,7 +462,7 @@ class Ingest:
                 received_at=received_at,
             )
         )
-        return _Recorded(StoreOutcome.STORED, None, study.id, series.id)
+        return _Recorded(StoreOutcome.STORED, None, study.id, series.id, patient)
 
     def end_association(self, association_id: str, *, released: bool) -> None:
         """Record that an association ended (released, or aborted/lost). No row: nothing was stored."""

@@ -118,6 +118,7 @@ class Study(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     study_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
     patient_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    issuer_of_patient_id: Mapped[str | None] = mapped_column(String(64), default=None)  # with patient_id
     accession_number: Mapped[str | None] = mapped_column(String(16), default=None)
     state: Mapped[StudyState] = mapped_column(String(16), default=StudyState.RECEIVING)
     first_received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from dataclasses import dataclass, field
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.db import translate_errors
+from storage.ingest import IDENTITY_CONFLICT_EVENT
 from storage.models import (
     Delivery,
     DeliveryState,
@@ -91,6 +93,10 @@ class QueueSummary:
     # Sends whose outcome was unknown (the dispatcher died or hung holding the lease), so the row
     # was sent again: the PACS saw a duplicate (deterministic UIDs make it the same object).
     resent_deliveries_total: int = 0
+    # Instances refused because they contradict a stored study's identity (another patient, a
+    # series or instance UID reused): never merged; the sender must correct and resend them.
+    identity_conflicts: list[Problem] = field(default_factory=list)
+    identity_conflicts_total: int = 0
 
 
 def queue_summary(sessions: sessionmaker[Session], now: dt.datetime, *, limit: int = 10) -> QueueSummary:
@@ -154,7 +160,10 @@ def queue_summary(sessions: sessionmaker[Session], now: dt.datetime, *, limit: i
                 Event.detail.contains(RESEND_MARK),
             )
         )
+        conflicts, conflicts_total = _identity_conflicts(session, limit)
     return QueueSummary(
+        identity_conflicts=conflicts,
+        identity_conflicts_total=conflicts_total,
         resent_deliveries_total=resent or 0,
         jobs_by_state=by_state,
         oldest_queued_seconds=(now - oldest).total_seconds() if oldest is not None else None,
@@ -168,3 +177,24 @@ def queue_summary(sessions: sessionmaker[Session], now: dt.datetime, *, limit: i
         failed_jobs=failed_jobs,
         failed_jobs_total=sum(by_state.get(JobState.FAILED.value, {}).values()),
     )
+
+
+def _identity_conflicts(session: Session, limit: int) -> tuple[list[Problem], int]:
+    """The latest refusals for identity conflicts (storage/ingest.py), with the study they hit."""
+    where = (Event.entity == "study", Event.kind == IDENTITY_CONFLICT_EVENT)
+    total = session.scalar(select(func.count()).select_from(Event).where(*where)) or 0
+    problems = []
+    for event_id, study_id, detail in session.execute(
+        select(Event.id, Event.entity_id, Event.detail).where(*where).order_by(Event.id.desc()).limit(limit)
+    ):
+        facts = json.loads(detail) if detail else {}
+        uid = session.scalar(select(Study.study_instance_uid).where(Study.id == int(study_id))) or "?"
+        problems.append(
+            Problem(
+                id=event_id,
+                study_instance_uid=uid,
+                detail=f"{facts.get('reason', '')}; from {facts.get('calling_ae', '?')}, "
+                f"instance {facts.get('sop_instance_uid', '?')}",
+            )
+        )
+    return problems, total

@@ -278,6 +278,11 @@ def echo_queue(q: QueueSummary) -> None:
         ("failed jobs (permanent: see `jobs show ID`)", q.failed_jobs_total, q.failed_jobs),
         ("dead deliveries", q.dead_deliveries_total, q.dead_deliveries),
         ("not routed studies", q.not_routed_total, q.not_routed),
+        (
+            "instances refused, identity conflict (never merged)",
+            q.identity_conflicts_total,
+            q.identity_conflicts,
+        ),
     ):
         if total:
             typer.echo(f"{title}: {total}")

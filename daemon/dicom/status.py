@@ -9,7 +9,7 @@ import enum
 import logging
 
 from daemon.dicom.errors import DatasetMismatch, InvalidDataset
-from storage.errors import StorageUnavailable
+from storage.errors import IdentityConflict, StorageUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +21,12 @@ class StoreStatus(enum.IntEnum):
     OUT_OF_RESOURCES = 0xA700  # Refused: Out of Resources (disk or database unavailable, disk full)
     DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900  # Error: Data Set does not match SOP Class
     CANNOT_UNDERSTAND = 0xC000  # Error: Cannot understand (unparseable, invalid UIDs)
+    # Error: Cannot understand, our Cxxx code for "contradicts what is stored" (PS3.4 Table B.2-1
+    # leaves xxx to the implementation): another patient's Patient ID (with Issuer) under a stored
+    # Study Instance UID (PS3.3 7.1: a study belongs to one patient), a Series Instance UID stored
+    # under another study, a SOP Instance UID under another series. Refused, never merged, and
+    # audited (``identity_conflict`` in ``pacs-triage status``). Not A7xx: resending cannot help.
+    IDENTITY_CONFLICT = 0xC001
     PROCESSING_FAILURE = 0x0110  # Failure: Processing failure (anything unexpected)
 
 
@@ -53,6 +59,8 @@ def refused_for_good(status: int) -> bool:
 
 def status_for(exc: BaseException) -> StoreStatus:
     """Map a typed error to the C-STORE status to send."""
+    if isinstance(exc, IdentityConflict):
+        return StoreStatus.IDENTITY_CONFLICT
     if isinstance(exc, StorageUnavailable):
         return StoreStatus.OUT_OF_RESOURCES
     if isinstance(exc, DatasetMismatch):

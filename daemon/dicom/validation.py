@@ -99,6 +99,7 @@ def validate_received(
         sop_class_uid=sop_class,
         transfer_syntax_uid=transfer_syntax,
         patient_id=_text(ds, "PatientID", 64),
+        issuer_of_patient_id=_text(ds, "IssuerOfPatientID", 64),
         accession_number=_text(ds, "AccessionNumber", 16),
         modality=_text(ds, "Modality", 16),
         body_part_examined=_text(ds, "BodyPartExamined", 64),
