@@ -228,6 +228,8 @@ class Delivery(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     result_id: Mapped[int] = mapped_column(ForeignKey("results.id", ondelete="CASCADE"), index=True)
     destination: Mapped[str] = mapped_column(String(64))  # destination name in the config
+    # What is sent of the result: "sr", "seg", "hl7_oru", "hl7_priority", "fhir"... ("": the object as is)
+    content: Mapped[str] = mapped_column(String(16), default="", server_default="")
     peer: Mapped[str] = mapped_column(String(128))  # AET@HOST:PORT when queued (for operators)
     priority: Mapped[int] = mapped_column(Integer, default=0)  # vocabulary.Priority, higher first
     state: Mapped[DeliveryState] = mapped_column(String(16), default=DeliveryState.PENDING)

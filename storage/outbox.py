@@ -66,7 +66,9 @@ class Destination:
     """Where a result goes: the destination's name in the config and its address, for operators."""
 
     name: str
-    peer: str  # AET@HOST:PORT
+    peer: str  # AET@HOST:PORT, mllp://HOST:PORT, a FHIR base URL
+    content: str = ""  # what is sent of a result ("sr", "hl7_oru", "fhir"...; "": the object as is)
+    sop_classes: frozenset[str] = frozenset()  # results of these SOP classes only; empty: every result
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,6 +82,7 @@ class DeliveryView:
     path: str | None
     destination: str
     peer: str
+    content: str
     state: DeliveryState
     attempts: int
     max_attempts: int
@@ -99,6 +102,7 @@ class DeliveryView:
             path=result.path,
             destination=row.destination,
             peer=row.peer,
+            content=row.content,
             state=DeliveryState(row.state),
             attempts=row.attempts,
             max_attempts=row.max_attempts,
@@ -132,12 +136,15 @@ def add_deliveries(
     max_attempts: int,
     now: dt.datetime,
 ) -> list[Delivery]:
-    """Queue ``result`` for every destination (in the caller's transaction)."""
+    """Queue ``result`` for every destination that takes its SOP class (in the caller's transaction)."""
     rows = []
     for destination in destinations:
+        if destination.sop_classes and result.sop_class_uid not in destination.sop_classes:
+            continue
         row = Delivery(
             result_id=result.id,
             destination=destination.name,
+            content=destination.content,
             peer=destination.peer[:128],
             priority=priority,
             state=DeliveryState.PENDING,
@@ -159,6 +166,7 @@ def add_deliveries(
             result_id=result.id,
             destination=row.destination,
             peer=row.peer,
+            **({"content": row.content} if row.content else {}),
         )
     return rows
 

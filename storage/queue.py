@@ -255,17 +255,20 @@ class JobQueue:
             rows = [_result_row(job, new, now) for new in results]
             session.add_all(rows)
             session.flush()
+            queued = 0
             for row in rows:
                 add_event(
                     session, "result", row.id, "created", job_id=job.id, sop_instance_uid=row.sop_instance_uid
                 )
-                add_deliveries(
-                    session,
-                    row,
-                    destinations,
-                    priority=max(row.priority, job.priority),
-                    max_attempts=delivery_max_attempts,
-                    now=now,
+                queued += len(
+                    add_deliveries(
+                        session,
+                        row,
+                        destinations,
+                        priority=max(row.priority, job.priority),
+                        max_attempts=delivery_max_attempts,
+                        now=now,
+                    )
                 )
             stages = {"stages": {k: round(v, 3) for k, v in stage_seconds.items()}} if stage_seconds else {}
             move(
@@ -275,7 +278,7 @@ class JobQueue:
                 now,
                 attempt=job.attempts,
                 results=len(rows),
-                deliveries=len(rows) * len(destinations),
+                deliveries=queued,
                 **stages,
             )
             return True

@@ -29,7 +29,9 @@ from daemon.config.base import (
 )
 from daemon.config.delivery import (
     DEFAULT_DESTINATION_NAME,
+    Content,
     DestinationConfig,
+    DestinationKind,
     DispatchConfig,
     RetentionConfig,
 )
@@ -45,7 +47,7 @@ from daemon.config.pipelines import (
     ThresholdsConfig,
 )
 from daemon.config.queue import BackoffConfig, CompletionConfig, WorkersConfig
-from daemon.config.routing import PriorityName, RouteRule, RoutingConfig
+from daemon.config.routing import PriorityName, RouteReceives, RouteRule, RoutingConfig
 from daemon.config.sources import (
     ENV_PREFIX,
     LoadedConfig,
@@ -74,7 +76,9 @@ __all__ = [
     "CompletionConfig",
     "Config",
     "ConfigError",
+    "Content",
     "DestinationConfig",
+    "DestinationKind",
     "DicomConfig",
     "DispatchConfig",
     "HttpConfig",
@@ -88,6 +92,7 @@ __all__ = [
     "PriorityName",
     "Provenance",
     "RetentionConfig",
+    "RouteReceives",
     "RouteRule",
     "RoutingConfig",
     "Source",

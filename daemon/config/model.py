@@ -12,9 +12,11 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from daemon.config.base import DEFAULT_AE_TITLE, DEFAULT_PORT, AETitle, ByteSize, _Section, parse_peer
 from daemon.config.delivery import (
     DEFAULT_DESTINATION_NAME,
+    Content,
     DestinationConfig,
     DispatchConfig,
     RetentionConfig,
+    check_contents,
 )
 from daemon.config.dicom import AccessConfig, DicomConfig, TlsConfig
 from daemon.config.http import HttpConfig
@@ -92,12 +94,19 @@ class Config(_Section):
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
             raise ValueError(f"destinations: names must be unique; repeated: {', '.join(repeated)}")
+        kinds = {d.name: d.kind for d in self.all_destinations}
         for rule in self.routing.rules:
-            unknown = [d for d in rule.destinations if d not in names]
+            unknown = [d for d in (*rule.destinations, *(s.destination for s in rule.send)) if d not in names]
             if unknown:
                 raise ValueError(
                     f"routing.rules {rule.name!r}: unknown destination(s) {', '.join(unknown)}; "
                     f"configured: {', '.join(names) or 'none'}"
+                )
+            for send in rule.send:
+                check_contents(
+                    kinds[send.destination],
+                    send.receives,
+                    f"routing.rules {rule.name!r} send {send.destination!r}",
                 )
         return self
 
@@ -118,6 +127,16 @@ class Config(_Section):
         if rule is None or not rule.destinations:
             return self.all_destinations
         return tuple(d for d in self.all_destinations if d.name in rule.destinations)
+
+    def deliveries_for(
+        self, rule_name: str | None
+    ) -> tuple[tuple[DestinationConfig, tuple[Content, ...]], ...]:
+        """Each destination of a job routed by ``rule_name`` with what it receives from that rule."""
+        rule = self.routing.rule(rule_name)
+        return tuple(
+            (d, (rule.receives(d.name) if rule is not None else None) or d.contents)
+            for d in self.destinations_for(rule_name)
+        )
 
     @property
     def spool_dir(self) -> Path:

@@ -7,7 +7,15 @@ import re
 from pydantic import Field, field_validator, model_validator
 
 from daemon.config.base import AETitle, Name, _Section
+from daemon.config.delivery import Content
 from vocabulary import Priority, PriorityName
+
+
+class RouteReceives(_Section):
+    """``[[routing.rules.send]]``: what one destination receives of this rule's results."""
+
+    destination: Name
+    receives: tuple[Content, ...] = Field(min_length=1)  # e.g. ["hl7_oru", "hl7_priority"]
 
 
 class RouteRule(_Section):
@@ -20,6 +28,9 @@ class RouteRule(_Section):
     pipeline: Name
     priority: PriorityName = "routine"
     destinations: tuple[Name, ...] = ()  # destination names; empty: every configured destination
+    # Per destination, what it receives from this rule; a destination not listed receives its own
+    # ``receives`` (by default: DICOM every object, HL7 the ORU, FHIR the Bundle).
+    send: tuple[RouteReceives, ...] = ()
     modality: tuple[str, ...] = ()  # any of these (e.g. ["CT"])
     body_part: tuple[str, ...] = ()  # BodyPartExamined, any of these (e.g. ["CHEST", "ABDOMEN"])
     series_description: str | None = None  # regular expression searched in SeriesDescription
@@ -44,6 +55,24 @@ class RouteRule(_Section):
             except re.error as exc:
                 raise ValueError(f"{value!r} is not a valid regular expression: {exc}") from exc
         return value
+
+    @model_validator(mode="after")
+    def _send(self) -> RouteRule:
+        named = [s.destination for s in self.send]
+        repeated = sorted({n for n in named if named.count(n) > 1})
+        if repeated:
+            raise ValueError(f"rule {self.name!r}: send lists {', '.join(repeated)} more than once")
+        outside = [n for n in named if self.destinations and n not in self.destinations]
+        if outside:
+            raise ValueError(
+                f"rule {self.name!r}: send names {', '.join(outside)}, which is not in its destinations "
+                f"({', '.join(self.destinations)})"
+            )
+        return self
+
+    def receives(self, destination: str) -> tuple[Content, ...] | None:
+        """What this rule sends to ``destination``; None: the destination's own ``receives``."""
+        return next((s.receives for s in self.send if s.destination == destination), None)
 
     @model_validator(mode="after")
     def _ranges(self) -> RouteRule:

@@ -5,7 +5,7 @@
      └── Permanent           will not pass by itself: rejected for good, refused object, broken
                              local configuration -> dead at once (``pacs-triage deliveries retry``)
 
-An adapter (one module per destination kind: ``dicom.py``; HL7 MLLP and FHIR to come) maps its
+An adapter (one module per destination kind: ``dicom.py``, ``hl7.py``, ``fhir.py``) maps its
 own protocol's failures to these two, and never retries: the outbox row owns attempts, backoff
 and dead letters (``storage/outbox.py``).
 """
@@ -41,6 +41,7 @@ class Outgoing:
     delivery_id: int
     sop_instance_uid: str
     path: Path  # the Part 10 file in the results spool
+    content: str = ""  # what to send of it: "" the object as is; "hl7_oru", "fhir"... (config.Content)
 
 
 @dataclass(frozen=True, kw_only=True)

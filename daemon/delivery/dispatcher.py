@@ -104,7 +104,10 @@ class Dispatcher:
                 "retry the job with `pacs-triage jobs retry`"
             )
         return Outgoing(
-            delivery_id=d.id, sop_instance_uid=d.sop_instance_uid, path=self.results.path_of(d.path)
+            delivery_id=d.id,
+            sop_instance_uid=d.sop_instance_uid,
+            path=self.results.path_of(d.path),
+            content=d.content,
         )
 
     @contextlib.contextmanager

@@ -1,6 +1,6 @@
 """Destination kinds: the config's ``kind`` -> the adapter that sends to it.
 
-A new kind (HL7 MLLP, FHIR) is one adapter module and one line in :data:`KINDS`; the dispatcher
+A new kind is one adapter module and one line in :data:`KINDS`; the dispatcher
 does not change.
 """
 
@@ -9,13 +9,15 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from daemon.config import DestinationConfig
-from daemon.delivery import dicom
+from daemon.delivery import dicom, fhir, hl7
 from daemon.delivery.base import Destination, Permanent
 
 Factory = Callable[[DestinationConfig, str], Destination]  # (destination, our calling AE title)
 
 KINDS: dict[str, Factory] = {
     "dicom": dicom.DicomDestination,
+    "hl7": hl7.Hl7Destination,
+    "fhir": fhir.FhirDestination,
 }
 
 

@@ -32,6 +32,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.config import Config
+from daemon.delivery.contents import plan
 from daemon.logs import setup_logging
 from daemon.pipelines.registry import AnalysisOutcome, Pipelines
 from daemon.polling import run_until_stopped
@@ -250,7 +251,11 @@ class Worker:
         ]
         datasets = [with_predecessors(ds, previous) if is_report(ds) else ds for ds in result.datasets]
         records = [self._write(ds, int(result.priority), result.summary) for ds in datasets]
-        destinations = [Destination(name=d.name, peer=d.peer) for d in self.config.destinations_for(job.rule)]
+        destinations = [  # one outbox row kind per destination x what it receives from this rule
+            Destination(name=d.name, peer=d.peer, content=content, sop_classes=classes)
+            for d, contents in self.config.deliveries_for(job.rule)
+            for content, classes in plan(d, contents)
+        ]
         if self.queue.succeed(
             claim,
             records,
