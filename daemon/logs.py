@@ -1,4 +1,10 @@
-"""Logging set-up for the CLI: one line per event on stderr, quiet library internals.
+"""Logging for every process: structlog over the standard library, text or JSON, one line per event.
+
+Every line carries the ids of what it is about where they apply (``job_id``, ``study_id``,
+``association_id``, ``delivery_id``), bound for a stretch of work with :func:`bound_ids`; no
+Patient Name or ID is ever logged, and at INFO a raw UID is replaced by its :func:`ref` (a
+safety net under the call sites, which use ``ref`` themselves). Libraries' INFO chatter is held
+at ``logging.third_party_level`` (WARNING by default).
 
 Also the two helpers every log call with peer data goes through (issue 11 item 9):
 :func:`peer_text` for any string a peer chose (AE titles, UIDs, addresses, error texts quoting
@@ -10,23 +16,138 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
+import sys
+from collections.abc import Iterator, MutableMapping
+from contextlib import contextmanager
+from typing import Any
 
+import structlog
 from pynetdicom import _config as pynetdicom_config
 
+from daemon.config import LoggingConfig
+
 PEER_TEXT_LIMIT = 96  # characters of a peer string kept in a log line (AE 16, UI 64, plus room)
+# Loggers of libraries held at logging.third_party_level.
+THIRD_PARTY = (
+    "pynetdicom",
+    "highdicom",
+    "monai",
+    "ignite",
+    "torch",
+    "uvicorn",
+    "uvicorn.access",
+    "uvicorn.error",
+    "fastapi",
+    "apscheduler",
+    "alembic",
+    "httpx",
+    "httpcore",
+    "asyncio",
+    "multipart",
+    "PIL",
+    "matplotlib",
+    "filelock",
+    "urllib3",
+)
+# A DICOM UID (PS3.5 9.1) has components separated by dots; five or more components is never an
+# IPv4 address or a version number.
+_UID = re.compile(r"(?<![\w.])[0-9]+(?:\.[0-9]+){4,}(?![\w.])")
+IDS = ("job_id", "study_id", "association_id", "delivery_id")
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        force=True,
+def _hide_uids(_logger: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """At INFO, a UID anywhere in the line becomes ``uid:<ref>``."""
+    if event.get("level", method) != "info":
+        return event
+    for key, value in event.items():
+        if isinstance(value, str) and key not in ("timestamp", "logger", "level"):
+            event[key] = _UID.sub(lambda m: "uid:" + ref(m.group(0)), value)
+    return event
+
+
+def _text(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> str:
+    """``TIME LEVEL logger: message key=value ...`` (the text format)."""
+    head = f"{event.pop('timestamp', '')} {event.pop('level', '').upper():<7} {event.pop('logger', '')}: "
+    message = escape_controls(str(event.pop("event", "")))
+    exception = event.pop("exception", None)
+    extra = escape_controls(" ".join(f"{k}={v}" for k, v in event.items()))
+    line = head + message + (f"  [{extra}]" if extra else "")
+    # Issue 11 item 9: a record is one line starting at column 0; a traceback (whose message may
+    # quote a peer) follows indented, so no text a peer chose can start a line of its own.
+    return line + ("\n" + _indented(exception) if exception else "")
+
+
+# C0 and C1 control characters, DEL and the Unicode line/paragraph separators: what can end a line.
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
+_CONTROLS.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t", 0x2028: "\\u2028", 0x2029: "\\u2029"})
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every character that could end or hide a log line escaped (the rest kept)."""
+    return text.translate(_CONTROLS)
+
+
+def _indented(text: str) -> str:
+    return "\n".join("  " + escape_controls(line) for line in text.splitlines())
+
+
+def setup_logging(settings: LoggingConfig | str) -> None:
+    """Send every log record (ours and the libraries') through structlog to stderr, once per process."""
+    config = settings if isinstance(settings, LoggingConfig) else LoggingConfig(level=settings)
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _hide_uids,
+    ]
+    renderer: Any = structlog.processors.JSONRenderer() if config.format == "json" else _text
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
     )
-    if level != "DEBUG":
-        # pynetdicom logs every PDU and DIMSE message at INFO; our own log says what happened.
-        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-        # ...and formats per-message summaries even when not shown; measured -5 % CPU per instance.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(config.level)
+    logging.captureWarnings(True)  # Python warnings (pydicom's quote peer values) through the same format
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    library_level = max(logging.getLevelName(config.third_party_level), logging.getLevelName(config.level))
+    for name in THIRD_PARTY:
+        logging.getLogger(name).setLevel(library_level)
+    if library_level > logging.DEBUG:
+        # pynetdicom formats per-message summaries even when not shown; measured -5 % CPU per instance.
         pynetdicom_config.LOG_HANDLER_LEVEL = "none"
+
+
+def bind_ids(**ids: object) -> None:
+    """Add ids (``job_id=...``) to every line this thread logs from now on (None values are skipped)."""
+    structlog.contextvars.bind_contextvars(**{k: v for k, v in ids.items() if v is not None})
+
+
+def unbind_ids(*names: str) -> None:
+    structlog.contextvars.unbind_contextvars(*names)
+
+
+@contextmanager
+def bound_ids(**ids: object) -> Iterator[None]:
+    """The ids on every line logged inside the block (this thread, and threads started with its context)."""
+    present = {k: v for k, v in ids.items() if v is not None}
+    with structlog.contextvars.bound_contextvars(**present):
+        yield
 
 
 def peer_text(value: object, limit: int = PEER_TEXT_LIMIT) -> str:

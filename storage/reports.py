@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from storage.db import make_engine, normalise_url, translate_errors
 from storage.models import (
@@ -38,6 +38,7 @@ from storage.models import (
     Study,
     StudyState,
 )
+from storage.studies import ResultSummary
 from vocabulary import Priority
 
 _PRIORITY_NAMES = {int(p): p.name.lower() for p in Priority}
@@ -246,3 +247,21 @@ def _deliveries(session: Session, delivery_ids: list[int]) -> tuple[list[float],
         if first.get(r.job_id) == r.id
     ]
     return latency, to_result
+
+
+def job_results(sessions: sessionmaker[Session], job_id: int) -> list[ResultSummary]:
+    """The result objects a job produced, with their triage priority and findings (``jobs show``)."""
+    with translate_errors("reading a job's results"), sessions() as session:
+        return [
+            ResultSummary(
+                id=r.id,
+                job_id=r.job_id,
+                sop_class_uid=r.sop_class_uid,
+                sop_instance_uid=r.sop_instance_uid,
+                series_instance_uid=r.series_instance_uid,
+                priority=Priority(r.priority),
+                summary=r.summary,
+                created_at=r.created_at,
+            )
+            for r in session.scalars(select(Result).where(Result.job_id == job_id).order_by(Result.id))
+        ]

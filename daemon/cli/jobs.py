@@ -24,8 +24,10 @@ if TYPE_CHECKING:
     from storage.stats import QueueSummary
 
 jobs_app = typer.Typer(help="Analysis jobs: list, show, retry, cancel.", no_args_is_help=True)
-deliveries_app = typer.Typer(help="Results being sent to destinations: list, retry.", no_args_is_help=True)
-studies_app = typer.Typer(help="Received studies.", no_args_is_help=True)
+deliveries_app = typer.Typer(
+    help="Results being sent to destinations: list, retry, send-now.", no_args_is_help=True
+)
+studies_app = typer.Typer(help="Received studies: list (the worklist), show, complete.", no_args_is_help=True)
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 Limit = Annotated[int, typer.Option(min=1, help="Show at most this many, newest first.")]
@@ -41,21 +43,16 @@ def register(app: typer.Typer) -> None:
 
 @contextmanager
 def _node(config_path: Path | None) -> Iterator[Node]:
-    """The node's database (migrations applied), with storage errors turned into a clean exit."""
-    from daemon.service.node import open_node
+    """The node's database as it is (never migrated or created here), storage errors a clean exit."""
+    from daemon.cli.database import existing_node
     from storage.errors import InvalidTransition, NotFound, StorageUnavailable
 
     config = load(config_path)
-    try:
-        node = open_node(config, open_spool=False)
-    except StorageUnavailable as exc:
-        fail(str(exc))
-    try:
-        yield node
-    except (StorageUnavailable, NotFound, InvalidTransition) as exc:
-        fail(str(exc))
-    finally:
-        node.close()
+    with existing_node(config) as node:
+        try:
+            yield node
+        except (StorageUnavailable, NotFound, InvalidTransition) as exc:
+            fail(str(exc))
 
 
 def _queues(node: Node) -> tuple[JobQueue, Outbox]:
@@ -142,17 +139,21 @@ def jobs_list(
 
 @jobs_app.command("show")
 def jobs_show(job_id: int, config_path: ConfigOption = None, as_json: JsonFlag = False) -> None:
-    """A job with its history, results and deliveries."""
+    """A job with its history (stage timings included), results with their findings, and deliveries."""
+    from storage.reports import job_results
+
     with _node(config_path) as node:
         queue, outbox = _queues(node)
         job = queue.get(job_id)
         history = queue.history(job_id)
+        results = job_results(node.sessions, job_id)
         deliveries = outbox.for_job(job_id)
     if as_json:
         _json(
             {
                 "job": asdict(job),
                 "history": [asdict(e) for e in history],
+                "results": [asdict(r) for r in results],
                 "deliveries": [asdict(d) for d in deliveries],
             }
         )
@@ -162,21 +163,47 @@ def jobs_show(job_id: int, config_path: ConfigOption = None, as_json: JsonFlag =
     typer.echo("history:")
     for event in history:
         typer.echo(f"  {_when(event.at)}  {event.kind:<11} {event.detail}")
+    typer.echo("results:" if results else "results: none")
+    for r in results:
+        typer.echo(f"  {r.id:>6}  priority {r.priority.name:<7} {r.sop_instance_uid}")
+        for finding in (line for line in r.summary.splitlines() if line.strip()):
+            typer.echo(f"      - {finding}")
     typer.echo("deliveries:" if deliveries else "deliveries: none")
     for d in deliveries:
         typer.echo("  " + _delivery_line(d) + (f"\n      last error: {d.last_error}" if d.last_error else ""))
 
 
 @jobs_app.command("retry")
-def jobs_retry(job_id: int, config_path: ConfigOption = None) -> None:
-    """Queue a failed, dead or cancelled job again, with a fresh set of attempts."""
-    from storage.operations import retry_job
+def jobs_retry(
+    job_id: Annotated[int | None, typer.Argument(help="The job to queue again.")] = None,
+    config_path: ConfigOption = None,
+    all_dead: Annotated[
+        bool, typer.Option("--all-dead", help="Queue every dead job AND every dead delivery again.")
+    ] = False,
+) -> None:
+    """Queue a failed, dead or cancelled job again, with a fresh set of attempts (audited as "cli").
 
+    With --all-dead, every dead job and every dead delivery at once (one transaction), as the
+    failures page's bulk retry does.
+    """
+    from storage import operations
+    from storage.models import utcnow
+
+    if (job_id is None) == (not all_dead):
+        fail("give a job id or --all-dead (not both)", code=2)
     with _node(config_path) as node:
-        done = retry_job(node.sessions, job_id, by=_actor(), now=_now())
-    job = done.job
-    what = "queued again" if done.changed else f"already {job.state.value}"
-    typer.echo(f"job {job.id} {what} (study {job.study_instance_uid})")
+        if all_dead:
+            bulk = operations.retry_all_dead(node.sessions, by="cli", now=utcnow())
+            typer.echo(
+                f"queued again: {len(bulk.jobs)} dead job(s){' ' + str(bulk.jobs) if bulk.jobs else ''}, "
+                f"{len(bulk.deliveries)} dead deliveries{' ' + str(bulk.deliveries) if bulk.deliveries else ''}"
+            )
+            return
+        assert job_id is not None
+        outcome = operations.retry_job(node.sessions, job_id, by="cli", now=utcnow())
+    job = outcome.job
+    word = "queued again" if outcome.changed else f"already {job.state.value}; nothing to do"
+    typer.echo(f"job {job.id} {word} (study {job.study_instance_uid})")
 
 
 @jobs_app.command("cancel")
@@ -223,6 +250,20 @@ def deliveries_retry(delivery_id: int, config_path: ConfigOption = None) -> None
     typer.echo(f"delivery {d.id} of {d.sop_instance_uid} to {d.destination} {what}")
 
 
+@deliveries_app.command("send-now")
+def deliveries_send_now(delivery_id: int, config_path: ConfigOption = None) -> None:
+    """Send without waiting for the backoff: a pending delivery becomes due now, a dead or cancelled one
+    pending again with fresh attempts. A running dispatcher sends it within its poll interval."""
+    from storage import operations
+    from storage.models import utcnow
+
+    with _node(config_path) as node:
+        outcome = operations.send_now(node.sessions, delivery_id, by="cli", now=utcnow())
+    d = outcome.delivery
+    word = "due now" if outcome.changed else f"{d.state.value}; nothing to do"
+    typer.echo(f"delivery {d.id} of {d.sop_instance_uid} to {d.destination}: {word}")
+
+
 @studies_app.command("complete")
 def studies_complete(
     study_instance_uid: Annotated[str, typer.Argument(help="Study Instance UID.")],
@@ -245,6 +286,7 @@ def studies_complete(
 
 def worker(config_path: ConfigOption = None) -> None:
     """Run one worker until SIGTERM/SIGINT (e.g. on a GPU host sharing PostgreSQL and the spool)."""
+    from daemon.cli.database import unreachable
     from daemon.config import ConfigError
     from daemon.pipelines.registry import check_routing
     from daemon.service.worker import SchemaNotReady, run_process
@@ -256,8 +298,10 @@ def worker(config_path: ConfigOption = None) -> None:
         run_process(config, standalone=True)
     except ConfigError as exc:
         fail(str(exc), code=2)
-    except (SchemaNotReady, StorageUnavailable) as exc:
+    except SchemaNotReady as exc:
         fail(str(exc))
+    except StorageUnavailable as exc:
+        fail(unreachable(config, exc), code=2)
 
 
 def echo_queue(q: QueueSummary) -> None:

@@ -14,8 +14,9 @@ from daemon.cli.common import ConfigOption
 from daemon.cli.common import fail as _fail
 from daemon.cli.common import load as _config
 from daemon.cli.config import config_app
-from daemon.cli.jobs import echo_queue
+from daemon.cli.jobs import echo_queue, studies_app
 from daemon.cli.jobs import register as register_job_commands
+from daemon.cli.studies import register as register_study_commands
 from daemon.config import parse_peer
 
 app = typer.Typer(
@@ -60,15 +61,19 @@ def serve(
     The HTTP API and pages listen on 127.0.0.1:8080 ([http] listen); the admin token is created in
     <home>/api-token on first start unless [[http.tokens]] are configured.
     """
+    from daemon.cli.database import unreachable
     from daemon.config import ConfigError
     from daemon.http.server import HttpStartError, TokenFileError, http_addons
     from daemon.service.serve import serve as run
+    from storage.errors import StorageUnavailable
 
     config = _config(config_path)
     try:
         run(config, workers=workers, addons=http_addons(config))
     except ConfigError as exc:
         _fail(str(exc), code=2)
+    except StorageUnavailable as exc:
+        _fail(unreachable(config, exc), code=2)
     except (HttpStartError, TokenFileError) as exc:
         _fail(str(exc))
     except OSError as exc:
@@ -80,20 +85,22 @@ def status(
     config_path: ConfigOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """Show what is stored, the queue by state and priority, and what is stuck (dead, not routed)."""
-    from daemon.service.node import open_node
+    """Show what is stored, the queue by state and priority, and what is stuck (dead, not routed).
+
+    Read-only: it never creates or upgrades the database (a schema that is behind is reported).
+    """
+    from daemon.cli.database import existing_node
     from storage.errors import StorageUnavailable
     from storage.models import utcnow
     from storage.stats import counts, queue_summary
 
     config = _config(config_path)
-    try:
-        node = open_node(config, open_spool=False)
-        result = counts(node.sessions)
-        queue = queue_summary(node.sessions, utcnow())
-        node.close()
-    except StorageUnavailable as exc:
-        _fail(str(exc))
+    with existing_node(config) as node:
+        try:
+            result = counts(node.sessions)
+            queue = queue_summary(node.sessions, utcnow())
+        except StorageUnavailable as exc:
+            _fail(str(exc))
     if as_json:
         typer.echo(json.dumps({**asdict(result), "queue": asdict(queue)}, indent=2, sort_keys=True))
         return
@@ -260,7 +267,8 @@ def demo(
 
 @db_app.command("upgrade")
 def db_upgrade(config_path: ConfigOption = None) -> None:
-    """Apply the database migrations (also done on every start)."""
+    """Apply the database migrations (also done by every start of `serve` and `worker`)."""
+    from daemon.cli.database import unreachable
     from daemon.service.node import open_node
     from storage.errors import StorageUnavailable
     from storage.migrate import current_revision
@@ -271,10 +279,45 @@ def db_upgrade(config_path: ConfigOption = None) -> None:
         typer.echo(f"database at revision {current_revision(node.engine)}")
         node.close()
     except StorageUnavailable as exc:
+        _fail(unreachable(config, exc), code=2)
+
+
+@db_app.command("backup")
+def db_backup(
+    target: Annotated[
+        Path, typer.Argument(help="The backup file to write (must not exist).", dir_okay=False)
+    ],
+    config_path: ConfigOption = None,
+) -> None:
+    """Copy the SQLite database to PATH while the service runs (SQLite's online backup API).
+
+    The copy is consistent (one moment, WAL included), written to PATH.partial, checked, fsynced
+    and renamed. Back up the spool directory too (README "Backup and restore"). For PostgreSQL
+    use pg_dump: this command says how and exits 2.
+    """
+    from daemon.cli.database import shown_url, sqlite_path
+    from storage.backup import BackupError, backup_sqlite
+
+    config = _config(config_path)
+    source = sqlite_path(config)
+    if source is None:
+        _fail(
+            f"the database is {shown_url(config)}, not SQLite: back it up with "
+            f"`pg_dump --format=custom --file {target} DBNAME` (restore: `pg_restore --clean -d DBNAME "
+            f'{target}`); see README "Backup and restore"',
+            code=2,
+        )
+    if not source.is_file():
+        _fail(f"no database at {source} (home {config.home}); check --config / PACS_TRIAGE_HOME")
+    try:
+        size = backup_sqlite(source, target)
+    except BackupError as exc:
         _fail(str(exc))
+    typer.echo(f"backed up {source} to {target} ({size / 2**20:.1f} MiB)")
 
 
 register_job_commands(app)
+register_study_commands(studies_app)
 
 
 def main() -> None:

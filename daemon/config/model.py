@@ -20,6 +20,7 @@ from daemon.config.delivery import (
 )
 from daemon.config.dicom import AccessConfig, DicomConfig, TlsConfig
 from daemon.config.http import HttpConfig
+from daemon.config.logs import LoggingConfig
 from daemon.config.pipelines import PipelinesConfig
 from daemon.config.queue import CompletionConfig, WorkersConfig
 from daemon.config.routing import RoutingConfig
@@ -30,18 +31,6 @@ class StorageConfig(_Section):
 
     spool_dir: Path | None = None  # default: <home>/spool
     min_free_bytes: ByteSize = 1 * 2**30  # refuse stores (A700) below this much free space
-
-
-class LoggingConfig(_Section):
-    level: str = "INFO"
-
-    @field_validator("level")
-    @classmethod
-    def _level(cls, value: str) -> str:
-        upper = value.upper()
-        if upper not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
-        return upper
 
 
 def default_home() -> Path:

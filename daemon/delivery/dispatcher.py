@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from daemon.config import Config, DestinationConfig
 from daemon.delivery import registry
 from daemon.delivery.base import Accepted, DeliveryFailure, Destination, Outgoing, Permanent
+from daemon.logs import bound_ids, ref
 from daemon.polling import run_until_stopped
 from storage.errors import StorageError
 from storage.leases import worker_name
@@ -62,7 +63,8 @@ class Dispatcher:
         claim = self.outbox.claim(self.name)
         if claim is None:
             return False
-        self._attempt(claim)
+        with bound_ids(delivery_id=claim.delivery.id, job_id=claim.delivery.job_id):
+            self._attempt(claim)
         return True
 
     def _attempt(self, claim: DeliveryClaim) -> None:
@@ -138,7 +140,7 @@ class Dispatcher:
             log.info(
                 "delivery %d: %s stored by %s (0x%04X)",
                 d.id,
-                d.sop_instance_uid,
+                ref(d.sop_instance_uid),
                 destination,
                 accepted.status,
             )

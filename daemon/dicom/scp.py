@@ -38,6 +38,8 @@ from daemon.dicom.hardening import (
 )
 from daemon.dicom.status import StoreStatus, status_for
 from daemon.dicom.validation import check_request_uids, validate_received
+from daemon.logs import bind_ids, peer_text, unbind_ids
+from daemon.telemetry import receiver_instruments
 from storage.errors import StorageError
 from storage.ingest import AssociationInfo, Ingest
 from vocabulary import MAX_UID_LENGTH
@@ -85,6 +87,7 @@ class Receiver:
         self._associations: dict[int, AssociationInfo] = {}
         self._lock = threading.Lock()
         self._servers: list[ThreadedAssociationServer] = []
+        self.metrics = receiver_instruments()
         self.ae = self._build_ae()
 
     def _build_ae(self) -> AE:
@@ -176,7 +179,7 @@ class Receiver:
             time.sleep(0.05)
         remaining = self.active_associations()
         for assoc in remaining:
-            log.warning("aborting association from %s at shutdown", assoc.requestor.ae_title)
+            log.warning("aborting association from %s at shutdown", peer_text(assoc.requestor.ae_title))
             assoc.abort()
         for assoc in remaining:
             assoc.join(timeout=grace_seconds)
@@ -200,16 +203,19 @@ class Receiver:
                     assoc.requestor.address,
                     self.config.dicom.max_associations,
                 )
+                self.metrics.associations_rejected.labels(reason="busy").inc()
                 assoc.acse.send_reject(*_REJECT_BUSY)
                 assoc.kill()
             return
         assert decision.refusal is not None
+        self.metrics.associations_rejected.labels(reason=decision.refusal.name.lower()).inc()
+        # Peer strings through peer_text (issue 11 item 9): a newline cannot start a forged line.
         log.warning(
-            "rejected association from %r at %s (called %r): %s",
-            calling,
+            "rejected association from %s at %s (called %s): %s",
+            peer_text(calling),
             assoc.requestor.address,
-            called,
-            decision.reason,
+            peer_text(called),
+            peer_text(decision.reason),
         )
         assoc.acse.send_reject(0x01, 0x01, _REJECT_DIAGNOSTIC[decision.refusal])
         # As pynetdicom does after its own rejections: wait until the A-ASSOCIATE-RJ is out and the
@@ -227,7 +233,15 @@ class Receiver:
         )
         with self._lock:
             self._associations[id(assoc)] = info
-        log.info("association %s accepted from %s at %s", info.id[:8], info.calling_ae, info.source_address)
+        self.metrics.associations.inc()
+        self.metrics.associations_active.inc()
+        bind_ids(association_id=info.id[:8])  # every later line of this association's thread
+        log.info(
+            "association %s accepted from %s at %s",
+            info.id[:8],
+            peer_text(info.calling_ae),
+            info.source_address,
+        )
 
     def _on_echo(self, event: Event) -> int:
         return 0x0000
@@ -258,11 +272,12 @@ class Receiver:
         rsp.MessageIDBeingRespondedTo = command.MessageID
         rsp.Status = int(StoreStatus.CANNOT_UNDERSTAND)
         rsp.ErrorComment = comment  # type: ignore[assignment]  # pynetdicom declares it as None
+        self.metrics.refusals.labels(status=f"0x{rsp.Status:04X}").inc()
         log.warning(
-            "C-STORE %r of class %r from %s refused with 0x%04X: %s",
-            sop_instance[:80],
-            sop_class[:80],
-            event.assoc.requestor.ae_title,
+            "C-STORE %s of class %s from %s refused with 0x%04X: %s",
+            peer_text(sop_instance),
+            peer_text(sop_class),
+            peer_text(event.assoc.requestor.ae_title),
             rsp.Status,
             comment,
         )
@@ -295,19 +310,22 @@ class Receiver:
             outcome = self.ingest.store(incoming, (header, stream), info)
         except (ReceiveError, StorageError) as exc:
             status = status_for(exc)
+            self.metrics.refusals.labels(status=f"0x{status:04X}").inc()
             log.warning(
                 "C-STORE %s from %s refused with 0x%04X: %s",
-                str(request.AffectedSOPInstanceUID)[:70],
-                event.assoc.requestor.ae_title,
+                peer_text(request.AffectedSOPInstanceUID),
+                peer_text(event.assoc.requestor.ae_title),
                 status,
-                exc,
+                peer_text(exc, limit=400),
             )
             return _status(status, str(exc))
         except Exception as exc:
             # The one broad catch of the receiver: an unexpected bug must not kill the association
             # silently; the peer gets a failure status and will resend.
-            log.exception("C-STORE %s failed unexpectedly", request.AffectedSOPInstanceUID)
+            log.exception("C-STORE %s failed unexpectedly", peer_text(request.AffectedSOPInstanceUID))
+            self.metrics.refusals.labels(status=f"0x{status_for(exc):04X}").inc()
             return _status(status_for(exc), "internal error; see the pacs-triage log")
+        self.metrics.store_seconds.observe(time.perf_counter() - started)
         log.debug(
             "C-STORE %s %s in %.1f ms",
             incoming.sop_instance_uid,
@@ -321,6 +339,8 @@ class Receiver:
             info = self._associations.pop(id(event.assoc), None)
         if info is None:
             return
+        self.metrics.associations_active.dec()
+        unbind_ids("association_id")
         log.info("association %s %s", info.id[:8], "released" if released else "ended without release")
         try:
             self.ingest.end_association(info.id, released=released)

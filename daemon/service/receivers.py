@@ -162,7 +162,7 @@ def _reserve(host: str, port: int) -> socket.socket:
 def _child(index: int, readiness: Readiness, config: Config, metrics_dir: Path) -> None:
     """Body of one receiver process: receive until SIGTERM/SIGINT (or the parent's death)."""
     telemetry.share_through(metrics_dir)  # before any instrument exists in this process
-    setup_logging(config.logging.level)
+    setup_logging(config.logging)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

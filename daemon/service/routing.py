@@ -21,6 +21,7 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.config import Config, RouteRule
+from daemon.logs import bound_ids, ref
 from storage import completion
 from storage.completion import (
     CompletionPolicy,
@@ -154,7 +155,8 @@ class CompletionSweep:
             log.warning("study %s reopened: an instance was recorded while it was being completed", uid)
         done = []
         for due in completion.due_studies(self.sessions, self.policy, now):
-            done.append(self._complete(due.study_id, due.reason, now))
+            with bound_ids(study_id=due.study_id):
+                done.append(self._complete(due.study_id, due.reason, now))
         return done
 
     def force(self, study_instance_uid: str) -> completion.Completed:
@@ -180,7 +182,7 @@ class CompletionSweep:
             assert isinstance(decision, Route)
             log.info(
                 "study %s complete (%s): job %d queued for %s, priority %s",
-                snap.study_instance_uid,
+                ref(snap.study_instance_uid),
                 reason.value,
                 outcome.job_id,
                 decision.pipeline,
@@ -189,7 +191,7 @@ class CompletionSweep:
         else:
             log.info(
                 "study %s %s (%s)%s",
-                snap.study_instance_uid,
+                ref(snap.study_instance_uid),
                 outcome.state.value,
                 reason.value,
                 f": {outcome.note}" if outcome.note else "",

@@ -16,6 +16,7 @@ A worker is a process: ``serve --workers N`` starts N of them (:class:`WorkerPoo
 
 from __future__ import annotations
 
+import contextvars
 import io
 import logging
 import os
@@ -33,7 +34,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.config import Config
 from daemon.delivery.contents import plan
-from daemon.logs import setup_logging
+from daemon.logs import bound_ids, ref, setup_logging
 from daemon.pipelines.registry import AnalysisOutcome, Pipelines
 from daemon.polling import run_until_stopped
 from daemon.service.job_errors import classify
@@ -110,23 +111,24 @@ class Worker:
         if claim is None:
             return False
         job = claim.job
-        log.info(
-            "job %d (%s, study %s, attempt %d/%d) started",
-            job.id,
-            job.pipeline,
-            job.study_instance_uid,
-            job.attempts,
-            job.max_attempts,
-        )
-        try:
-            self._execute(claim)
-        except StorageError as exc:
-            # The outcome could not be recorded: the lease runs out and the reaper requeues the job.
-            log.warning(
-                "job %d: could not record its outcome (%s); it will be retried after its lease expires",
+        with bound_ids(job_id=job.id, study_id=job.study_id):
+            log.info(
+                "job %d (%s, study %s, attempt %d/%d) started",
                 job.id,
-                exc,
+                job.pipeline,
+                ref(job.study_instance_uid),
+                job.attempts,
+                job.max_attempts,
             )
+            try:
+                self._execute(claim)
+            except StorageError as exc:
+                # The outcome could not be recorded: the lease runs out and the reaper requeues the job.
+                log.warning(
+                    "job %d: could not record its outcome (%s); it will be retried after its lease expires",
+                    job.id,
+                    exc,
+                )
         return True
 
     def _execute(self, claim: Claim) -> None:
@@ -139,7 +141,9 @@ class Worker:
                 delay_seconds=self.config.completion.quiet_seconds,
             )
             log.info(
-                "job %d: study %s changed since it was queued; given back", job.id, job.study_instance_uid
+                "job %d: study %s changed since it was queued; given back",
+                job.id,
+                ref(job.study_instance_uid),
             )
             return
         try:
@@ -158,7 +162,10 @@ class Worker:
             finally:
                 run.done.set()
 
-        threading.Thread(target=target, name=f"job-{job.id}", daemon=True).start()
+        # The pipeline's own log lines carry the job's ids too (the context is copied).
+        threading.Thread(
+            target=contextvars.copy_context().run, args=(target,), name=f"job-{job.id}", daemon=True
+        ).start()
         if not self._supervise(claim, run):
             return
         if run.error is not None:
@@ -319,7 +326,7 @@ def check_spool_readable(spool: Spool) -> None:
 
 def run_process(config: Config, *, standalone: bool, readiness: Readiness | None = None) -> None:
     """Body of one worker process: until SIGTERM/SIGINT (under ``serve``, also sent when serve dies)."""
-    setup_logging(config.logging.level)
+    setup_logging(config.logging)
     engine = make_engine(config.effective_database_url, pool_size=2)
     try:
         if standalone:
