@@ -116,8 +116,6 @@ def run(
     for study_id in candidates(sessions, cutoff):
         purged = purge(sessions, spool, results, study_id, cutoff=cutoff, now=now)
         if purged is not None:
-            log.info(
-                "retention: removed %d files of study %s", purged.files_removed, purged.study_instance_uid
-            )
+            log.info("retention: removed %d files of study %d", purged.files_removed, study_id)
             done.append(purged)
     return done
