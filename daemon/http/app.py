@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -24,7 +25,9 @@ STATIC = Path(__file__).resolve().parent / "static"
 METRICS_MODULE = "daemon.http.metrics"
 
 
-def _error(status: int):  # type: ignore[no-untyped-def]
+def _error(status: int) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
+    """A handler answering ``status`` with the error's message (it says what to do)."""
+
     async def handler(_request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=status)
 

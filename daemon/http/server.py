@@ -60,12 +60,12 @@ class HttpServer:
             )
         )
         self.thread = threading.Thread(target=self._run, name="http", daemon=True)
-        self._error: BaseException | None = None
+        self._error: SystemExit | OSError | None = None
 
     def _run(self) -> None:
         try:
             self.server.run()
-        except BaseException as exc:  # noqa: BLE001 - uvicorn exits with SystemExit on bind errors; reported by start()
+        except (SystemExit, OSError) as exc:  # uvicorn exits on a bind or TLS error; start() reports it
             self._error = exc
 
     @property
@@ -82,10 +82,11 @@ class HttpServer:
         while not self.server.started:
             if not self.thread.is_alive() or time.monotonic() > deadline:
                 self.server.should_exit = True
-                reason = f" ({self._error!r})" if self._error else ""
+                # uvicorn logged the cause (address in use, unreadable certificate) and exited.
+                reason = f" ({self._error})" if isinstance(self._error, OSError) else ""
                 raise HttpStartError(
-                    f"HTTP server could not listen on {self.config.http.listen}{reason}: is the port in use? "
-                    "Set http.listen (PACS_TRIAGE_HTTP__LISTEN) or http.enabled = false"
+                    f"HTTP server could not listen on {self.config.http.listen}{reason}: is the port in use "
+                    "(see the error above)? Set http.listen (PACS_TRIAGE_HTTP__LISTEN) or http.enabled = false"
                 )
             time.sleep(0.02)
         host = self.config.http.host

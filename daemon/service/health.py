@@ -21,6 +21,7 @@ from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.config import Config
@@ -55,10 +56,9 @@ def _database(engine: Engine) -> ComponentHealth:
             # The version table directly: alembic's MigrationContext logs at INFO on every probe.
             have = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
         want = _head(engine)
-    except (StorageError, OSError) as exc:
-        return ComponentHealth(False, f"unreachable: {exc}")
-    except Exception as exc:  # noqa: BLE001 - any driver error means "not reachable"; reported, not raised
-        return ComponentHealth(False, f"unreachable: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+    except (SQLAlchemyError, StorageError, OSError) as exc:
+        first_line = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [""])[0]
+        return ComponentHealth(False, f"unreachable: {type(exc).__name__}: {first_line[:300]}")
     if have != want:
         return ComponentHealth(
             False,

@@ -10,6 +10,8 @@ makes one in ``<home>/api-token`` (0600) and says where.
 from __future__ import annotations
 
 import re
+import socket
+import ssl
 import stat
 from pathlib import Path
 
@@ -29,6 +31,8 @@ from tests.support.http import (
     study_uid,
 )
 from tests.support.peers import storescu
+from tests.support.pki import Pki
+from tests.support.service import start_service
 
 pytestmark = pytest.mark.peer
 
@@ -161,3 +165,46 @@ def test_serve_creates_a_private_admin_token_on_first_start(
     assert node.client(token).get("/api/v1/jobs").status_code == 200
     assert node.client(token).post("/api/v1/dead/retry").json() == {"jobs": [], "deliveries": []}
     assert node.client(ADMIN_TOKEN).get("/api/v1/jobs").status_code == 401
+
+
+def test_https_with_the_configured_certificate(http_nodes: list[HttpNode], tmp_path: Path, pki: Pki) -> None:
+    node = start_http_node(
+        tmp_path,
+        env={
+            "PACS_TRIAGE_HTTP__CERTIFICATE": str(pki.server_cert),
+            "PACS_TRIAGE_HTTP__PRIVATE_KEY": str(pki.server_key),
+        },
+        scheme="https",
+        verify=ssl.create_default_context(cafile=str(pki.ca)),
+    )
+    http_nodes.append(node)
+    assert node.base_url.startswith("https://")
+    assert node.admin.get("/api/v1/jobs").status_code == 200
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(node.base_url.replace("https://", "http://") + "/healthz", timeout=5)
+    with pytest.raises(httpx.ConnectError):  # an untrusted server certificate is refused by the client
+        httpx.get(
+            node.base_url + "/healthz",
+            timeout=5,
+            verify=ssl.create_default_context(cafile=str(pki.rogue_cert)),
+        )
+    # The session cookie of a login over HTTPS is marked Secure.
+    login = node.client(token=None, follow_redirects=False).post(
+        "/login", data={"token": ADMIN_TOKEN}, headers={"Origin": node.base_url}
+    )
+    assert login.status_code == 303 and "secure" in login.headers["set-cookie"].lower()
+
+
+def test_a_taken_http_port_stops_serve_with_a_clear_message(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        service = start_service(tmp_path, env={"PACS_TRIAGE_HTTP__LISTEN": f"127.0.0.1:{port}"}, wait=False)
+        try:
+            assert service.process.wait(timeout=60) == 1
+        finally:
+            service.kill9()
+    log = service.log_text()
+    assert f"HTTP server could not listen on 127.0.0.1:{port}" in log and "PACS_TRIAGE_HTTP__LISTEN" in log
+    assert "Traceback" not in log

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import ssl
 import subprocess
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -58,12 +59,15 @@ class HttpNode:
 
     service: Service
     base_url: str
+    verify: ssl.SSLContext | bool = True
     clients: list[httpx.Client] = field(default_factory=list)
 
     def client(self, token: str | None = ADMIN_TOKEN, **kwargs: Any) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         headers.update(kwargs.pop("headers", {}))
-        client = httpx.Client(base_url=self.base_url, headers=headers, timeout=15.0, **kwargs)
+        client = httpx.Client(
+            base_url=self.base_url, headers=headers, timeout=15.0, verify=self.verify, **kwargs
+        )
         self.clients.append(client)
         return client
 
@@ -76,7 +80,7 @@ class HttpNode:
         return self.client(READ_TOKEN)
 
     def readyz(self) -> httpx.Response:
-        return httpx.get(self.base_url + "/readyz", timeout=15.0)
+        return httpx.get(self.base_url + "/readyz", timeout=15.0, verify=self.verify)
 
     def close(self) -> None:
         for c in self.clients:
@@ -92,6 +96,8 @@ def start_http_node(
     spool: Path | None = None,
     configured_tokens: bool = True,
     health_open: bool = True,
+    scheme: str = "http",
+    verify: ssl.SSLContext | bool = True,  # trusts the test CA for HTTPS
 ) -> HttpNode:
     port = free_port()
     config = None
@@ -109,13 +115,13 @@ def start_http_node(
         spool=spool,
         name="http",
     )
-    node = HttpNode(service=service, base_url=f"http://127.0.0.1:{port}")
+    node = HttpNode(service=service, base_url=f"{scheme}://127.0.0.1:{port}", verify=verify)
 
     def healthy() -> bool:
         if not service.alive():
             raise AssertionError("serve exited:\n" + service.log_text()[-4000:])
         with contextlib.suppress(httpx.HTTPError):
-            return httpx.get(node.base_url + "/healthz", timeout=2.0).status_code in (200, 401)
+            return httpx.get(node.base_url + "/healthz", timeout=2.0, verify=verify).status_code in (200, 401)
         return False
 
     wait_until(healthy, timeout=30, what=f"HTTP on {node.base_url}")
