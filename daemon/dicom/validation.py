@@ -1,7 +1,20 @@
 """Decide whether a received data set can be stored, before anything touches the disk.
 
 pydicom accepts a lot silently (truncated headers, blanked UIDs, class mismatches: see
-shared/testdata/MANIFEST.md), so the receiver checks what it relies on itself.
+shared/testdata/MANIFEST.md), so the receiver checks what it relies on itself, and only that:
+each check below enforces a clause of the standard, and a valid instance of an accepted SOP
+class passes them all (tests/dicom/test_validation_clauses.py: a valid and an invalid file each).
+
+| check | clause | refusal |
+|---|---|---|
+| request's Affected SOP Class/Instance UID are UIDs | PS3.7 9.3.1.1, PS3.5 9.1 | C000 |
+| encoding matches the accepted transfer syntax (encoding.py) | PS3.5 7.1, 7.5, A.4 | C000 |
+| SOP Class/Instance UID present and UIDs | PS3.3 C.12.1 (Type 1), PS3.5 9.1 | C000 |
+| ... and equal to the request's | PS3.4 B.2.3 (Table B.2-1) | A900 |
+| Study/Series Instance UID present and UIDs | PS3.3 C.7.2.1, C.7.3.1 (Type 1), PS3.5 9.1 | C000 |
+| recorded strings hold no NUL (trailing NUL padding is stripped) | PS3.5 6.2 | C000 |
+| Series Number fits IS | PS3.5 6.2, Table 6.2-1 | C000 |
+| images: the pixel data the Image Pixel module describes | PS3.3 C.7.6.3, PS3.5 8.1.1, A.4 | C000 |
 """
 
 from __future__ import annotations
@@ -108,32 +121,52 @@ def validate_received(
     )
 
 
+# PS3.3 C.7.6.3.1.2: 4:2:2 forms carry two Y and one CB and one CR sample per two pixels (2 per
+# pixel); 4:2:0 (YBR_PARTIAL_420) 1.5 per pixel; every other form SamplesPerPixel per pixel.
+_SUBSAMPLED = {"YBR_FULL_422": (2, 1), "YBR_PARTIAL_422": (2, 1), "YBR_PARTIAL_420": (3, 2)}
+
+
 def _check_pixel_data(ds: Dataset, transfer_syntax: str) -> None:
-    """An image must carry pixel data consistent with its Image Pixel module (PS3.3 C.7.6.3)."""
+    """An image must carry the pixel data its Image Pixel module describes.
+
+    Checks, each with its clause: a pixel data element is present (PS3.3 C.7.6.3: Pixel Data, or
+    Float / Double Float Pixel Data, Type 1C; the JPIP Referenced transfer syntaxes that send none
+    are not accepted here, daemon/dicom/sop_classes.py); Rows, Columns (Type 1) and Number of
+    Frames are positive; Bits Allocated is 1 or a multiple of 8 (PS3.5 8.1.1); encapsulated
+    Pixel Data has at least one fragment (PS3.5 A.4); native Pixel Data is at least Rows x Columns
+    x Frames x samples per pixel x Bits Allocated bits (PS3.5 8.1.1 / 8.2, with the subsampled
+    YBR forms of PS3.3 C.7.6.3.1.2). More bytes than needed are not refused.
+    """
     pixel_tag = next((k for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData") if k in ds), None)
     if pixel_tag is None:
-        raise InvalidDataset("image has no Pixel Data (7FE0,0010): truncated or incomplete data set")
+        raise InvalidDataset("image without Pixel Data (7FE0,0010) (PS3.3 C.7.6.3): truncated?")
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
         bits = int(ds.BitsAllocated)
         samples = int(ds.get("SamplesPerPixel", 1))
         frames = int(ds.get("NumberOfFrames", 1) or 1)
+        photometric = str(ds.get("PhotometricInterpretation", "")).strip()
         data: bytes = ds[pixel_tag].value
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
-        raise InvalidDataset(f"Image Pixel module incomplete or invalid: {exc}") from exc
-    if rows <= 0 or cols <= 0 or bits not in (1, 8, 16, 32, 64) or frames <= 0:
-        raise InvalidDataset(f"implausible image geometry Rows={rows} Columns={cols} BitsAllocated={bits}")
-    if UID(transfer_syntax).is_compressed:
-        try:
-            fragments = sum(1 for _ in generate_fragments(data))
+        raise InvalidDataset(f"Image Pixel module incomplete (PS3.3 C.7.6.3): {exc}") from exc
+    if rows <= 0 or cols <= 0 or frames <= 0 or samples <= 0:
+        raise InvalidDataset(
+            f"Rows {rows} Columns {cols} Frames {frames} Samples {samples}: not positive (PS3.3 C.7.6.3)"
+        )
+    if bits != 1 and (bits <= 0 or bits % 8):
+        raise InvalidDataset(f"Bits Allocated {bits} is not 1 or a multiple of 8 (PS3.5 8.1.1)")
+    if UID(transfer_syntax).is_compressed and pixel_tag == "PixelData":
+        try:  # the items: the Basic Offset Table (perhaps empty), then the fragments
+            items = sum(1 for _ in generate_fragments(data))
         except (ValueError, EOFError) as exc:
-            raise InvalidDataset(f"encapsulated Pixel Data is malformed: {exc}") from exc
-        if fragments == 0:
-            raise InvalidDataset("encapsulated Pixel Data has no fragments")
+            raise InvalidDataset(f"encapsulated Pixel Data malformed (PS3.5 A.4): {exc}") from exc
+        if items < 2:
+            raise InvalidDataset("encapsulated Pixel Data has no fragment (PS3.5 A.4)")
         return
-    expected = (rows * cols * samples * frames * bits + 7) // 8
+    numerator, denominator = _SUBSAMPLED.get(photometric, (samples, 1))
+    expected = (rows * cols * frames * numerator * bits // denominator + 7) // 8
     if len(data) < expected:
         raise InvalidDataset(
-            f"Pixel Data holds {len(data)} bytes; Rows x Columns x Samples x Frames x BitsAllocated "
-            f"needs {expected} (truncated?)"
+            f"Pixel Data {len(data)} bytes, needs {expected} (PS3.5 8.1.1): truncated? "
+            f"{rows}x{cols}x{frames} frames, {photometric or '?'}, {bits} bits"
         )

@@ -40,6 +40,7 @@ ACCEPTED: dict[str, dict[str, object]] = {
 def _variant(base: Dataset, values: dict[str, object]) -> Dataset:
     ds = copy.deepcopy(base)
     ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()  # each its own study: no identity conflict between them
     ds.SeriesInstanceUID = generate_uid()
     for keyword, value in values.items():
         setattr(ds, keyword, value)
