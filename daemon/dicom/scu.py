@@ -169,14 +169,31 @@ def _prepare(path: Path) -> _Prepared | SendResult:
     try:
         ds = dcmread(path, stop_before_pixels=True)
         meta = ds.file_meta
-        return _Prepared(
+        prepared = _Prepared(
             path=path,
             sop_class=str(meta.MediaStorageSOPClassUID),
             sop_instance=str(meta.MediaStorageSOPInstanceUID),
             transfer_syntax=str(meta.TransferSyntaxUID),
         )
+        in_data_set = (str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", "")))
     except (InvalidDicomError, AttributeError, OSError, ValueError, EOFError) as exc:
         return SendResult(path, None, f"not sent: not a readable DICOM Part 10 file ({exc})")
+    # The request's UIDs come from the file meta (the data set is sent byte for byte); PS3.10 7.1
+    # says they equal the data set's. A file where they differ would be refused by any receiver
+    # (PS3.4 B.2.3: A900) or, worse, stored under the wrong UID: name it instead of sending it.
+    for what, in_meta, in_ds in (
+        ("SOP Class UID", prepared.sop_class, in_data_set[0]),
+        ("SOP Instance UID", prepared.sop_instance, in_data_set[1]),
+    ):
+        if in_meta != in_ds:
+            return SendResult(
+                path,
+                None,
+                f"not sent: {path} has {what} {in_ds or '(empty)'} in its data set but {in_meta} in "
+                f"its file meta (PS3.10 7.1); correct the file (e.g. dcmodify) and send it again",
+                prepared.sop_instance,
+            )
+    return prepared
 
 
 def _batches(items: list[_Prepared]) -> Iterator[tuple[list[tuple[str, str]], list[_Prepared]]]:

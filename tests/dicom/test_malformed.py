@@ -40,23 +40,27 @@ NOT_SENT = None  # our SCU refuses locally: no DIMSE status
 EXPECTED_SEND: dict[str, int | None] = {
     "01_truncated_in_pixeldata.dcm": C000,
     "02_truncated_in_header.dcm": C000,
-    "03_missing_sop_instance_uid.dcm": C000,
+    "03_missing_sop_instance_uid.dcm": NOT_SENT,  # file meta and data set disagree: named, not sent
     "04_sop_instance_uid_path_traversal.dcm": C000,
     "05_sop_instance_uid_too_long.dcm": NOT_SENT,  # pynetdicom will not put a 81-character UID in a request
     "06_sop_instance_uid_empty.dcm": C000,
     "07_bad_dicm_prefix.dcm": NOT_SENT,  # not a Part 10 file
     "08_pixeldata_length_mismatch.dcm": C000,
-    "09_transfer_syntax_mismatch.dcm": C000,  # sent as the meta says (big endian): garbage to the receiver
+    "09_transfer_syntax_mismatch.dcm": NOT_SENT,  # read as the meta says (big endian): its UIDs disagree
     "10_not_dicom.dcm": NOT_SENT,
-    "11_sop_class_mismatch_meta_vs_dataset.dcm": A900,  # request says CT (meta), data set says MR
+    "11_sop_class_mismatch_meta_vs_dataset.dcm": NOT_SENT,  # meta says CT, data set MR: named, not sent
     "12_empty_file.dcm": NOT_SENT,
-    "13_anonymizer_blanked_uids.dcm": C000,  # never stored under the meta's UIDs
+    "13_anonymizer_blanked_uids.dcm": NOT_SENT,  # the meta's UIDs are not the (blank) data set's
 }
 
 # The raw path form: what the receiver answers to each file's own bytes (even the over-long UID).
 EXPECTED_RAW: dict[str, int] = {
     **{k: v for k, v in EXPECTED_SEND.items() if v is not None},
     "05_sop_instance_uid_too_long.dcm": C000,
+    "03_missing_sop_instance_uid.dcm": C000,
+    "09_transfer_syntax_mismatch.dcm": C000,  # big endian declared, little endian bytes: garbage
+    "11_sop_class_mismatch_meta_vs_dataset.dcm": A900,  # request says CT (meta), data set says MR
+    "13_anonymizer_blanked_uids.dcm": C000,  # never stored under the meta's UIDs
 }
 # (12, the empty file, has no bytes to send: a C-STORE announcing a data set must carry one.)
 NOT_PART10 = ["07_bad_dicm_prefix.dcm", "10_not_dicom.dcm"]
