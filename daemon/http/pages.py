@@ -17,7 +17,7 @@ from fastapi.templating import Jinja2Templates
 
 from daemon.http.auth import SESSION_COOKIE, Principal, Sessions, Tokens, optional_principal
 from daemon.http.deps import NodeDep, Now
-from daemon.http.studies import study_filter
+from daemon.http.studies import stages, study_filter
 from daemon.service.health import readiness
 from storage.activity import throughput
 from storage.models import DeliveryState, JobState
@@ -149,7 +149,9 @@ def study_page(request: Request, study_id: int, node: NodeDep, caller: Caller) -
     if caller is None:
         return _login(request)
     detail = study_detail(node.sessions, study_id)
-    return _page(request, "study.html", caller, title=f"Study {study_id}", d=detail)
+    return _page(
+        request, "study.html", caller, title=f"Study {study_id}", d=detail, stages=stages(node, detail)
+    )
 
 
 @router.get("/failures", response_class=HTMLResponse)

@@ -177,6 +177,13 @@ class TimelineEvent(_Out):
         return cls(at=e.at, entity=e.entity, entity_id=e.entity_id, kind=e.kind, detail=_detail(e.detail))
 
 
+class Stage(_Out):
+    """Seconds spent in one stage, from the last instance received to the result delivered."""
+
+    stage: str
+    seconds: float
+
+
 class StudyDetailOut(_Out):
     study: Study
     route_detail: str | None
@@ -185,11 +192,13 @@ class StudyDetailOut(_Out):
     results: list[Result]
     findings: list[str]
     deliveries: list[Delivery]
+    stages: list[Stage]  # of the current job, once it succeeded
     timeline: list[TimelineEvent]
 
     @classmethod
-    def of(cls, d: StudyDetail) -> StudyDetailOut:
+    def of(cls, d: StudyDetail, stages: list[tuple[str, float]]) -> StudyDetailOut:
         return cls(
+            stages=[Stage(stage=name, seconds=round(seconds, 3)) for name, seconds in stages],
             study=Study.of(d.study),
             route_detail=d.route_detail,
             series=[Series(**{k: getattr(s, k) for k in Series.model_fields}) for s in d.series],

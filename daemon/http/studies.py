@@ -10,8 +10,12 @@ from fastapi import APIRouter, Depends, HTTPException, Query
 from daemon.http.auth import require_role
 from daemon.http.deps import NodeDep
 from daemon.http.schemas import PriorityName, Study, StudyDetailOut
-from storage.models import StudyState
-from storage.studies import StudyFilter, study_detail, worklist
+from daemon.service.node import Node
+from daemon.service.timeline import study_stages
+from storage.models import JobState, StudyState
+from storage.outbox import Outbox
+from storage.queue import JobQueue
+from storage.studies import StudyDetail, StudyFilter, study_detail, worklist
 from vocabulary import Priority
 
 router = APIRouter(prefix="/api/v1/studies", tags=["studies"], dependencies=[Depends(require_role("read"))])
@@ -60,4 +64,15 @@ def list_studies(node: NodeDep, flt: Annotated[StudyFilter, Depends(study_filter
     summary="A study: series, jobs, results, deliveries, timeline",
 )
 def get_study(study_id: int, node: NodeDep) -> StudyDetailOut:
-    return StudyDetailOut.of(study_detail(node.sessions, study_id))
+    detail = study_detail(node.sessions, study_id)
+    return StudyDetailOut.of(detail, stages(node, detail))
+
+
+def stages(node: Node, detail: StudyDetail) -> list[tuple[str, float]]:
+    """The current job's time per stage (``daemon/service/timeline.py``), once it succeeded."""
+    current = next((j for j in detail.jobs if j.id == detail.study.job_id), None)
+    if current is None or current.state != JobState.SUCCEEDED:
+        return []
+    return study_stages(
+        JobQueue(node.sessions), Outbox(node.sessions), current, last_received=detail.study.last_received_at
+    )

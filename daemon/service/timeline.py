@@ -8,6 +8,7 @@ at the PACS. All times are wall-clock seconds since the epoch on this host.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from dataclasses import dataclass, field
 
@@ -86,3 +87,13 @@ def breakdown(timeline: JobTimeline, *, last_ack: float, report_received: float)
     rows.append((WORKER_OVERHEAD, (finished - claimed) - accounted))
     rows.append(("sending (dispatcher C-STORE to the PACS)", report_received - finished))
     return rows
+
+
+def study_stages(
+    queue: JobQueue, outbox: Outbox, job: JobView, *, last_received: dt.datetime
+) -> list[tuple[str, float]]:
+    """Where the time of a succeeded job went, from its study's last instance received to the last
+    delivery of its results (or to its success when nothing was sent): the API's and pages' breakdown."""
+    timeline = job_timeline(queue, outbox, job)
+    end = max(timeline.delivered_at.values(), default=timeline.finished_at or timeline.queued_at)
+    return breakdown(timeline, last_ack=last_received.timestamp(), report_received=end)

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.http import HEAD_CT, HttpNode, start_http_node, study_uid
+from tests.support.http import ADMIN_TOKEN, HEAD_CT, HttpNode, start_http_node, study_uid
 from tests.support.peers import storescu
 from tests.support.process import wait_until
 from tests.support.storescp import Storescp
@@ -70,6 +70,15 @@ def test_one_endpoint_shows_every_process_of_the_node(
     for step in (("study", "complete"), ("job", "queued"), ("job", "running"), ("job", "succeeded")):
         assert step in kinds, step
     assert ("delivery", "delivered") in kinds
+    # Where the time went, stage by stage; the stages add up to the time to result (both from the database).
+    stages = {s["stage"]: s["seconds"] for s in detail["stages"]}
+    assert any(name.startswith("queue wait") for name in stages) and any(
+        n.startswith("sending") for n in stages
+    )
+    assert abs(sum(stages.values()) - study["time_to_result_seconds"]) < 0.01, (stages, study)
+    page = node.client(token=None)
+    page.post("/login", data={"token": ADMIN_TOKEN}, headers={"Origin": node.base_url})
+    assert "Where the time went" in page.get(f"/studies/{study['id']}").text
     assert len(storescp.files()) == 1
 
     # A worker killed with -9 is restarted with a new pid; its old row shows as silent, not as alive.
