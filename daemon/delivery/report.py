@@ -97,16 +97,18 @@ def report_of(ds: Dataset) -> ResultReport:
     sr = read_sr(ds)
     measurements: list[Measurement] = []
     for group, f in enumerate(sr.findings, start=1):
+        # one lesion per group: its tracking identifier ("lesion 2"); older readers had only the name
+        name = str(getattr(f, "identifier", "") or f.name)
         measurements.append(
             Measurement(
-                finding=f.name, group=group, code="118565006", scheme="SCT", meaning="Volume",
+                finding=name, group=group, code="118565006", scheme="SCT", meaning="Volume",
                 value=f.volume_ml, unit="mL", unit_meaning="milliliter",
             )
         )  # fmt: skip
         if f.diameter_mm is not None:
             measurements.append(
                 Measurement(
-                    finding=f.name, group=group, code="81827009", scheme="SCT", meaning="Diameter",
+                    finding=name, group=group, code="81827009", scheme="SCT", meaning="Diameter",
                     value=f.diameter_mm, unit="mm", unit_meaning="millimeter",
                 )
             )  # fmt: skip
