@@ -100,10 +100,13 @@ def _job_line(job: JobView) -> str:
 
 
 def _delivery_line(d: DeliveryView) -> str:
-    status = "-" if d.last_status is None else f"0x{d.last_status:04X}"
+    from daemon.delivery.contents import status_text
+
+    status = status_text(d.content, d.last_status)
+    what = f" {d.content}" if d.content else ""
     return (
-        f"{d.id:>6}  {d.state.value:<10} job {d.job_id:<6} {d.attempts}/{d.max_attempts}  {status:<6} "
-        f"{d.destination} ({d.peer})  {d.sop_instance_uid}"
+        f"{d.id:>6}  {d.state.value:<10} job {d.job_id:<6} {d.attempts}/{d.max_attempts}  {status:<8} "
+        f"{d.destination} ({d.peer}){what}  {d.sop_instance_uid}"
     )
 
 
@@ -226,7 +229,7 @@ def deliveries_list(
     limit: Limit = 50,
     as_json: JsonFlag = False,
 ) -> None:
-    """List deliveries (result x destination), newest first."""
+    """List deliveries (result x destination x what is sent: sr, hl7_oru, fhir...), newest first."""
     from storage.models import DeliveryState
 
     with _node(config_path) as node:

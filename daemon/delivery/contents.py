@@ -49,3 +49,14 @@ def plan(destination: DestinationConfig, contents: tuple[Content, ...]) -> list[
     if destination.kind == "dicom" and ALL_DICOM <= set(contents):
         return [("", frozenset())]
     return [(c.value, SOURCE_CLASSES[c]) for c in dict.fromkeys(contents)]
+
+
+def status_text(content: str, status: int | None) -> str:
+    """A delivery's last answer as its protocol spells it: DICOM ``0xA700``, HL7 ``ERR 207``, ``HTTP 503``."""
+    if status is None:
+        return "-"
+    if content == Content.FHIR:
+        return f"HTTP {status}"
+    if content in (Content.HL7_ORU, Content.HL7_PRIORITY):
+        return f"ERR {status}" if status else "AA"
+    return f"0x{status:04X}"
