@@ -74,6 +74,7 @@ class Delivery(_Out):
     sop_instance_uid: str
     destination: str
     peer: str
+    content: str  # what is sent of the result: "" the object itself; "hl7_oru", "hl7_priority", "fhir"...
     state: str
     attempts: int
     max_attempts: int
@@ -92,6 +93,7 @@ class Delivery(_Out):
             sop_instance_uid=d.sop_instance_uid,
             destination=d.destination,
             peer=d.peer,
+            content=d.content,
             state=d.state.value,
             attempts=d.attempts,
             max_attempts=d.max_attempts,
