@@ -4,6 +4,7 @@ server with fhir.resources; 4xx dead (but 408/429), 5xx retried, down and back d
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -142,3 +143,15 @@ def test_through_the_outbox_refused_then_down_and_back(tmp_path: Path, db: Db) -
     assert {d.state for d in node.deliveries()} == {DeliveryState.DELIVERED}
     assert peer.problems == [] and len(peer.resources("DiagnosticReport")) == 3
     assert len(peer.resources("Task")) == 3
+
+
+@pytest.mark.parametrize("missing", ["httpx", "fhir.resources"])
+def test_without_the_fhir_extra_the_delivery_is_dead_naming_the_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, missing: str
+) -> None:
+    path = tmp_path / "sr.dcm"
+    write_result_sr(path)
+    fhir = registry.build(fhir_destination(FhirPeer()), calling_ae="PACS_TRIAGE")
+    monkeypatch.setitem(sys.modules, missing, None)
+    with pytest.raises(Permanent, match=rf"{missing} is missing\): install the 'fhir' extra"):
+        fhir.send(Outgoing(delivery_id=1, sop_instance_uid="x", path=path, content="fhir"))

@@ -5,6 +5,7 @@ dead, through the outbox like the DICOM results.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pydicom
@@ -190,3 +191,16 @@ def test_through_the_outbox_accepted_refused_down_and_back(tmp_path: Path, db: D
     assert not node.dispatcher.send_one()
     received = peer.messages()[before:]
     assert len(received) == 2 and len({m.control_id for m in received}) == 2
+
+
+def test_without_the_hl7_extra_the_delivery_is_dead_naming_the_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, _ = tid1500_sr(tmp_path)
+    ris = registry.build(hl7_destination(MllpPeer()), calling_ae="PACS_TRIAGE")
+    monkeypatch.setitem(sys.modules, "hl7", None)
+    monkeypatch.setitem(sys.modules, "hl7.mllp", None)
+    with pytest.raises(
+        Permanent, match=r"python-hl7 package: install the 'hl7' extra \(pip install 'pacs-triage\[hl7\]'\)"
+    ):
+        ris.send(Outgoing(delivery_id=1, sop_instance_uid="x", path=path, content="hl7_oru"))
