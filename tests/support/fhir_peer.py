@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import ssl
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ def problems_of(bundle: Any) -> list[str]:
 class FhirPeer:
     port: int = field(default_factory=free_port)
     refuse: int | None = None  # answer this HTTP status to every POST
+    tls: ssl.SSLContext | None = None  # a server context: HTTPS
     posts: list[dict[str, Any]] = field(default_factory=list)  # every Bundle received
     problems: list[str] = field(default_factory=list)
     stored: dict[str, dict[str, Any]] = field(default_factory=dict)  # conditional URL -> resource
@@ -68,7 +70,7 @@ class FhirPeer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/fhir"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}/fhir"
 
     def handle(self, method: str, path: str, headers: Any, body: bytes) -> tuple[int, dict[str, Any]]:
         if headers.get("Authorization") != f"Bearer {TOKEN}":
@@ -117,6 +119,8 @@ class FhirPeer:
                 pass
 
         self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        if self.tls is not None:
+            self._server.socket = self.tls.wrap_socket(self._server.socket, server_side=True)
         self._thread = threading.Thread(target=self._server.serve_forever, name="fhir-peer", daemon=True)
         self._thread.start()
 

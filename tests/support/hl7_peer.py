@@ -1,4 +1,5 @@
-"""A RIS for tests: hl7apy's MLLP server in a thread, validating every message against HL7 v2.5.
+"""A RIS for tests: hl7apy's MLLP server in a thread, validating every message against HL7 v2.5
+(optionally behind TLS).
 
 It answers with the acknowledgement the test sets (AA, AE or AR with an ERR-3 code), records what
 it received (raw text, control ID, the validation problems found), and can be stopped and started
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import ssl
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -59,6 +61,7 @@ class MllpPeer:
 
     port: int = field(default_factory=free_port)
     answer: tuple[str, int | None] = ("AA", None)
+    tls: ssl.SSLContext | None = None  # a server context: MLLP over TLS
     received: list[Received] = field(default_factory=list)
     _server: MLLPServer | None = None
     _thread: threading.Thread | None = None
@@ -87,6 +90,8 @@ class MllpPeer:
                 return peer.reply(self.incoming_message)
 
         self._server = MLLPServer("127.0.0.1", self.port, {t: (Handler,) for t in MESSAGE_TYPES}, timeout=5)
+        if self.tls is not None:
+            self._server.socket = self.tls.wrap_socket(self._server.socket, server_side=True)
         self._thread = threading.Thread(target=self._server.serve_forever, name="mllp-peer", daemon=True)
         self._thread.start()
 
