@@ -98,10 +98,11 @@ def _beats(
     beats: list[HeartbeatView] | None,
     component: Component,
     *,
-    expected: bool,
+    expected: int,
     stale_seconds: float,
     now: dt.datetime,
 ) -> ComponentHealth:
+    """Ok when at least ``expected`` of them beat recently (0: not run here; others are listed)."""
     if beats is None:
         return ComponentHealth(False, "unknown: the database cannot be read")
     mine = [b for b in beats if b.component == component]
@@ -118,14 +119,16 @@ def _beats(
     ]
     fresh = sum(1 for i in items if i["fresh"])
     data: dict[str, Any] = {"fresh": fresh, "stale": len(items) - fresh, "items": items}
+    data["expected"] = expected
+    silent = f", {len(items) - fresh} silent" if fresh < len(items) else ""
     if not expected:
-        return ComponentHealth(True, f"not run on this node ({fresh} elsewhere)", data)
-    if fresh == 0:
+        return ComponentHealth(True, f"not run on this node ({fresh} alive elsewhere{silent})", data)
+    if fresh < expected:
         last = f"; last seen {min(b.age_seconds(now) for b in mine):.0f} s ago" if mine else ""
-        return ComponentHealth(False, f"no heartbeat in the last {stale_seconds:g} s{last}", data)
-    return ComponentHealth(
-        True, f"{fresh} alive" + (f", {len(items) - fresh} silent" if fresh < len(items) else ""), data
-    )
+        return ComponentHealth(
+            False, f"{fresh} of {expected} beat in the last {stale_seconds:g} s{silent}{last}", data
+        )
+    return ComponentHealth(True, f"{fresh} alive{silent}", data)
 
 
 def readiness(
@@ -144,11 +147,11 @@ def readiness(
         "database": database,
         "spool": _spool(spool),
         "disk": _disk(spool),
-        "dicom_listener": _beats(beats, Component.RECEIVER, expected=True, stale_seconds=stale, now=now),
+        "dicom_listener": _beats(beats, Component.RECEIVER, expected=1, stale_seconds=stale, now=now),
         "workers": _beats(
             beats,
             Component.WORKER,
-            expected=config.workers.count > 0,
+            expected=config.workers.count,  # this node's pool; workers on other hosts come on top
             # a busy worker beats with its job's lease heartbeat
             stale_seconds=max(stale, 2 * config.workers.heartbeat_interval),
             now=now,
@@ -156,10 +159,10 @@ def readiness(
         "dispatcher": _beats(
             beats,
             Component.DISPATCHER,
-            expected=config.dispatch.threads > 0,
+            expected=1 if config.dispatch.threads > 0 else 0,  # one row per serve process
             stale_seconds=stale,
             now=now,
         ),
-        "scheduler": _beats(beats, Component.SCHEDULER, expected=True, stale_seconds=stale, now=now),
+        "scheduler": _beats(beats, Component.SCHEDULER, expected=1, stale_seconds=stale, now=now),
     }
     return Readiness(ready=all(c.ok for c in components.values()), components=components)

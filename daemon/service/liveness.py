@@ -12,6 +12,7 @@ import time
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from daemon.config import Config
 from storage import heartbeats
 from storage.errors import StorageError
 from storage.heartbeats import Component
@@ -19,7 +20,12 @@ from storage.models import utcnow
 
 log = logging.getLogger(__name__)
 
-BEAT_SECONDS = 5.0  # well under the default http.heartbeat_stale_seconds (30)
+BEAT_SECONDS = 5.0  # at most; a third of http.heartbeat_stale_seconds when that is shorter
+
+
+def beat_interval(config: Config) -> float:
+    """How often to beat so that a live component never looks stale to ``/readyz``."""
+    return min(BEAT_SECONDS, config.http.heartbeat_stale_seconds / 3)
 
 
 class Beacon:

@@ -13,7 +13,7 @@ from typing import Protocol
 from daemon.config import Config
 from daemon.delivery.dispatcher import DispatchThreads
 from daemon.pipelines.registry import check_routing
-from daemon.service.liveness import Beacon
+from daemon.service.liveness import Beacon, beat_interval
 from daemon.service.node import Node, open_node
 from daemon.service.receivers import make_receiver
 from daemon.service.scheduler import Scheduler
@@ -51,9 +51,12 @@ class _Beacons:
 
     def __init__(self, node: Node) -> None:
         self.sessions = node.sessions
-        self.receiver = Beacon(node.sessions, Component.RECEIVER, worker_name("receiver"))
-        self.dispatcher = Beacon(node.sessions, Component.DISPATCHER, worker_name("dispatcher"))
-        self.scheduler = Beacon(node.sessions, Component.SCHEDULER, worker_name("scheduler"))
+        every = beat_interval(node.config)
+        self.receiver = Beacon(node.sessions, Component.RECEIVER, worker_name("receiver"), interval=every)
+        self.dispatcher = Beacon(
+            node.sessions, Component.DISPATCHER, worker_name("dispatcher"), interval=every
+        )
+        self.scheduler = Beacon(node.sessions, Component.SCHEDULER, worker_name("scheduler"), interval=every)
         self.pruned_at = 0.0
 
     def beat(self, *, receiver: bool, dispatcher: bool, scheduler: bool) -> None:
@@ -95,6 +98,8 @@ def serve(
     """
     stop = stop or threading.Event()
     check_routing(config)
+    if workers is not None:  # --workers: the effective count is what readiness and metrics expect
+        config = config.model_copy(update={"workers": config.workers.model_copy(update={"count": workers})})
 
     def _on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("received %s: stopping (in-flight stores finish first)", signal.Signals(signum).name)
@@ -116,7 +121,7 @@ def serve(
     results.open()
     scheduler = Scheduler(config, node.sessions, node.spool, results, queue, outbox)
     dispatch = DispatchThreads(config, outbox, results)
-    pool = WorkerPool(config, config.workers.count if workers is None else workers)
+    pool = WorkerPool(config, config.workers.count)
     beacons = _Beacons(node)
     extras = [make(node) for make in addons]
     notifier = Notifier.from_environment()

@@ -38,7 +38,7 @@ from daemon.logs import bound_ids, ref, setup_logging
 from daemon.pipelines.registry import AnalysisOutcome, Pipelines
 from daemon.polling import run_until_stopped
 from daemon.service.job_errors import classify
-from daemon.service.liveness import Beacon
+from daemon.service.liveness import Beacon, beat_interval
 from daemon.service.supervisor import ChildSpec, Readiness, Supervisor
 from pipeline.errors import PermanentError
 from pipeline.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
@@ -93,7 +93,8 @@ class Worker:
             sessions, lease_seconds=config.workers.lease_seconds, backoff=config.workers.backoff.policy()
         )
         self.stop = threading.Event()
-        self.beacon = Beacon(sessions, Component.WORKER, self.name)  # for /readyz and the dashboard
+        # for /readyz and the dashboard
+        self.beacon = Beacon(sessions, Component.WORKER, self.name, interval=beat_interval(config))
 
     def run(self) -> None:
         """Claim and run jobs until :attr:`stop` is set."""

@@ -26,6 +26,9 @@ NODE = {
     "PACS_TRIAGE_WORKERS__MAX_ATTEMPTS": "3",
     "PACS_TRIAGE_DISPATCH__THREADS": "1",
     "PACS_TRIAGE_DISPATCH__POLL_SECONDS": "0.2",
+    # A hung component shows within seconds: beats every second, stale after 3.
+    "PACS_TRIAGE_HTTP__HEARTBEAT_STALE_SECONDS": "3",
+    "PACS_TRIAGE_WORKERS__LEASE_SECONDS": "3",
 }
 
 
@@ -80,6 +83,22 @@ def test_one_endpoint_shows_every_process_of_the_node(
     page.post("/login", data={"token": ADMIN_TOKEN}, headers={"Origin": node.base_url})
     assert "Where the time went" in page.get(f"/studies/{study['id']}").text
     assert len(storescp.files()) == 1
+
+    # A hung worker (SIGSTOP) makes the node not ready, naming it; it is ready again once the worker runs.
+    hung = workers[1]["pid"]
+    os.kill(hung, signal.SIGSTOP)
+    try:
+
+        def not_ready() -> dict[str, Any] | None:
+            response = node.readyz()
+            return response.json() if response.status_code == 503 else None
+
+        body = wait_until(not_ready, timeout=60, what="readiness to notice the hung worker", interval=0.3)
+        assert not body["components"]["workers"]["ok"] and "1 of 2" in body["components"]["workers"]["detail"]
+        assert [w["pid"] for w in body["components"]["workers"]["data"]["items"] if not w["fresh"]] == [hung]
+    finally:
+        os.kill(hung, signal.SIGCONT)
+    wait_until(lambda: node.readyz().status_code == 200, timeout=60, what="ready again", interval=0.3)
 
     # A worker killed with -9 is restarted with a new pid; its old row shows as silent, not as alive.
     victim = workers[0]["pid"]
