@@ -11,7 +11,8 @@ The rules, from the DICOM patient coordinate system (PS3.3 C.7.6.2.1.1):
   (PS3.3 C.7.6.16.2.1 Pixel Measures, .2.3 Plane Position, .2.4 Plane Orientation,
   .2.9 Pixel Value Transformation), frame by frame.
 - Every slice must share one orientation, size, pixel spacing and Frame of Reference
-  (PS3.3 C.7.4.1.1.1); the slice positions must be evenly spaced. Gaps, variable spacing,
+  (PS3.3 C.7.4.1.1.1; a Frame of Reference UID absent from every slice is taken as one frame,
+  with a warning on the Volume, absent from some is refused); the slice positions must be evenly spaced. Gaps, variable spacing,
   duplicate positions (several phases, echoes or acquisitions in one series), missing attributes
   and mosaics are refused with a GeometryError that names the series and the values.
 
@@ -42,6 +43,7 @@ import numpy as np
 from pipeline.decode import FrameJob, decode_into
 from pipeline.errors import GeometryError
 from pipeline.headers import FrameHeader, InstanceHeader, read_header
+from pipeline.uids import derive_uid
 from pipeline.volume import InstanceRef, Volume
 from vocabulary import is_valid_uid
 
@@ -122,7 +124,9 @@ def _check_instances(headers: Sequence[InstanceHeader]) -> str:
                 raise GeometryError(
                     f"series {label}: {h.name}: {keyword} {value!r} is missing or not a valid UID (PS3.5 9.1)"
                 )
-        if not is_valid_uid(h.frame_of_reference_uid):
+        # Absent from every slice (anonymisers strip it) is one frame, with a warning (load_volume);
+        # absent from some slices is "mixed" below; present but not a UID is refused here.
+        if h.frame_of_reference_uid and not is_valid_uid(h.frame_of_reference_uid):
             raise GeometryError(
                 f"series {label}: {h.name}: FrameOfReferenceUID {h.frame_of_reference_uid!r} is missing or "
                 "invalid; positions without a Frame of Reference cannot be placed (PS3.3 C.7.4.1)"
@@ -147,7 +151,7 @@ def _check_instances(headers: Sequence[InstanceHeader]) -> str:
         ("frame_of_reference_uid", "FrameOfReferenceUID"),
         ("modality", "Modality"),
     ):
-        values = sorted({getattr(h, attr) for h in headers})
+        values = sorted({getattr(h, attr) or "(absent)" for h in headers})
         if len(values) > 1:
             raise GeometryError(f"series {label}: mixed {keyword} within the series: {values}")
     return label
@@ -387,12 +391,24 @@ def load_volume(paths: Iterable[str | os.PathLike[str]], *, workers: int | None 
         for k, (h, f) in enumerate(frames)
     ]
     decode_into(array, jobs, series_uid=first.series_instance_uid, workers=workers)
+    frame_of_reference = first.frame_of_reference_uid
+    warnings: tuple[str, ...] = ()
+    if not frame_of_reference:
+        # PS3.3 C.7.4.1: positions are only comparable within one Frame of Reference. One series
+        # from one acquisition shares one; with the UID stripped from every slice, the series is
+        # taken as one frame under a UID derived from it, and the job says so.
+        frame_of_reference = derive_uid(first.series_instance_uid, "frame-of-reference")
+        warnings = (
+            f"series {first.series_instance_uid}: no FrameOfReferenceUID on any slice (stripped by an "
+            f"anonymiser?); taken as one frame of reference, results use {frame_of_reference}",
+        )
     return Volume(
         array=array,
         affine=affine,
         study_instance_uid=first.study_instance_uid,
         series_instance_uid=first.series_instance_uid,
-        frame_of_reference_uid=first.frame_of_reference_uid,
+        frame_of_reference_uid=frame_of_reference,
+        warnings=warnings,
         modality=first.modality,
         source_instances=tuple(
             InstanceRef(h.sop_class_uid, h.sop_instance_uid, f.frame_number) for h, f in frames

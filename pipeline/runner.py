@@ -176,6 +176,8 @@ def _source_headers(selected: SelectedSeries, volume: Volume) -> tuple[list[Data
             raise GeometryError(
                 f"series {selected.series_instance_uid}: {path.name} changed while the study was analysed: {exc}"
             ) from exc
+        if not ds.get("FrameOfReferenceUID"):  # stripped from every slice (else geometry refused it):
+            ds.FrameOfReferenceUID = volume.frame_of_reference_uid  # the results use the derived one
         by_uid[str(ds.get("SOPInstanceUID", ""))] = ds
     per_slice: list[Dataset] = []
     for ref in volume.source_instances:
@@ -347,6 +349,6 @@ def run(
         series_instance_uid=volume.series_instance_uid,
         selection_reason=reason,
         refused=tuple((s.series_instance_uid, str(e)) for s, e in refused),
-        notes=notes,
+        notes=(*volume.warnings, *notes),  # what the volume assumed, e.g. a missing frame of reference
         timings=timer.seconds,
     )

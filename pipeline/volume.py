@@ -44,6 +44,7 @@ class Volume:
     modality: str
     source_instances: tuple[InstanceRef, ...]
     space: str = field(default=COORDINATE_SPACE)
+    warnings: tuple[str, ...] = ()  # what was assumed to build it (the job records them)
 
     def __post_init__(self) -> None:
         if self.array.ndim != 3:
