@@ -112,8 +112,15 @@ def transaction(report: ResultReport) -> dict[str, Any]:
         entries.append(entry)
         references.append({"reference": entry["fullUrl"]})
     report_id = _identifier(f"{OUR_SYSTEM}:report", r.sr_sop_instance_uid)
+    summary = r.summary.strip().rstrip(".")
     conclusion = " ".join(
-        x for x in (r.summary, f"Triage priority: {FHIR_PRIORITY[r.priority]}.", DISCLAIMER) if x
+        x
+        for x in (
+            f"{summary}." if summary else "",
+            f"Triage priority: {FHIR_PRIORITY[r.priority]}.",
+            DISCLAIMER,
+        )
+        if x
     )
     diagnostic: dict[str, Any] = {
         "resourceType": "DiagnosticReport",
