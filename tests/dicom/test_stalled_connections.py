@@ -12,7 +12,15 @@ from pathlib import Path
 
 from tests.paths import TESTDATA
 from tests.support.dicom_bytes import echo_status, read_quietly
-from tests.support.hostile import stalled_connections
+from tests.support.hostile import (
+    P_DATA_TF,
+    associate_rq,
+    connect_from,
+    pdu_header,
+    peer_closed,
+    read_pdu,
+    stalled_connections,
+)
 from tests.support.peers import need_dcmtk, storescu
 from tests.support.process import wait_until
 from tests.support.service import ServiceFactory
@@ -77,3 +85,19 @@ def test_total_cap_on_connections_still_negotiating(sqlite_services: ServiceFact
     assert svc.echo() == 0
     log = svc.log_text()
     assert "refused at accept" in log and "Traceback" not in log
+
+
+def test_an_associated_peer_that_stalls_inside_a_pdu_is_closed(sqlite_services: ServiceFactory) -> None:
+    """After association, each PDU must be complete within dicom.network_timeout of its first byte."""
+    svc = sqlite_services(env={"PACS_TRIAGE_DICOM__NETWORK_TIMEOUT": "3"})
+    sock = connect_from("127.0.0.2", svc.port)
+    try:
+        sock.sendall(associate_rq(called_ae=svc.ae_title))
+        assert read_pdu(sock)[0] == 0x02  # A-ASSOCIATE-AC
+        sock.sendall(pdu_header(P_DATA_TF, 1000) + b"\0" * 10)  # 10 of 1000 bytes, then nothing
+        wait_until(lambda: peer_closed(sock), timeout=60, what="the stalled association to be closed")
+    finally:
+        sock.close()
+    log = svc.log_text()
+    assert "a PDU not completed within the network timeout (3 s)" in log
+    assert svc.echo() == 0
