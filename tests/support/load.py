@@ -18,6 +18,7 @@ from storage.db import make_engine, make_session_factory, transaction
 from storage.events import add_event
 from storage.migrate import upgrade
 from storage.models import Event, Instance, Job, JobState, Series, Study, StudyState, utcnow
+from storage.spool import Spool
 from tests.support.process import clean_env, cli_command
 from vocabulary import Priority
 
@@ -78,10 +79,27 @@ def seed_jobs(url: str, count: int, *, pipeline: str = "noop") -> None:
         engine.dispose()
 
 
+def spool_inputs(url: str, root: Path) -> None:
+    """A spool with a one-byte file for every instance row: a worker checks that it can read the
+    spool and each input before it runs a pipeline (the noop pipeline reads nothing more)."""
+    spool = Spool(root)
+    spool.open()
+    engine = make_engine(url, pool_size=1)
+    try:
+        with make_session_factory(engine)() as session:
+            for path in session.scalars(select(Instance.path)):
+                file = spool.path_of(path)
+                file.parent.mkdir(parents=True, exist_ok=True)
+                file.write_bytes(b"\0")
+    finally:
+        engine.dispose()
+
+
 def start_workers(
     url: str, home: Path, count: int, *, lease_seconds: float = 60.0
 ) -> list[subprocess.Popen[str]]:
-    """``count`` ``pacs-triage worker`` processes on ``url``."""
+    """``count`` ``pacs-triage worker`` processes on ``url``, sharing the spool under ``home``."""
+    spool_inputs(url, home / "spool")
     env = clean_env(
         {
             "PACS_TRIAGE_HOME": str(home),
