@@ -33,6 +33,8 @@ class StudyFilter:
     received_before: dt.datetime | None = None  # ... and before
     priorities: tuple[Priority, ...] = ()  # triage priority of the current result
     pipeline: str | None = None  # the current job's pipeline
+    study_instance_uid: str | None = None
+    accession_number: str | None = None
     limit: int = 100
     offset: int = 0
 
@@ -188,6 +190,10 @@ def _listing(flt: StudyFilter) -> tuple[Select[Any], ColumnElement[Any]]:
         query = query.where(result_of.c.priority.in_([int(p) for p in flt.priorities]))
     if flt.pipeline is not None:
         query = query.where(Job.pipeline == flt.pipeline)
+    if flt.study_instance_uid is not None:
+        query = query.where(Study.study_instance_uid == flt.study_instance_uid)
+    if flt.accession_number is not None:
+        query = query.where(Study.accession_number == flt.accession_number)
     return query, result_of.c.priority
 
 

@@ -11,12 +11,12 @@ from fastapi import APIRouter, Depends, Query
 
 from daemon.http.auth import Principal, require_role
 from daemon.http.deps import NodeDep, Now
-from daemon.http.schemas import Delivery, DeliveryAction
+from daemon.http.schemas import ADMIN_ERRORS, Delivery, DeliveryAction
 from storage import operations
 from storage.models import DeliveryState
 from storage.outbox import Outbox
 
-router = APIRouter(prefix="/api/v1/deliveries", tags=["deliveries"])
+router = APIRouter(prefix="/api/v1/deliveries", tags=["deliveries"], responses=ADMIN_ERRORS)
 Admin = Annotated[Principal, Depends(require_role("admin"))]
 
 

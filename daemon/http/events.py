@@ -8,10 +8,10 @@ from fastapi import APIRouter, Depends, Query
 
 from daemon.http.auth import require_role
 from daemon.http.deps import NodeDep
-from daemon.http.schemas import Event
+from daemon.http.schemas import READ_ERRORS, Event
 from storage.activity import recent_events
 
-router = APIRouter(prefix="/api/v1/events", tags=["events"])
+router = APIRouter(prefix="/api/v1/events", tags=["events"], responses=READ_ERRORS)
 
 
 @router.get("", response_model=list[Event], dependencies=[Depends(require_role("read"))])

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Query
 
 from daemon.http.auth import Principal, require_role
 from daemon.http.deps import NodeDep, Now
-from daemon.http.schemas import BulkRetry, Delivery, Job, JobAction, JobDetail, TimelineEvent
+from daemon.http.schemas import ADMIN_ERRORS, BulkRetry, Delivery, Job, JobAction, JobDetail, TimelineEvent
 from storage import operations
 from storage.activity import recent_events
 from storage.models import JobState
@@ -20,8 +20,8 @@ from storage.outbox import Outbox
 from storage.queue import JobQueue
 from storage.studies import TimelineEntry
 
-router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
-dead_router = APIRouter(prefix="/api/v1/dead", tags=["jobs", "deliveries"])
+router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"], responses=ADMIN_ERRORS)
+dead_router = APIRouter(prefix="/api/v1/dead", tags=["jobs", "deliveries"], responses=ADMIN_ERRORS)
 Admin = Annotated[Principal, Depends(require_role("admin"))]
 
 

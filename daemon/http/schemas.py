@@ -304,5 +304,23 @@ class ThroughputOut(_Out):
         return cls(**{k: getattr(t, k) for k in cls.model_fields})
 
 
+class Error(_Out):
+    """Every error answer: a sentence that says what went wrong and what to do."""
+
+    detail: str
+
+
+READ_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": Error, "description": "no token, or not one of this node's"},
+    404: {"model": Error, "description": "no such row"},
+    503: {"model": Error, "description": "the database is unavailable"},
+}
+ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
+    **READ_ERRORS,
+    403: {"model": Error, "description": "a read token, or a cross-origin browser request"},
+    409: {"model": Error, "description": "the state machine forbids this move; the detail says what to do"},
+}
+
+
 class Health(_Out):
     status: Literal["alive"]

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query
 
 from daemon.http.auth import require_role
 from daemon.http.deps import NodeDep
-from daemon.http.schemas import PriorityName, Study, StudyDetailOut
+from daemon.http.schemas import READ_ERRORS, PriorityName, Study, StudyDetailOut
 from daemon.service.node import Node
 from daemon.service.timeline import study_stages
 from storage.models import JobState, StudyState
@@ -18,7 +18,12 @@ from storage.queue import JobQueue
 from storage.studies import StudyDetail, StudyFilter, study_detail, worklist
 from vocabulary import Priority
 
-router = APIRouter(prefix="/api/v1/studies", tags=["studies"], dependencies=[Depends(require_role("read"))])
+router = APIRouter(
+    prefix="/api/v1/studies",
+    tags=["studies"],
+    responses=READ_ERRORS,
+    dependencies=[Depends(require_role("read"))],
+)
 
 
 def study_filter(
@@ -28,6 +33,10 @@ def study_filter(
     received_before: Annotated[dt.datetime | None, Query(description="received before (ISO 8601)")] = None,
     priority: Annotated[list[PriorityName] | None, Query(description="triage priority (repeatable)")] = None,
     pipeline: Annotated[str | None, Query(description="pipeline of the study's current job")] = None,
+    study_instance_uid: Annotated[
+        str | None, Query(description="one study by its Study Instance UID")
+    ] = None,
+    accession_number: Annotated[str | None, Query(description="studies with this Accession Number")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> StudyFilter:
@@ -48,6 +57,8 @@ def study_filter(
         received_before=received_before,
         priorities=tuple(Priority.from_name(p) for p in priority or ()),
         pipeline=pipeline,
+        study_instance_uid=study_instance_uid,
+        accession_number=accession_number,
         limit=limit,
         offset=offset,
     )

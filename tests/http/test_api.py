@@ -114,6 +114,9 @@ def test_studies_jobs_deliveries_and_audit(
     assert len(reader.get("/api/v1/studies", params={"date": today}).json()) == 2
     assert reader.get("/api/v1/studies", params={"date": "2001-01-01"}).json() == []
     assert reader.get("/api/v1/studies", params={"state": "bogus"}).status_code == 422
+    by_uid = reader.get("/api/v1/studies", params={"study_instance_uid": uid2}).json()
+    assert [s["study_instance_uid"] for s in by_uid] == [uid2]
+    assert reader.get("/api/v1/studies", params={"accession_number": "NOPE"}).json() == []
 
     # Study detail: series, counts, jobs, results, findings, deliveries, timeline.
     detail = reader.get(f"/api/v1/studies/{top['id']}").json()

@@ -54,6 +54,9 @@ def test_openapi_is_valid_and_every_route_needs_the_right_token(
     http_nodes.append(node)
     spec = httpx.get(node.base_url + "/openapi.json").json()
     validate(spec)  # raises with the offending part when the document is not valid OpenAPI 3.1
+    retry = spec["paths"]["/api/v1/jobs/{job_id}/retry"]["post"]["responses"]
+    assert {"200", "401", "403", "404", "409"} <= set(retry), "the error answers are documented"
+    assert "Error" in spec["components"]["schemas"] and "Study" in spec["components"]["schemas"]
     assert httpx.get(node.base_url + "/docs").status_code == 200
     routes = _api_routes(node)
     posts = [r for r in routes if r[0] == "POST"]
