@@ -11,17 +11,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import make_url
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.cli.common import fail
 from daemon.config import Config
-from daemon.service.node import Node
 from storage.db import make_engine, make_session_factory
 from storage.errors import StorageUnavailable
-from storage.ingest import Ingest
-from storage.spool import Spool
 
 
 def shown_url(config: Config) -> str:
@@ -45,10 +45,19 @@ def unreachable(config: Config, exc: Exception) -> str:
     )
 
 
+@dataclass(frozen=True)
+class Database:
+    """What the operator commands need: the configuration and the database (no spool, no ingest)."""
+
+    config: Config
+    engine: Engine
+    sessions: sessionmaker[Session]
+
+
 @contextmanager
-def existing_node(config: Config) -> Iterator[Node]:
+def existing_node(config: Config) -> Iterator[Database]:
     """The node's database as it is (no migrations, nothing created); exit 1 or 2 with one line."""
-    from storage.migrate import current_revision, head_revision
+    from storage.schema import expected_revision, stored_revision
 
     path = sqlite_path(config)
     if path is not None and not path.is_file():
@@ -61,8 +70,8 @@ def existing_node(config: Config) -> Iterator[Node]:
     engine = make_engine(config.effective_database_url, pool_size=2)
     try:
         try:
-            have = current_revision(engine)
-            want = head_revision(engine)
+            have = stored_revision(engine)
+            want = expected_revision()
         except StorageUnavailable as exc:
             fail(unreachable(config, exc), code=2)
         if have != want:
@@ -74,10 +83,6 @@ def existing_node(config: Config) -> Iterator[Node]:
                 f"the database schema is at revision {have}, this version of pacs-triage needs {want}: "
                 "run `pacs-triage db upgrade` (or restart `pacs-triage serve`, which upgrades it), then retry"
             )
-        sessions = make_session_factory(engine)
-        spool = Spool(config.spool_dir, min_free_bytes=config.storage.min_free_bytes)
-        yield Node(
-            config=config, engine=engine, sessions=sessions, spool=spool, ingest=Ingest(sessions, spool)
-        )
+        yield Database(config=config, engine=engine, sessions=make_session_factory(engine))
     finally:
         engine.dispose()

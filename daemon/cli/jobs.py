@@ -18,7 +18,7 @@ import typer
 from daemon.cli.common import ConfigOption, fail, load
 
 if TYPE_CHECKING:
-    from daemon.service.node import Node
+    from daemon.cli.database import Database
     from storage.outbox import DeliveryView, Outbox
     from storage.queue import JobQueue, JobView
     from storage.stats import QueueSummary
@@ -42,7 +42,7 @@ def register(app: typer.Typer) -> None:
 
 
 @contextmanager
-def _node(config_path: Path | None) -> Iterator[Node]:
+def _node(config_path: Path | None) -> Iterator[Database]:
     """The node's database as it is (never migrated or created here), storage errors a clean exit."""
     from daemon.cli.database import existing_node
     from storage.errors import InvalidTransition, NotFound, StorageUnavailable
@@ -55,7 +55,7 @@ def _node(config_path: Path | None) -> Iterator[Node]:
             fail(str(exc))
 
 
-def _queues(node: Node) -> tuple[JobQueue, Outbox]:
+def _queues(node: Database) -> tuple[JobQueue, Outbox]:
     from storage.outbox import Outbox
     from storage.queue import JobQueue
 

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from daemon.cli.common import ConfigOption, fail, load
-from daemon.cli.database import existing_node
 
 if TYPE_CHECKING:
     from storage.studies import StudyDetail, StudySummary
@@ -68,6 +67,7 @@ def studies_list(
     Columns: row id (for `studies show`), priority, state, current job and its state, instances,
     last received (UTC), time to result (last instance received -> result delivered), main finding.
     """
+    from daemon.cli.database import existing_node
     from storage.models import StudyState
     from storage.studies import StudyFilter, worklist
     from vocabulary import Priority
@@ -103,6 +103,7 @@ def studies_show(
     """One study: its triage result and findings, series, jobs, deliveries and the timeline of every stage."""
     from sqlalchemy import select
 
+    from daemon.cli.database import existing_node
     from storage.errors import NotFound, StorageUnavailable
     from storage.models import Study
     from storage.studies import study_detail

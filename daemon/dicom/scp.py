@@ -38,7 +38,7 @@ from daemon.dicom.hardening import (
 )
 from daemon.dicom.status import StoreStatus, status_for
 from daemon.dicom.validation import check_request_uids, validate_received
-from daemon.logs import bind_ids, peer_text, unbind_ids
+from daemon.logs import bind_ids, peer_text, quiet_pynetdicom, unbind_ids
 from daemon.telemetry import receiver_instruments
 from storage.errors import StorageError
 from storage.ingest import AssociationInfo, Ingest
@@ -88,6 +88,7 @@ class Receiver:
         self._lock = threading.Lock()
         self._servers: list[ThreadedAssociationServer] = []
         self.metrics = receiver_instruments()
+        quiet_pynetdicom()
         self.ae = self._build_ae()
 
     def _build_ae(self) -> AE:
