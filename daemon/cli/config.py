@@ -34,11 +34,13 @@ def check(
     bad key (or unknown PACS_TRIAGE_* variable) and where it was set. Nothing is started and the
     database is not opened.
     """
+    from daemon.delivery.registry import check_destinations
     from daemon.pipelines.registry import check_routing
 
     try:
         loaded = load(config_path, environment())
         check_routing(loaded.config)  # what `serve` refuses at start: unknown or unbuildable pipelines
+        check_destinations(loaded.config)  # ...and destinations whose extra is not installed
     except ConfigError as exc:
         fail(str(exc), code=2)
     values = settings(loaded)

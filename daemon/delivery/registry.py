@@ -6,9 +6,10 @@ does not change.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 
-from daemon.config import DestinationConfig
+from daemon.config import Config, ConfigError, DestinationConfig
 from daemon.delivery import dicom, fhir, hl7
 from daemon.delivery.base import Destination, Permanent
 
@@ -30,3 +31,33 @@ def build(destination: DestinationConfig, *, calling_ae: str) -> Destination:
             f"send to (known: {', '.join(sorted(KINDS))})"
         )
     return factory(destination, calling_ae)
+
+
+# The modules each kind needs beyond the base install, and the extra that brings them.
+EXTRAS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "hl7": ("hl7", ("hl7",)),
+    "fhir": ("fhir", ("fhir.resources", "httpx")),
+}
+
+
+def check_destinations(config: Config) -> None:
+    """Refuse to start when a configured destination's kind needs a package that is not installed
+    (``serve`` and ``pacs-triage config check``): the message names the package and the extra."""
+    problems = []
+    for destination in config.all_destinations:
+        extra, modules = EXTRAS.get(destination.kind, ("", ()))
+        missing = [m for m in modules if _missing(m)]
+        if missing:
+            problems.append(
+                f"destination {destination.name!r} (kind {destination.kind!r}) needs {', '.join(missing)}: "
+                f"install the {extra!r} extra (pip install 'pacs-triage[{extra}]')"
+            )
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def _missing(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is None
+    except (ImportError, ValueError):  # a parent package missing, or a module set to None
+        return True

@@ -12,6 +12,7 @@ from typing import Protocol
 
 from daemon.config import Config
 from daemon.delivery.dispatcher import DispatchThreads
+from daemon.delivery.registry import check_destinations
 from daemon.pipelines.registry import check_routing
 from daemon.service.liveness import Beacon, beat_interval
 from daemon.service.node import Node, open_node
@@ -98,6 +99,7 @@ def serve(
     """
     stop = stop or threading.Event()
     check_routing(config)
+    check_destinations(config)  # a destination kind whose extra is not installed: refuse to start
     if workers is not None:  # --workers: the effective count is what readiness and metrics expect
         config = config.model_copy(update={"workers": config.workers.model_copy(update={"count": workers})})
 

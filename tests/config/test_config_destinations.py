@@ -4,12 +4,14 @@ typed, validated, errors that name the key."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
 from daemon.config import Config, ConfigError, Content, load_config
 from daemon.delivery.contents import SR_CLASSES, plan
+from daemon.delivery.registry import check_destinations
 
 DESTINATIONS = """
 [[destinations]]
@@ -125,3 +127,18 @@ def test_destinations_from_one_variable_as_json(tmp_path: Path) -> None:
     config = config_from(tmp_path, "", PACS_TRIAGE_DESTINATIONS=json.dumps(value))
     (fhir,) = config.all_destinations
     assert fhir.token is not None and fhir.token.get_secret_value() == "t" * 20
+
+
+def test_serve_and_config_check_refuse_a_destination_whose_extra_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = config_from(tmp_path, DESTINATIONS)
+    check_destinations(config)  # the dev install has both extras
+    monkeypatch.setitem(sys.modules, "hl7", None)
+    monkeypatch.setitem(sys.modules, "httpx", None)
+    with pytest.raises(ConfigError) as refused:
+        check_destinations(config)
+    assert str(refused.value) == (
+        "destination 'ris' (kind 'hl7') needs hl7: install the 'hl7' extra (pip install 'pacs-triage[hl7]'); "
+        "destination 'fhir' (kind 'fhir') needs httpx: install the 'fhir' extra (pip install 'pacs-triage[fhir]')"
+    )
