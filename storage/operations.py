@@ -10,6 +10,7 @@ instead. Each call appends an audit row naming who asked (``by``: the API token'
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from dataclasses import dataclass
 
 from sqlalchemy import delete, select
@@ -24,6 +25,8 @@ from storage.ingest import add_event
 from storage.models import Delivery, DeliveryState, Job, JobState, Result, Study
 from storage.outbox import DeliveryView
 from storage.queue import JobView
+
+log = logging.getLogger(__name__)
 
 J = JobState
 D = DeliveryState
@@ -61,6 +64,7 @@ def _job_view(session: Session, job: Job) -> JobView:
 
 def _audit(session: Session, entity: str, entity_id: int, action: str, by: str, changed: bool) -> None:
     add_event(session, entity, entity_id, "operator", action=action, by=by, changed=changed)
+    log.info("%s %d: %s by %s%s", entity, entity_id, action, by, "" if changed else " (nothing to change)")
 
 
 def _requeue_job(session: Session, job: Job, now: dt.datetime, by: str, reason: str) -> None:

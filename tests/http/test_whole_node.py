@@ -84,6 +84,21 @@ def test_one_endpoint_shows_every_process_of_the_node(
     assert "Where the time went" in page.get(f"/studies/{study['id']}").text
     assert len(storescp.files()) == 1
 
+    # Re-run the succeeded study: the worker runs it again, the same SR (same UIDs) is delivered again.
+    first_sr = detail["results"][0]["sop_instance_uid"]
+    rerun = node.admin.post(f"/api/v1/jobs/{study['job_id']}/rerun")
+    assert rerun.status_code == 200 and rerun.json()["changed"], rerun.text
+
+    def delivered_again() -> dict[str, Any] | None:
+        again = node.reader.get(f"/api/v1/studies/{study['id']}").json()
+        states = [d["state"] for d in again["deliveries"]]
+        return again if again["study"]["job_state"] == "succeeded" and states == ["delivered"] else None
+
+    again = wait_until(delivered_again, timeout=180, what="the re-run delivered", interval=0.5)
+    assert [r["sop_instance_uid"] for r in again["results"]] == [first_sr]
+    reruns = [e for e in again["timeline"] if e["detail"].get("reason") == "re-run by operator"]
+    assert len(reruns) == 1 and reruns[0]["detail"]["by"] == "ops-admin"
+
     # A hung worker (SIGSTOP) makes the node not ready, naming it; it is ready again once the worker runs.
     hung = workers[1]["pid"]
     os.kill(hung, signal.SIGSTOP)
