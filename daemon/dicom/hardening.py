@@ -226,7 +226,7 @@ class BoundedRequestHandler(RequestHandler):
         sock.__class__ = BoundedSocket
         accepted_at = self.server.accepted_at(self.request)
         bounded = cast(BoundedSocket, sock)
-        bounded._bound(self.server.limits, peer_text(self.client_address[0]), accepted_at)
+        bounded._bound(self.server.limits, str(self.client_address[0]), accepted_at)  # from the kernel
         self.server.created(self.request, bounded)
         return assoc
 
@@ -267,7 +267,7 @@ class HardenedServer(ThreadedAssociationServer):
             for assoc in self.active_associations:
                 sock = assoc.dul.socket
                 if isinstance(sock, BoundedSocket) and sock.handed_over and sock.negotiating:
-                    counts[str(assoc.requestor.address)] += 1
+                    counts[sock.peer] += 1  # client_address[0], as verify_request counts it
         return +counts
 
     def created(self, request: socket.socket, sock: BoundedSocket) -> None:
