@@ -27,7 +27,7 @@ from tests.support.service import ServiceFactory
 from tests.support.stored import stored_instances
 
 SLICE = TESTDATA / "ct_series" / "gantry_tilt" / "GE_03.dcm"
-ACSE_TIMEOUT = 15  # long enough that the legitimate sends below happen while the stalled peers wait
+ACSE_TIMEOUT = 20  # long enough that the legitimate sends below happen while the stalled peers wait
 
 
 def test_legitimate_senders_work_while_100_stalled_connections_are_open(
