@@ -58,17 +58,23 @@ def _entry(report: ResultReport, resource: dict[str, Any], identifier: dict[str,
     }
 
 
+def _patient(r: ResultReport) -> dict[str, Any] | None:
+    """The patient, by identifier (the study's Patient ID and its issuer); None without a Patient ID."""
+    if not r.patient_id:
+        return None
+    identifier = {"value": r.patient_id}
+    if r.issuer_of_patient_id:
+        identifier["system"] = f"urn:pacs-triage:issuer:{r.issuer_of_patient_id}"
+    family, _, rest = r.patient_name.split("=")[0].partition("^")
+    given = " ".join(p for p in rest.split("^")[:2] if p)
+    display = " ".join(p for p in (given, family) if p)
+    return {"identifier": identifier, **({"display": display} if display else {})}
+
+
 def transaction(report: ResultReport) -> dict[str, Any]:
     """The transaction Bundle of ``report`` as JSON-ready data."""
     r = report
-    patient: dict[str, Any] = {
-        "identifier": {"value": r.patient_id},
-        "display": r.patient_name.replace("^", " ").strip(),
-    }
-    if r.issuer_of_patient_id:
-        patient["identifier"]["system"] = f"urn:pacs-triage:issuer:{r.issuer_of_patient_id}"
-    if not patient["display"]:
-        del patient["display"]
+    patient = _patient(r)
     study = {
         "identifier": _identifier(DICOM_UID, f"urn:oid:{r.study_instance_uid}"),
         "type": "ImagingStudy",
@@ -102,7 +108,7 @@ def transaction(report: ResultReport) -> dict[str, Any]:
                 "coding": [{"system": SYSTEMS[m.scheme], "code": m.code, "display": m.meaning}],
                 "text": f"{m.finding} {m.meaning.lower()}",
             },
-            "subject": patient,
+            **({"subject": patient} if patient else {}),
             "effectiveDateTime": _when(r.study_datetime or r.analysed_at),
             "issued": _when(r.analysed_at),
             "valueQuantity": {"value": round(m.value, 3), "unit": m.unit, "system": UCUM, "code": m.unit},
@@ -143,7 +149,7 @@ def transaction(report: ResultReport) -> dict[str, Any]:
                 {"system": "http://loinc.org", "code": "18748-4", "display": "Diagnostic imaging study"}
             ]
         },
-        "subject": patient,
+        **({"subject": patient} if patient else {}),
         "effectiveDateTime": _when(r.study_datetime or r.analysed_at),
         "issued": _when(r.analysed_at),
         "imagingStudy": [study],
@@ -164,7 +170,7 @@ def transaction(report: ResultReport) -> dict[str, Any]:
         "code": {"text": "Read the imaging study at the triage priority"},
         "description": f"AI triage: read study {r.study_instance_uid} as {FHIR_PRIORITY[r.priority]}",
         "focus": order,
-        "for": patient,
+        **({"for": patient} if patient else {}),
         "authoredOn": _when(r.analysed_at),
         "reasonReference": {"reference": report_entry["fullUrl"]},
     }

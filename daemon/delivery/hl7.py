@@ -26,6 +26,7 @@ acknowledgment code, table 0008; §2.15.5 ERR: ERR-3 HL7 error code, table 0357)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -99,6 +100,8 @@ class Hl7Destination:
                 self.config.host, self.config.port, ssl=context, server_hostname=self._sni(context)
             )
             writer.close()
+            with contextlib.suppress(OSError, ssl.SSLError):
+                await writer.wait_closed()
 
         self._run(connect())
 
@@ -128,6 +131,8 @@ class Hl7Destination:
                 answer = await reader.readmessage()
             finally:
                 writer.close()
+                with contextlib.suppress(OSError, ssl.SSLError):
+                    await writer.wait_closed()
             return Ack.of(answer)
 
         try:

@@ -90,11 +90,17 @@ def _msh(header: Header, message_type: str, control_id: str, at: dt.datetime) ->
     )
 
 
-def _pid(r: ResultReport) -> str:
-    ident = escape(r.patient_id) + (f"^^^{escape(r.issuer_of_patient_id)}" if r.issuer_of_patient_id else "")
-    name = "^".join(escape(p) for p in r.patient_name.split("^")) if r.patient_name else ""
+def _pid(r: ResultReport) -> list[str]:
+    """The PID segment; none without a Patient ID (PID-3 is required, the patient group optional)."""
+    if not r.patient_id:
+        return []
+    ident = escape(r.patient_id)
+    if r.issuer_of_patient_id:
+        ident += f"^^^{escape(r.issuer_of_patient_id)}"
+    alphabetic = r.patient_name.split("=")[0]  # PN: the alphabetic group (ideographic, phonetic follow)
+    name = "^".join(escape(p) for p in alphabetic.split("^")).rstrip("^")
     sex = r.sex if r.sex in ("M", "F", "O") else ("U" if r.sex else "")
-    return _segment("PID", "1", "", ident, "", name, "", r.birth_date, sex)
+    return [_segment("PID", "1", "", ident, "", name, "", r.birth_date, sex)]
 
 
 def _order_number(r: ResultReport, namespace: str) -> str:
@@ -156,7 +162,7 @@ def oru_r01(report: ResultReport, header: Header, control_id: str) -> str:
         observations.append(("TX", "121111^Summary^DCM", "", escape(r.summary), ""))
     segments = [
         _msh(header, "ORU^R01^ORU_R01", control_id, r.analysed_at),
-        _pid(r),
+        *_pid(r),
         _obr(r, header, status="P", priority_tq=False),
         _segment("NTE", "1", "L", escape(DISCLAIMER)),
         _tq1(r),
@@ -178,7 +184,7 @@ def order_update(report: ResultReport, header: Header, control_id: str, message_
         orc = [*orc[:7], f"^^^^^{priority}", *orc[8:]]
         segments = [
             _msh(header, "ORM^O01^ORM_O01", control_id, r.analysed_at),
-            _pid(r),
+            *_pid(r),
             _segment(*orc),
             _obr(r, header, status="", priority_tq=True),
         ]
@@ -192,7 +198,7 @@ def order_update(report: ResultReport, header: Header, control_id: str, message_
         )
         segments = [
             _msh(header, "OMI^O23^OMI_O23", control_id, r.analysed_at),
-            _pid(r),
+            *_pid(r),
             _segment(*orc),
             _tq1(r),
             _obr(r, header, status="", priority_tq=False),

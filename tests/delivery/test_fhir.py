@@ -4,19 +4,23 @@ server with fhir.resources; 4xx dead (but 408/429), 5xx retried, down and back d
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
+import pydicom
 import pytest
 
 from daemon.config import DestinationConfig
 from daemon.delivery import registry
 from daemon.delivery.base import Outgoing, Permanent, Transient
-from daemon.delivery.fhir_bundle import transaction
+from daemon.delivery.fhir_bundle import _patient, transaction
+from daemon.delivery.hl7_messages import Header, oru_r01
 from daemon.delivery.report import load_report
 from storage.models import DeliveryState
 from tests.support.delivery import make_multi_node
 from tests.support.fhir_peer import TOKEN, FhirPeer, problems_of
+from tests.support.hl7_peer import MllpPeer, validate_v25
 from tests.support.queue_db import Db
 from tests.support.result_sr import LESIONS, write_result_sr
 
@@ -155,3 +159,37 @@ def test_without_the_fhir_extra_the_delivery_is_dead_naming_the_package(
     monkeypatch.setitem(sys.modules, missing, None)
     with pytest.raises(Permanent, match=rf"{missing} is missing\): install the 'fhir' extra"):
         fhir.send(Outgoing(delivery_id=1, sop_instance_uid="x", path=path, content="fhir"))
+
+
+def test_a_study_without_patient_id_or_accession_gives_valid_messages(tmp_path: Path) -> None:
+    path = tmp_path / "sr.dcm"
+    write_result_sr(path)
+    ds = pydicom.dcmread(path)
+    del ds.PatientID
+    ds.SpecificCharacterSet = ["", "ISO 2022 IR 87"]
+    ds.PatientName = "Yamada^Tarou=山田^太郎=やまだ^たろう"
+    ds.AccessionNumber = ""
+    ds.save_as(path)
+    report = load_report(path)
+    bundle = transaction(report)
+    assert problems_of(bundle) == []
+    assert all("subject" not in e["resource"] and "for" not in e["resource"] for e in bundle["entry"])
+    peer = MllpPeer()
+    ris = registry.build(
+        DestinationConfig.model_validate(
+            {"name": "ris", "kind": "hl7", "host": "127.0.0.1", "port": peer.port}
+        ),
+        calling_ae="X",
+    )
+    with peer.running():
+        for content in ("hl7_oru", "hl7_priority"):
+            ris.send(Outgoing(delivery_id=1, sop_instance_uid="x", path=path, content=content))
+    assert [m.problems for m in peer.messages()] == ["", ""]
+    assert peer.messages()[0].segments("PID") == []  # PID-3 is required: no patient group at all
+    (obr,) = peer.messages()[0].segments("OBR")
+    assert obr[3].split("^")[0] == report.study_instance_uid  # no accession: the study is the order
+    # the alphabetic group of a multi-group name, in both messages
+    named = dataclasses.replace(report, patient_id="P1")
+    oru = oru_r01(named, Header(), "CTRL")
+    assert validate_v25(oru) == "" and "\rPID|1||P1||Yamada^Tarou\r" in oru
+    assert _patient(named) == {"identifier": {"value": "P1"}, "display": "Tarou Yamada"}
