@@ -149,7 +149,20 @@ class DispatchConfig(_Section):
 
 
 class RetentionConfig(_Section):
-    """Removing spool files of studies whose results were all delivered long enough ago."""
+    """Removing the spool files (images and results) of studies that are done with, after a period.
 
-    delete_after_days: float | None = Field(default=None, gt=0)  # None: keep everything
+    On by default: the PACS is the archive, and patient data should not pile up here. Rows, jobs,
+    results' metadata and the audit log stay. 0 keeps that kind of study for ever.
+    """
+
+    # Studies whose every result was delivered (the results are in the PACS).
+    delete_after_days: float = Field(default=7.0, ge=0)
+    # Studies whose analysis failed for good (no usable series, bad geometry) or was cancelled.
+    # Dead jobs (retryable) are kept until an operator retries or cancels them.
+    failed_after_days: float = Field(default=30.0, ge=0)
+    not_routed_after_days: float = Field(default=7.0, ge=0)  # studies no routing rule matched
     interval_seconds: float = Field(default=3600.0, gt=0)
+
+    @property
+    def enabled(self) -> bool:
+        return any((self.delete_after_days, self.failed_after_days, self.not_routed_after_days))

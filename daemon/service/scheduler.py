@@ -3,7 +3,7 @@
 * completion sweep: complete, route and queue studies (``daemon/service/routing.py``);
 * job reaper: requeue jobs whose worker stopped heartbeating;
 * delivery reaper: requeue sends whose dispatcher died (the dispatch threads retry them);
-* retention: remove the files of studies delivered long ago (only when configured).
+* retention: remove the files of studies delivered, failed or not routed long ago ([retention]).
 
 Each task is safe to run twice or concurrently with another ``serve`` on the same database, and
 at most one instance of each runs at a time. A database outage makes a task log and skip a turn;
@@ -74,9 +74,13 @@ class Scheduler:
             log.warning("requeued %d delivery(ies) whose lease expired", n)
 
     def _retention(self) -> None:
-        days = self.config.retention.delete_after_days
-        if days is not None:
-            retention.run(self.sessions, self.spool, self.results, older_than_days=days, now=utcnow())
+        r = self.config.retention
+        periods = retention.Periods(
+            delivered_days=r.delete_after_days,
+            failed_days=r.failed_after_days,
+            not_routed_days=r.not_routed_after_days,
+        )
+        retention.run(self.sessions, self.spool, self.results, periods=periods, now=utcnow())
 
     def start(self) -> None:
         c = self.config
@@ -85,7 +89,7 @@ class Scheduler:
             ("job-reaper", self._reap_jobs, c.workers.reap_interval_seconds),
             ("delivery-reaper", self._reap_deliveries, c.dispatch.reap_interval_seconds),
         ]
-        if c.retention.delete_after_days is not None:
+        if c.retention.enabled:
             tasks.append(("retention", self._retention, c.retention.interval_seconds))
         for name, task, seconds in tasks:
             self.scheduler.add_job(

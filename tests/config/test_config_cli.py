@@ -122,6 +122,9 @@ def test_environment_overrides_the_file_and_the_defaults(
 
 def test_status_json_on_an_empty_database(tmp_path: Path, database_url: str) -> None:
     env = clean_env({"PACS_TRIAGE_HOME": str(tmp_path / "home"), "PACS_TRIAGE_DATABASE_URL": database_url})
+    # status is read-only (issue 12 item 8): the schema comes from `db upgrade` (or serve), not from it.
+    assert run_cli("status", "--json", env=env).returncode == 1
+    assert run_cli("db", "upgrade", env=env).returncode == 0
     out = run_cli("status", "--json", env=env)
     assert out.returncode == 0, out.stderr
     status = json.loads(out.stdout)
