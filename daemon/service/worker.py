@@ -177,6 +177,10 @@ class Worker:
             self._succeed(claim, run.result)
         except SpoolUnavailable as exc:
             self._fail(claim, exc)
+        except StorageError:
+            raise  # not recorded: the lease runs out and the reaper requeues the job
+        except Exception as exc:  # noqa: BLE001 - a result that cannot be encoded: classified like the run
+            self._fail(claim, exc)
 
     def _readable_inputs(self, study_uid: str, paths: Sequence[str]) -> list[Path]:
         """The study's files, each readable here, and room for the results, checked before the model

@@ -213,6 +213,28 @@ def test_the_worker_command_refuses_to_start_without_a_readable_spool(db: Db, tm
     assert f"cannot read the spool of received instances at {home / 'spool' / 'objects'}" in out.stderr
 
 
+class Unencodable:
+    """Answers with a result that cannot be written as a Part 10 file (no SOP Class UID)."""
+
+    name, version = "unencodable", "1"
+
+    def run(self, study_files: Sequence[Path], *, input_fingerprint: str) -> AnalysisOutcome:
+        from pydicom.dataset import Dataset
+
+        from vocabulary import Priority
+
+        broken = Dataset()
+        broken.SOPInstanceUID = "2.25.1"
+        return AnalysisOutcome(Priority.ROUTINE, "broken", (broken,))
+
+
+def test_a_result_that_cannot_be_written_fails_the_job_once(db: Db, tmp_path: Path) -> None:
+    worker, spool = _node(db, tmp_path, Unencodable())
+    job = _run_study(db, tmp_path, worker, spool)
+    assert (job.state, job.attempts) == (JobState.FAILED, 1), job.last_error
+    assert job.last_error is not None and "SOPClassUID" in job.last_error.splitlines()[0]
+
+
 def test_only_resource_errors_are_transient() -> None:
     import torch
 
