@@ -126,9 +126,19 @@ def queue_summary(sessions: sessionmaker[Session], now: dt.datetime, *, limit: i
             for state in (JobState.DEAD, JobState.FAILED)
         )
         dead_deliveries = [
-            Problem(id=d_id, study_instance_uid=uid, detail=f"{peer}: {error or ''}")
-            for d_id, uid, peer, error in session.execute(
-                select(Delivery.id, Study.study_instance_uid, Delivery.peer, Delivery.last_error)
+            Problem(
+                id=d_id,
+                study_instance_uid=uid,
+                detail=f"{peer}{' ' + content if content else ''}: {error or ''}",
+            )
+            for d_id, uid, peer, content, error in session.execute(
+                select(
+                    Delivery.id,
+                    Study.study_instance_uid,
+                    Delivery.peer,
+                    Delivery.content,
+                    Delivery.last_error,
+                )
                 .join(Result, Result.id == Delivery.result_id)
                 .join(Study, Study.id == Result.study_id)
                 .where(Delivery.state == DeliveryState.DEAD)

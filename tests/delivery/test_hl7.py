@@ -5,6 +5,7 @@ dead, through the outbox like the DICOM results.
 
 from __future__ import annotations
 
+import datetime as dt
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from daemon.delivery.base import Outgoing, Permanent, Transient
 from daemon.delivery.hl7 import Ack, interpret
 from daemon.delivery.report import DISCLAIMER
 from storage.models import DeliveryState
+from storage.stats import queue_summary
 from tests.support.delivery import make_multi_node
 from tests.support.hl7_peer import MllpPeer
 from tests.support.queue_db import Db
@@ -169,6 +171,8 @@ def test_through_the_outbox_accepted_refused_down_and_back(tmp_path: Path, db: D
         dead = node.deliveries()[2]
         assert dead.state == DeliveryState.DEAD and dead.last_status == 101
         assert "answered AE (ERR-3 101)" in (dead.last_error or "")
+        (listed,) = queue_summary(db.sessions, dt.datetime.now(dt.UTC)).dead_deliveries  # `status`
+        assert listed.id == dead.id and listed.detail.startswith(f"mllp://127.0.0.1:{peer.port} hl7_oru: ")
 
         peer.answer = ("AR", None)
         assert node.dispatcher.send_one()
