@@ -260,3 +260,95 @@ def test_alert_rules_fire_in_promtool_unit_tests(tmp_path: Path) -> None:
         [promtool_binary(), "test", "rules", str(path)], capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_timings_of_workers_anywhere_reach_metrics_from_the_database(
+    tmp_path: Path, database_url: str
+) -> None:
+    """A worker and a dispatcher that are not this process (here: the test, through the real queue and
+    outbox) record stage timings and a delivery; /metrics turns them into histograms."""
+    from storage.db import make_engine, make_session_factory
+    from storage.outbox import Destination, Outbox
+    from storage.queue import JobQueue, NewResult
+
+    node = start_http_node(tmp_path, database_url=database_url)
+    engine = make_engine(database_url)
+    try:
+        out = storescu(node.service.port, HEAD_CT, calling_ae="TIMING_SCU")
+        assert out.returncode == 0, out.stderr
+        job_id = queued_job(database_url, study_uid(HEAD_CT))
+        sessions = make_session_factory(engine)
+        queue = JobQueue(sessions)
+        claim = queue.claim("remote-gpu-worker")
+        assert claim is not None and claim.job.id == job_id
+        assert queue.succeed(
+            claim,
+            [
+                NewResult(
+                    sop_class_uid="1.2.840.10008.5.1.4.1.1.88.22",
+                    sop_instance_uid="2.25.1234567",
+                    series_instance_uid="2.25.1234568",
+                    path="results/x.dcm",
+                    size_bytes=10,
+                    sha256="0" * 64,
+                )
+            ],
+            [Destination(name="pacs", peer="PACS@127.0.0.1:104")],
+            stage_seconds={"load": 0.3, "inference": 42.0},
+        )
+        outbox = Outbox(sessions)
+        sending = outbox.claim("remote-dispatcher")
+        assert sending is not None
+        assert outbox.delivered(sending, 0)
+
+        def samples() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+            text = httpx.get(node.base_url + "/metrics", timeout=15.0).text
+            return {
+                (s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text)
+                for s in family.samples
+            }
+
+        def counted() -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
+            found = samples()
+            return found if found.get(("pacs_triage_delivery_seconds_count", ())) == 1.0 else None
+
+        found = wait_until(counted, timeout=30, what="the delivery counted in /metrics")
+        stage = (("stage", "inference"),)
+        assert found[("pacs_triage_pipeline_stage_seconds_count", stage)] == 1.0
+        assert found[("pacs_triage_pipeline_stage_seconds_sum", stage)] == 42.0
+        assert found[("pacs_triage_pipeline_stage_seconds_bucket", (("le", "30.0"), *stage))] == 0.0
+        assert found[("pacs_triage_pipeline_stage_seconds_bucket", (("le", "60.0"), *stage))] == 1.0
+        assert found[("pacs_triage_time_to_result_seconds_count", ())] == 1.0
+        assert found[("pacs_triage_deliveries", (("destination", "pacs"), ("state", "delivered")))] == 1.0
+        # Counted once: a later scrape does not count the same rows again.
+        assert samples()[("pacs_triage_pipeline_stage_seconds_count", stage)] == 1.0
+    finally:
+        engine.dispose()
+        node.close()
+        node.service.stop(timeout=30)
+
+
+def test_receiver_processes_are_summed(tmp_path: Path) -> None:
+    """dicom.receivers = 2: the receiver children's counters reach the one /metrics (multiprocess files)."""
+    node = start_http_node(tmp_path, env={"PACS_TRIAGE_DICOM__RECEIVERS": "2"})
+    try:
+        for files in (HEAD_CT[:1], HEAD_CT[1:]):  # two associations: the kernel may give each to either child
+            out = storescu(node.service.port, files, calling_ae="MULTI_SCU")
+            assert out.returncode == 0, out.stderr
+
+        def stored() -> dict[str, float] | None:
+            text = httpx.get(node.base_url + "/metrics", timeout=15.0).text
+            values = {
+                s.name: s.value
+                for family in text_string_to_metric_families(text)
+                for s in family.samples
+                if not s.labels or s.name.endswith("_total")
+            }
+            return values if values.get("pacs_triage_store_seconds_count") == 3.0 else None
+
+        values = wait_until(stored, timeout=30, what="3 stores counted across receiver processes")
+        assert values["pacs_triage_associations_total"] >= 2.0
+    finally:
+        node.close()
+        node.service.stop(timeout=30)
