@@ -1,6 +1,7 @@
 """Partial reports superseded (issue 11, item 11): late instances after a delivered report give a
 new report that names the delivered one in its Predecessor Documents Sequence (PS3.3 C.17.2), so
-viewers show only the current one. A real ``pacs-triage serve`` and a dcmtk storescp as the PACS."""
+viewers show only the current one. A real ``pacs-triage serve`` (SQLite and PostgreSQL) and a dcmtk
+storescp as the PACS."""
 
 from __future__ import annotations
 
@@ -30,10 +31,10 @@ def _reports(storescp: Storescp) -> list[Dataset]:
 
 
 def test_a_report_superseded_by_late_instances_names_its_predecessor(
-    tmp_path: Path, sqlite_services: ServiceFactory, storescp: Storescp
+    tmp_path: Path, services: ServiceFactory, storescp: Storescp
 ) -> None:
     storescp.start()
-    service = sqlite_services(
+    service = services(
         env={
             "PACS_TRIAGE_DESTINATION": storescp.destination,
             "PACS_TRIAGE_WORKERS__COUNT": "1",
