@@ -18,6 +18,8 @@ acknowledgment code, table 0008; §2.15.5 ERR: ERR-3 HL7 error code, table 0357)
   event code, 202 unsupported processing ID, 203 unsupported version ID, 100-104 malformed);
   otherwise (no ERR, 206, 207, anything else) Transient, since receivers use AR when their back end
   is down. ``CR`` / ``CE`` (commit reject / error, enhanced mode) map like AR.
+* The error codes are read from ERR-3 (v2.5) and, from older receivers, ERR-1 component 4 and
+  MSA-6, every repetition.
 * An ACK whose MSA-2 is not our control ID, an unreadable answer, no answer within
   ``timeout_seconds``, a refused or dropped connection: Transient.
 * Our TLS files broken, the SR unreadable: Permanent.
@@ -161,26 +163,32 @@ class Ack:
         self.errors = errors
 
     @classmethod
-    def of(cls, message: object) -> Ack:
-        """Read MSA-1, MSA-2, MSA-3 and every ERR-3 (HL7 error code) of a python-hl7 message."""
+    def of(cls, message: Any) -> Ack:
+        """Read MSA-1, MSA-2, MSA-3 and the HL7 error codes of a python-hl7 message: ERR-3 (v2.5),
+        and from older receivers ERR-1.4 (v2.3/2.4) and MSA-6 (v2.3), every repetition."""
         try:
-            msa = message.segment("MSA")  # type: ignore[attr-defined]
+            msa = message.segment("MSA")
         except (KeyError, AttributeError) as exc:
             raise Transient(f"the answer has no MSA segment: {str(message)[:200]!r}") from exc
+        separators = str(message.separators)  # segment, field, repetition, component, subcomponent
+        repetition, component, subcomponent = separators[2], separators[3], separators[4]
 
-        def field(n: int) -> str:
-            return str(msa[n]) if len(msa) > n else ""
+        def field(segment: Any, n: int) -> str:
+            return str(segment[n]) if len(segment) > n else ""
 
         try:
-            segments = list(message.segments("ERR"))  # type: ignore[attr-defined]
+            errs = list(message.segments("ERR"))
         except KeyError:
-            segments = []
-        errors: list[int] = []
-        for err in segments:
-            code = str(err[3][0][0]) if len(err) > 3 and err[3] else ""
-            if code.isdigit():
-                errors.append(int(code))
-        return cls(field(1), field(2), field(3), tuple(errors))
+            errs = []
+        codes: list[str] = []
+        for err in errs:
+            codes += [rep.split(component)[0] for rep in field(err, 3).split(repetition)]
+            for rep in field(err, 1).split(repetition):  # ERR-1: location^...^...^code (CE, with &)
+                parts = rep.split(component)
+                codes.append(parts[3].split(subcomponent)[0] if len(parts) > 3 else "")
+        codes.append(field(msa, 6).split(component)[0])
+        errors = tuple(dict.fromkeys(int(c) for c in codes if c.strip().isdigit()))
+        return cls(field(msa, 1), field(msa, 2), field(msa, 3), errors)
 
 
 def interpret(ack: Ack, control_id: str, *, peer: str) -> Accepted:

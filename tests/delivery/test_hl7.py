@@ -9,6 +9,7 @@ import datetime as dt
 import sys
 from pathlib import Path
 
+import hl7
 import pydicom
 import pytest
 
@@ -208,3 +209,22 @@ def test_without_the_hl7_extra_the_delivery_is_dead_naming_the_package(
         Permanent, match=r"python-hl7 package: install the 'hl7' extra \(pip install 'pacs-triage\[hl7\]'\)"
     ):
         ris.send(Outgoing(delivery_id=1, sop_instance_uid="x", path=path, content="hl7_oru"))
+
+
+@pytest.mark.parametrize(
+    ("segments", "errors"),
+    [
+        ("MSA|AE|CTRL|bad\rERR|||207|E", (207,)),  # ERR-3 with one component
+        ("MSA|AE|CTRL\rERR|||101^Required field missing^HL70357~102^Data type error^HL70357|E", (101, 102)),
+        ("MSA|AR|CTRL\rERR|^^^200&Unsupported message type&HL70357", (200,)),  # v2.3/2.4 ERR-1
+        ("MSA|AE|CTRL|text|||207^Application internal error", (207,)),  # v2.3 MSA-6
+        ("MSA|AE|CTRL\rERR|||207|E\rERR|||206|E", (207, 206)),
+        ("MSA|AA|CTRL", ()),
+    ],
+)
+def test_error_codes_are_read_from_every_place_receivers_put_them(
+    segments: str, errors: tuple[int, ...]
+) -> None:
+    """ERR-3 (v2.5), ERR-1 component 4 and MSA-6 (older receivers), repeated or not: parsed by python-hl7."""
+    ack = Ack.of(hl7.parse("MSH|^~\\&|RIS||PT||20261203||ACK^R01^ACK|A1|P|2.5\r" + segments))
+    assert (ack.control_id, ack.errors) == ("CTRL", errors)
