@@ -21,7 +21,7 @@ from storage import outbox as outbox_rows
 from storage import queue as job_rows
 from storage.db import transaction
 from storage.errors import InvalidTransition, NotFound
-from storage.ingest import add_event
+from storage.events import add_event
 from storage.models import Delivery, DeliveryState, Job, JobState, Result, Study
 from storage.outbox import DeliveryView
 from storage.queue import JobView
