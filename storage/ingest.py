@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,9 +19,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from storage.db import transaction
 from storage.errors import IdentityConflict, IntegrityProblem, StorageError
+from storage.events import add_event  # the audit log's one API
 from storage.file_records import Placement, lock_instance, remove_if_unnamed
 from storage.group_commit import GroupCommit
-from storage.models import Association, Event, Instance, Series, Study, StudyState
+from storage.identity import Patient, patient_conflict, record_conflict
+from storage.models import Association, Instance, Series, Study, StudyState
 from storage.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -53,9 +54,6 @@ _TOUCH_SERIES = (
     .values(last_received_at=bindparam("k_received_at"), last_association_id=bindparam("k_association_id"))
 )
 _INSERT_INSTANCE = insert(_INSTANCES)
-
-
-IDENTITY_CONFLICT_EVENT = "identity_conflict"  # audit kind of a refused instance (see stats.py)
 
 
 class StoreOutcome(enum.StrEnum):
@@ -99,38 +97,15 @@ class _Recorded:
     old_path: str | None  # the replaced file, to remove once the new row is committed
     study_id: int
     series_id: int
-    patient: tuple[str | None, str | None] | None = None  # the study's (Patient ID, issuer), if read
+    patient: Patient | None = None  # the study's (Patient ID, issuer), if read
 
 
-def patient_conflict(stored: tuple[str | None, str | None], incoming: IncomingInstance) -> str | None:
-    """Why ``incoming`` belongs to another patient than ``stored`` (Patient ID, issuer), or None.
-
-    A patient is Patient ID qualified by Issuer of Patient ID (PS3.3 C.7.1.1); what one side
-    does not state (an empty Patient ID, no issuer) is not a contradiction.
-    """
-    patient_id, issuer = stored
-    if patient_id and incoming.patient_id and patient_id != incoming.patient_id:
-        return "Patient ID differs from the study's"
-    if issuer and incoming.issuer_of_patient_id and issuer != incoming.issuer_of_patient_id:
-        return "Issuer of Patient ID differs from the study's"
-    return None
+def _patient(incoming: IncomingInstance) -> Patient:
+    return incoming.patient_id, incoming.issuer_of_patient_id
 
 
 class _Stale(Exception):
     """The fast path's cached assumption no longer holds; nothing was written."""
-
-
-def add_event(session: Session, entity: str, entity_id: str | int, kind: str, **detail: object) -> None:
-    """Append one audit row (in the caller's transaction)."""
-    session.add(
-        Event(
-            at=dt.datetime.now(dt.UTC),
-            entity=entity,
-            entity_id=str(entity_id),
-            kind=kind,
-            detail=json.dumps(detail, default=str, sort_keys=True) if detail else "",
-        )
-    )
 
 
 class Ingest:
@@ -194,19 +169,14 @@ class Ingest:
     def _record_conflict(
         self, exc: IdentityConflict, incoming: IncomingInstance, association: AssociationInfo
     ) -> None:
-        """The refusal's audit row (its own transaction: the store's was rolled back)."""
         try:
-            with transaction(self.sessions, "recording an identity conflict") as session:
-                add_event(
-                    session,
-                    "study",
-                    exc.study_id,
-                    IDENTITY_CONFLICT_EVENT,
-                    reason=str(exc),
-                    sop_instance_uid=incoming.sop_instance_uid,
-                    calling_ae=association.calling_ae,
-                    association_id=association.id,
-                )
+            record_conflict(
+                self.sessions,
+                exc,
+                sop_instance_uid=incoming.sop_instance_uid,
+                calling_ae=association.calling_ae,
+                association_id=association.id,
+            )
         except StorageError as err:
             log.warning("could not record the identity conflict of %s: %s", incoming.sop_instance_uid, err)
 
@@ -233,7 +203,7 @@ class Ingest:
             known is not None
             and association.id in self._known_associations
             and patient is not None
-            and patient_conflict(patient, incoming) is None  # else the full path refuses it
+            and patient_conflict(patient, _patient(incoming)) is None  # else the full path refuses it
         ):
             if self._record_fast(known, incoming, placement, size, sha256, association, received_at):
                 return StoreOutcome.STORED, None
@@ -372,7 +342,7 @@ class Ingest:
             session.flush()
             add_event(session, "study", study.id, "created", calling_ae=association.calling_ae)
         else:
-            conflict = patient_conflict((study.patient_id, study.issuer_of_patient_id), incoming)
+            conflict = patient_conflict((study.patient_id, study.issuer_of_patient_id), _patient(incoming))
             if conflict is not None:
                 raise IdentityConflict(
                     f"identity conflict: {conflict} {incoming.study_instance_uid} (never merged)",

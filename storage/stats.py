@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.db import translate_errors
-from storage.ingest import IDENTITY_CONFLICT_EVENT
+from storage.identity import IDENTITY_CONFLICT_EVENT
 from storage.models import (
     Delivery,
     DeliveryState,
