@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import datetime as dt
 from typing import Any
+from urllib.parse import quote
 
-from daemon.delivery.report import DISCLAIMER, ResultReport, stable_id, stable_uuid
+from daemon.delivery.report import DISCLAIMER, ResultReport, is_oid, stable_id, stable_uuid
 from vocabulary import Priority
 
 DICOM_UID = "urn:dicom:uid"
@@ -63,8 +64,11 @@ def _patient(r: ResultReport) -> dict[str, Any] | None:
     if not r.patient_id:
         return None
     identifier = {"value": r.patient_id}
-    if r.issuer_of_patient_id:
-        identifier["system"] = f"urn:pacs-triage:issuer:{r.issuer_of_patient_id}"
+    if r.issuer_of_patient_id:  # an OID as urn:oid:, any other issuer under our own namespace
+        issuer = r.issuer_of_patient_id
+        identifier["system"] = (
+            f"urn:oid:{issuer}" if is_oid(issuer) else f"urn:pacs-triage:issuer:{quote(issuer)}"
+        )
     family, _, rest = r.patient_name.split("=")[0].partition("^")
     given = " ".join(p for p in rest.split("^")[:2] if p)
     display = " ".join(p for p in (given, family) if p)

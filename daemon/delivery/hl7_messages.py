@@ -22,7 +22,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from daemon.delivery.report import DISCLAIMER, ResultReport
+from daemon.delivery.report import DISCLAIMER, ResultReport, is_oid
 from vocabulary import Priority
 
 VERSION = "2.5"
@@ -95,8 +95,9 @@ def _pid(r: ResultReport) -> list[str]:
     if not r.patient_id:
         return []
     ident = escape(r.patient_id)
-    if r.issuer_of_patient_id:
-        ident += f"^^^{escape(r.issuer_of_patient_id)}"
+    if r.issuer_of_patient_id:  # CX-4 assigning authority (HD): an OID as universal ID of type ISO
+        issuer = escape(r.issuer_of_patient_id)
+        ident += f"^^^&{issuer}&ISO" if is_oid(r.issuer_of_patient_id) else f"^^^{issuer}"
     alphabetic = r.patient_name.split("=")[0]  # PN: the alphabetic group (ideographic, phonetic follow)
     name = "^".join(escape(p) for p in alphabetic.split("^")).rstrip("^")
     sex = r.sex if r.sex in ("M", "F", "O") else ("U" if r.sex else "")

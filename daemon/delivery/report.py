@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,14 @@ class ResultReport:
     def order_number(self) -> str:
         """The order the result belongs to: the accession number, else the Study Instance UID."""
         return self.accession_number or self.study_instance_uid
+
+
+OID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")
+
+
+def is_oid(text: str) -> bool:
+    """Whether ``text`` is an ISO object identifier (DICOM Issuer of Patient ID is often one)."""
+    return bool(OID.match(text)) and len(text) <= 64
 
 
 def stable_id(report: ResultReport, content: str, length: int = 20) -> str:

@@ -191,5 +191,9 @@ def test_a_study_without_patient_id_or_accession_gives_valid_messages(tmp_path: 
     # the alphabetic group of a multi-group name, in both messages
     named = dataclasses.replace(report, patient_id="P1")
     oru = oru_r01(named, Header(), "CTRL")
-    assert validate_v25(oru) == "" and "\rPID|1||P1||Yamada^Tarou\r" in oru
-    assert _patient(named) == {"identifier": {"value": "P1"}, "display": "Tarou Yamada"}
+    issuer = report.issuer_of_patient_id  # an OID in the test CT: HD universal ID of type ISO
+    assert validate_v25(oru) == "" and f"\rPID|1||P1^^^&{issuer}&ISO||Yamada^Tarou\r" in oru
+    assert _patient(named) == {
+        "identifier": {"value": "P1", "system": f"urn:oid:{issuer}"},
+        "display": "Tarou Yamada",
+    }

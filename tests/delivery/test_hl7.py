@@ -65,7 +65,7 @@ def test_oru_and_order_updates_are_valid_v25_and_say_what_the_sr_says(tmp_path: 
     assert len({oru.control_id, omi.control_id, orm.control_id}) == 3
 
     (pid,) = oru.segments("PID")
-    assert pid[3].split("^")[0] == str(source.PatientID)
+    assert pid[3] == f"{source.PatientID}^^^&{source.IssuerOfPatientID}&ISO"  # an OID: HD of type ISO
     assert pid[5] == str(source.PatientName)
     (obr,) = oru.segments("OBR")
     accession = str(source.AccessionNumber) or str(source.StudyInstanceUID)

@@ -56,7 +56,7 @@ def write_result_sr(path: Path, *, priority: tuple[str, str] = ("103391001", "Ur
     source = pydicom.dcmread(SOURCE, stop_before_pixels=True)
     ds = Dataset()
     for keyword in (
-        "PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
+        "PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
         "StudyTime", "AccessionNumber", "StudyID", "ReferringPhysicianName",
     ):  # fmt: skip
         if keyword in source:
