@@ -7,6 +7,7 @@ count just sent (by calling AE), the job the study queued (jobs by state), and t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 from pathlib import Path
@@ -17,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.http import HEAD_CT, as_worker, queued_job, start_http_node, study_uid
 from tests.support.peers import storescu
+from tests.support.pki import Pki
 from tests.support.process import REPO, wait_until
 from tests.support.prometheus import promtool_binary, running_prometheus
 
@@ -349,6 +351,69 @@ def test_receiver_processes_are_summed(tmp_path: Path) -> None:
 
         values = wait_until(stored, timeout=30, what="3 stores counted across receiver processes")
         assert values["pacs_triage_associations_total"] >= 2.0
+    finally:
+        node.close()
+        node.service.stop(timeout=30)
+
+
+def test_refusals_rejections_and_tls_failures_are_counted(tmp_path: Path, pki: Pki) -> None:
+    """Each receiver-side failure moves its counter: a refused C-STORE (by status), a rejected
+    association (by reason), a failed TLS handshake (also logged with the peer's address)."""
+    import socket
+
+    from tests.support.dicom_bytes import associate, dataset_bytes, raw_c_store
+    from tests.support.peers import free_port
+
+    tls_port = free_port()
+    node = start_http_node(
+        tmp_path,
+        env={
+            "PACS_TRIAGE_TLS__ENABLED": "true",
+            "PACS_TRIAGE_TLS__PORT": str(tls_port),
+            "PACS_TRIAGE_TLS__CERTIFICATE": str(pki.server_cert),
+            "PACS_TRIAGE_TLS__PRIVATE_KEY": str(pki.server_key),
+            "PACS_TRIAGE_TLS__CA_CERTIFICATES": str(pki.ca),
+        },
+    )
+    try:
+        ct = "1.2.840.10008.5.1.4.1.1.2"
+        assoc = associate(node.service.port, [(ct, "1.2.840.10008.1.2.1")])
+        assert assoc.is_established
+        try:
+            data = dataset_bytes(HEAD_CT[0])
+            # The request names another instance than the data set: refused with A900.
+            response = raw_c_store(assoc, data, sop_class=ct, sop_instance="2.25.42")
+            assert response.status == 0xA900, response
+        finally:
+            assoc.release()
+        rejected = associate(node.service.port, called_ae="NOT_OUR_AE")
+        assert not rejected.is_established
+        with socket.create_connection(("127.0.0.1", tls_port), timeout=10) as raw:
+            raw.sendall(b"this is not a TLS ClientHello\r\n\r\n")
+            raw.settimeout(10)
+            with contextlib.suppress(ConnectionResetError):
+                raw.recv(1024)  # the server closes (or resets) once the handshake failed
+
+        def counts() -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
+            text = httpx.get(node.base_url + "/metrics", timeout=15.0).text
+            found = {
+                (s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text)
+                for s in family.samples
+            }
+            return found if found.get(("pacs_triage_tls_handshake_failures_total", ())) else None
+
+        found = wait_until(counts, timeout=30, what="the TLS failure counted")
+        assert found[("pacs_triage_tls_handshake_failures_total", ())] == 1.0
+        assert found[("pacs_triage_refusals_total", (("status", "0xA900"),))] == 1.0
+        reason = (("reason", "called_ae_not_recognised"),)
+        assert found[("pacs_triage_associations_rejected_total", reason)] == 1.0
+        assert found[("pacs_triage_associations_active", ())] == 0.0
+        wait_until(
+            lambda: "TLS handshake with 127.0.0.1 failed" in node.service.log_text(),
+            timeout=10,
+            what="the TLS failure logged with the peer's address",
+        )
     finally:
         node.close()
         node.service.stop(timeout=30)
