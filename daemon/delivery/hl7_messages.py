@@ -1,7 +1,8 @@
 """HL7 v2.5 messages about one result, as strings (pure: no network, no clock, no randomness).
 
 * :func:`oru_r01`: the result. MSH, PID (the study's patient identifiers), OBR (order number:
-  the accession number, else the Study Instance UID; LOINC 18748-4 "Diagnostic imaging study"),
+  the accession number, else the Study Instance UID; LOINC 18748-4 "Diagnostic imaging study";
+  OBR-25 ``P``, or ``C`` "correction" when the SR supersedes an earlier one of the same study),
   an NTE with the disclaimer, TQ1 with the priority (TQ1-9), then OBX: the Study Instance UID
   (DCM 113014), the priority (SCT 260870009, coded), one OBX per measurement of each finding (coded
   concept, value, UCUM unit; OBX-4 groups a finding's values) and the summary text.
@@ -164,8 +165,13 @@ def oru_r01(report: ResultReport, header: Header, control_id: str) -> str:
     segments = [
         _msh(header, "ORU^R01^ORU_R01", control_id, r.analysed_at),
         *_pid(r),
-        _obr(r, header, status="P", priority_tq=False),
+        _obr(r, header, status="C" if r.supersedes else "P", priority_tq=False),
         _segment("NTE", "1", "L", escape(DISCLAIMER)),
+        *(
+            [_segment("NTE", "2", "L", "Replaces the earlier result of this order: more images arrived.")]
+            if r.supersedes
+            else []
+        ),
         _tq1(r),
         *(_obx(i, *o, r.analysed_at) for i, o in enumerate(observations, start=1)),
     ]

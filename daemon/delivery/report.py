@@ -65,6 +65,7 @@ class ResultReport:
     priority: Priority
     measurements: tuple[Measurement, ...]
     summary: str
+    supersedes: tuple[str, ...] = ()  # SOP Instance UIDs of earlier reports this one replaces
 
     @property
     def order_number(self) -> str:
@@ -146,6 +147,12 @@ def report_of(ds: Dataset) -> ResultReport:
         priority=sr.priority if sr.priority is not None else Priority.ROUTINE,
         measurements=tuple(measurements),
         summary=sr.summary or _text_items(ds),
+        supersedes=tuple(
+            str(ref.ReferencedSOPInstanceUID)
+            for study in ds.get("PredecessorDocumentsSequence", [])
+            for series in study.get("ReferencedSeriesSequence", [])
+            for ref in series.get("ReferencedSOPSequence", [])
+        ),
     )
 
 

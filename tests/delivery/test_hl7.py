@@ -17,7 +17,7 @@ from daemon.config import DestinationConfig
 from daemon.delivery import registry
 from daemon.delivery.base import Outgoing, Permanent, Transient
 from daemon.delivery.hl7 import Ack, interpret
-from daemon.delivery.report import DISCLAIMER
+from daemon.delivery.report import DISCLAIMER, load_report
 from storage.models import DeliveryState
 from storage.stats import queue_summary
 from tests.support.delivery import make_multi_node
@@ -228,3 +228,32 @@ def test_error_codes_are_read_from_every_place_receivers_put_them(
     """ERR-3 (v2.5), ERR-1 component 4 and MSA-6 (older receivers), repeated or not: parsed by python-hl7."""
     ack = Ack.of(hl7.parse("MSH|^~\\&|RIS||PT||20261203||ACK^R01^ACK|A1|P|2.5\r" + segments))
     assert (ack.control_id, ack.errors) == ("CTRL", errors)
+
+
+def test_a_report_that_supersedes_an_earlier_one_is_a_correction(tmp_path: Path) -> None:
+    """Late instances give a new SR naming its predecessor: the ORU is a correction (OBR-25 C) of
+    the same order, with its own control ID."""
+    path, _ = tid1500_sr(tmp_path)
+    first = load_report(path)
+    ds = pydicom.dcmread(path)
+    ref = pydicom.Dataset()
+    ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    series = pydicom.Dataset()
+    series.SeriesInstanceUID, series.ReferencedSOPSequence = ds.SeriesInstanceUID, [ref]
+    study = pydicom.Dataset()
+    study.StudyInstanceUID, study.ReferencedSeriesSequence = ds.StudyInstanceUID, [series]
+    ds.PredecessorDocumentsSequence = [study]
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    later = tmp_path / "later.dcm"
+    ds.save_as(later)
+    peer = MllpPeer()
+    ris = registry.build(hl7_destination(peer), calling_ae="PACS_TRIAGE")
+    with peer.running():
+        for item in (path, later):
+            ris.send(Outgoing(delivery_id=1, sop_instance_uid="x", path=item, content="hl7_oru"))
+    original, correction = peer.messages()
+    assert (original.problems, correction.problems) == ("", "")
+    assert [m.segments("OBR")[0][25] for m in (original, correction)] == ["P", "C"]
+    assert original.segments("OBR")[0][3] == correction.segments("OBR")[0][3]  # the same order
+    assert original.control_id != correction.control_id
+    assert load_report(later).supersedes == (first.sr_sop_instance_uid,)
