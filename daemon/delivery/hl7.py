@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import ssl
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from daemon.config import Content, DestinationConfig
@@ -153,14 +154,14 @@ class Hl7Destination:
             raise Transient(f"{self}: {type(exc).__name__}: {exc or 'connection closed'}") from exc
 
 
+@dataclass(frozen=True)
 class Ack:
     """The values of an acknowledgement that decide the outcome."""
 
-    def __init__(self, code: str, control_id: str, text: str, errors: tuple[int, ...]) -> None:
-        self.code = code
-        self.control_id = control_id
-        self.text = text
-        self.errors = errors
+    code: str  # MSA-1: AA, AE, AR (original mode); CA, CE, CR (enhanced mode, commit level)
+    control_id: str  # MSA-2: the control ID of the message acknowledged
+    text: str  # MSA-3, for the operator
+    errors: tuple[int, ...]  # HL7 error codes (table 0357), in order, without repeats
 
     @classmethod
     def of(cls, message: Any) -> Ack:
