@@ -5,7 +5,8 @@ Document tree (one row per content item kind; template ids from PS3.16):
     CONTAINER (126000, DCM, "Imaging Measurement Report")             TID 1500
       language, observation context: device observer (TID 1002/1004)
       "Procedure reported": CID 100 code for the series' Modality
-      Image Library (TID 1600): one entry per source image
+      Image Library (TID 1600): one IMAGE entry per source image; modality and frame of reference
+                       once per group (entry descriptors are optional: pipeline.writers.image_library)
       Imaging Measurements
         per finding    TID 1411 Volumetric ROI group: tracking identifier and UID (TID 4108),
                        finding category / type / site, TID 4019 algorithm identification,
@@ -51,6 +52,7 @@ from pipeline.uids import (
     tracking_uid,
 )
 from pipeline.volume import InstanceRef, Volume
+from pipeline.writers.image_library import insert_image_library
 from pipeline.writers.output import OUTPUT_CHARACTER_SET, finalize_output, header_copies
 
 SR_SERIES_NUMBER = 9901
@@ -109,8 +111,8 @@ def write_sr(
         procedure_reported=codes.coded(codes.procedure_reported(volume.modality)),
         imaging_measurements=groups,
         title=codes.coded(codes.IMAGING_MEASUREMENT_REPORT),
-        referenced_images=headers,
     )
+    insert_image_library(report[0], headers)
     if findings.summary:
         report[0].ContentSequence.append(
             hd.sr.TextContentItem(
