@@ -93,7 +93,7 @@ class DeliveryState(enum.StrEnum):
 
     PENDING = "pending"  # waiting to be sent (or for its retry time)
     SENDING = "sending"  # claimed by a dispatcher under a lease
-    DELIVERED = "delivered"  # the destination answered success (or warning) to the C-STORE
+    DELIVERED = "delivered"  # the destination accepted it (C-STORE success/warning, HL7 AA, HTTP 2xx)
     DEAD = "dead"  # attempts exhausted, or cannot ever be sent; retryable by hand
     CANCELLED = "cancelled"  # its result was superseded before it was sent
 
@@ -230,7 +230,7 @@ class Delivery(Base):
     destination: Mapped[str] = mapped_column(String(64))  # destination name in the config
     # What is sent of the result: "sr", "seg", "hl7_oru", "hl7_priority", "fhir"... ("": the object as is)
     content: Mapped[str] = mapped_column(String(16), default="", server_default="")
-    peer: Mapped[str] = mapped_column(String(128))  # AET@HOST:PORT when queued (for operators)
+    peer: Mapped[str] = mapped_column(String(128))  # AET@HOST:PORT, mllp://HOST:PORT or URL (for operators)
     priority: Mapped[int] = mapped_column(Integer, default=0)  # vocabulary.Priority, higher first
     state: Mapped[DeliveryState] = mapped_column(String(16), default=DeliveryState.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -238,7 +238,8 @@ class Delivery(Base):
     run_after: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     lease_owner: Mapped[str | None] = mapped_column(String(128), default=None)
     lease_expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
-    last_status: Mapped[int | None] = mapped_column(Integer, default=None)  # last DIMSE status received
+    # the peer's last answer: DIMSE status, HL7 error code (ERR-3, 0 for AA) or HTTP status, by content
+    last_status: Mapped[int | None] = mapped_column(Integer, default=None)
     last_error: Mapped[str | None] = mapped_column(Text, default=None)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
