@@ -12,11 +12,14 @@ object that uses it identifies it in its Coding Scheme Identification Sequence (
 
 from __future__ import annotations
 
+import hashlib
+
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import CodedConcept
 from pydicom.sr.coding import Code
 
 from pipeline import findings
+from pipeline.labels import segment_codes
 
 # --- TID 1500 document ----------------------------------------------------------------------------
 IMAGING_MEASUREMENT_REPORT = Code("126000", "DCM", "Imaging Measurement Report")  # CID 7021
@@ -32,16 +35,20 @@ SUMMARY = Code("121111", "DCM", "Summary")  # PS3.16 Annex D; root TEXT item for
 
 # --- measurements (TID 1411 / TID 1419 / TID 300) ---------------------------------------------------
 VOLUME = Code("118565006", "SCT", "Volume")  # CID 7469
-VOLUME_METHOD = Code("126030", "DCM", "Sum of segmented voxel method for volume")  # CID 7474
+# CID 7474 "Volume Measurement Methods": the voxels of the segment x voxel volume (what the SEG shows).
+VOLUME_METHOD = Code("126030", "DCM", "Sum of segmented voxel method for volume")
 DIAMETER = Code("81827009", "SCT", "Diameter")  # CID 7469
 MAXIMUM = Code("56851009", "SCT", "Maximum")  # CID 7464, derivation: the largest diameter
 CENTER_OF_MASS = Code("128138", "DCM", "Center of Mass")  # CID 219, geometric purpose of a POINT
 PROBABILITY = Code("122157", "DCM", "Probability")  # PS3.16 Annex D
+# TID 1501 "Finding" (121071, DCM): the subject a group's probability is about.
+FINDING = Code("121071", "DCM", "Finding")
 UNIT_ML = Code("ml", "UCUM", "milliliter")
 UNIT_MM = Code("mm", "UCUM", "millimeter")
 UNIT_NONE = Code("1", "UCUM", "no units")  # a probability is dimensionless
 
-# --- triage priority (TID 1501 qualitative evaluation) -------------------------------------------
+# --- triage priority: a document-level qualitative evaluation (TID 1500 "Qualitative Evaluations") ---
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")  # TID 1500 container
 PRIORITY = Code("260870009", "SCT", "Priority")
 PRIORITY_VALUES: dict[findings.Priority, Code] = {
     findings.Priority.ROUTINE: Code("50811001", "SCT", "Routine"),
@@ -49,12 +56,21 @@ PRIORITY_VALUES: dict[findings.Priority, Code] = {
     findings.Priority.STAT: Code("49499008", "SCT", "Stat"),
 }
 
-# --- algorithm identification (TID 4019; SEG Segment Description, PS3.3 C.8.20.2) ---------------
+# --- algorithm identification ---------------------------------------------------------------------
+# SEG Segment Description (PS3.3 C.8.20.2) needs a family; TID 4019 in the SR carries none (highdicom
+# would read an Algorithm Family CODE item in a group back as a qualitative evaluation).
 ALGORITHM_FAMILY = Code("123110", "DCM", "Artificial Intelligence")  # CID 7162
+# IHE Radiology AI Results (AIR): Contributing Equipment Sequence item of the model that produced a
+# result (Purpose of Reference). IHE's interim code; no DICOM code exists yet.
+PROCESSING_ALGORITHM = Code("Newcode1", "99IHE", "Processing Algorithm")
 
 # --- local codes -----------------------------------------------------------------------------------
 PRIVATE_SCHEME = "99PTRIAGE"
 UNCODED_CATEGORY = Code("UNCODED", PRIVATE_SCHEME, "Finding without a coded category")
+# A second volume of a lesion: the sum of its probabilities (sub-voxel); no standard method code exists.
+VOLUME_METHOD_PROBABILITY_SUM = Code(
+    "PROBSUM", PRIVATE_SCHEME, "Sum of voxel probabilities method for volume"
+)
 
 _CODE_VALUE_MAX = 16  # CodeValue is SH (PS3.5 6.2)
 _CODE_MEANING_MAX = 64  # CodeMeaning is LO
@@ -73,6 +89,17 @@ def finding_type(finding: findings.Finding) -> CodedConcept:
         return coded(finding.type)
     value = f"LABEL-{finding.label}"[:_CODE_VALUE_MAX]
     return CodedConcept(value, PRIVATE_SCHEME, finding.name[:_CODE_MEANING_MAX] or value)
+
+
+def classification_subject(name: str) -> CodedConcept:
+    """What a class's probability is about: its label-map code ("lesion present" is a Lesion), else local."""
+    words = name.strip().split()
+    base = " ".join(words[:-1]) if len(words) > 1 and words[-1].lower() in ("present", "presence") else name
+    known = segment_codes(base)
+    if known is not None:
+        return coded(known.type)
+    value = "CLASS-" + hashlib.sha256(name.encode("utf-8")).hexdigest()[: _CODE_VALUE_MAX - 6]
+    return CodedConcept(value, PRIVATE_SCHEME, name[:_CODE_MEANING_MAX] or value)
 
 
 def finding_category(finding: findings.Finding) -> CodedConcept:

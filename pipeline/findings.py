@@ -1,6 +1,11 @@
 """Findings: what the models found, as value objects the SR/SEG writers consume.
 
 Only the value objects live here; computing them from a label volume is in ``measure.py``.
+
+A :class:`Finding` is one lesion: one connected component of one reported label, at least the
+pipeline's minimum size. Its position in :attr:`Findings.findings` (1-based) is its value in the
+lesion map that :func:`pipeline.measure.measure_lesions` returns and the SEG writer encodes, so the
+SR group, the SEG segment and the voxels stay one thing.
 """
 
 from __future__ import annotations
@@ -14,9 +19,9 @@ __all__ = ["AlgorithmInfo", "Classification", "Code", "Finding", "Findings", "Vo
 
 
 class VolumeMethod(enum.Enum):
-    """How a reported volume was estimated."""
+    """Which volume estimate the triage thresholds compare (the SR reports both, each coded)."""
 
-    VOXEL_COUNT = "voxel count"  # labelled voxels x voxel volume
+    VOXEL_COUNT = "voxel count"  # segmented voxels x voxel volume: what the SEG shows
     PROBABILITY_SUM = "probability sum"  # sum of the label's probabilities x voxel volume (sub-voxel)
 
 
@@ -34,38 +39,6 @@ class Code:
 
 
 @dataclass(frozen=True)
-class Finding:
-    """One segmented label (all its connected components together)."""
-
-    label: int  # channel index in the bundle's output
-    name: str  # the bundle's label name, e.g. "spleen" or "lesion"
-    volume_ml: float
-    n_components: int
-    largest_diameter_mm: float
-    centroid_lps: tuple[float, float, float]  # mm, DICOM patient coordinates
-    category: Code | None = None  # SNOMED segmented property category
-    type: Code | None = None  # SNOMED segmented property type
-    finding_site: Code | None = None  # SNOMED anatomic site, where the labels give one
-    volume_method: VolumeMethod = VolumeMethod.VOXEL_COUNT  # how volume_ml was estimated
-
-    def __post_init__(self) -> None:
-        if self.volume_ml < 0 or self.n_components < 0 or self.largest_diameter_mm < 0:
-            raise ValueError(f"Finding {self.name!r}: volumes, counts and diameters are non-negative")
-
-
-@dataclass(frozen=True)
-class Classification:
-    """A classification output: the probability that ``name`` is present."""
-
-    name: str
-    probability: float
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.probability <= 1.0:
-            raise ValueError(f"Classification {self.name!r}: probability {self.probability} not in [0, 1]")
-
-
-@dataclass(frozen=True)
 class AlgorithmInfo:
     """Identifies the algorithm (TID 4019): bundle name, version and the sha256 it was pinned by."""
 
@@ -75,12 +48,72 @@ class AlgorithmInfo:
     pipeline: str  # the pipeline name from the routing config
 
 
+@dataclass(frozen=True, kw_only=True)
+class Finding:
+    """One lesion: a connected component of one segmented label (``lesion`` numbers them per label)."""
+
+    label: int  # channel index in the bundle's output
+    name: str  # the bundle's label name, e.g. "spleen" or "lesion"
+    lesion: int = 1  # 1-based, per label, largest first
+    volume_ml: float  # segmented voxels x voxel volume: the volume of the voxels the SEG shows
+    largest_diameter_mm: float  # maximum Feret diameter, between voxel centres
+    centroid_lps: tuple[float, float, float]  # mm, DICOM patient coordinates
+    voxel_count: int = 0
+    probability_volume_ml: float | None = None  # sum of probabilities x voxel volume, when known
+    category: Code | None = None  # SNOMED segmented property category
+    type: Code | None = None  # SNOMED segmented property type
+    finding_site: Code | None = None  # SNOMED anatomic site, where the labels give one
+
+    def __post_init__(self) -> None:
+        if self.volume_ml < 0 or self.largest_diameter_mm < 0 or self.voxel_count < 0:
+            raise ValueError(f"Finding {self.name!r}: volumes, counts and diameters are non-negative")
+        if self.lesion < 1:
+            raise ValueError(f"Finding {self.name!r}: lesion numbers start at 1, got {self.lesion}")
+
+    @property
+    def tracking_identifier(self) -> str:
+        """How people and the SR/SEG name this lesion, e.g. ``"lesion 2"`` (TID 4108)."""
+        return f"{self.name} {self.lesion}"
+
+    def volume(self, method: VolumeMethod) -> float:
+        """The volume in mL by ``method`` (the voxel count when no probability sum is known)."""
+        if method is VolumeMethod.PROBABILITY_SUM and self.probability_volume_ml is not None:
+            return self.probability_volume_ml
+        return self.volume_ml
+
+
+@dataclass(frozen=True)
+class Classification:
+    """A classification output: the probability that ``name`` is present, and the model that said so."""
+
+    name: str
+    probability: float
+    algorithm: AlgorithmInfo | None = None  # None: the findings' (segmentation) algorithm
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.probability <= 1.0:
+            raise ValueError(f"Classification {self.name!r}: probability {self.probability} not in [0, 1]")
+
+
 @dataclass(frozen=True)
 class Findings:
     """Everything the pipeline concluded about one study."""
 
-    algorithm: AlgorithmInfo
+    algorithm: AlgorithmInfo  # the segmentation model (TID 4019 of every lesion group)
     findings: tuple[Finding, ...] = field(default_factory=tuple)
     classifications: tuple[Classification, ...] = field(default_factory=tuple)
     priority: Priority = Priority.ROUTINE
     summary: str = ""  # one plain-text line for viewers that only show text
+
+    def algorithm_of(self, classification: Classification) -> AlgorithmInfo:
+        """The model that produced ``classification``."""
+        return classification.algorithm or self.algorithm
+
+    @property
+    def algorithms(self) -> tuple[AlgorithmInfo, ...]:
+        """Every model behind these findings, each once, segmentation first."""
+        seen = [self.algorithm]
+        for c in self.classifications:
+            if self.algorithm_of(c) not in seen:
+                seen.append(self.algorithm_of(c))
+        return tuple(seen)

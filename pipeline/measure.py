@@ -1,16 +1,16 @@
-"""Measurements and triage from a label volume: volumes, components, diameters, centroids, priority.
+"""Measurements and triage from a label volume: one finding per lesion, its volume, diameter, centroid.
 
 Conventions: label and probability arrays are on the source grid of the :class:`~pipeline.volume.Volume`,
 indexed ``[i, j, k]`` (probabilities ``[C, i, j, k]``); positions are reported in **LPS** patient
 coordinates (mm) through ``volume.affine``. Label 0 is background and is never measured.
 
-- Volume: ``voxel count x voxel volume`` always; when probabilities are given, also the sum of the
-  label's probabilities x voxel volume (a sub-voxel estimate), and that one is reported
-  (:attr:`LabelMeasurement.volume_method` says which).
-- Components: 26-connected (:func:`pipeline.morphology.connected_components`).
-- Largest diameter: the maximum Feret diameter of the largest component, between voxel centres,
-  in mm (so a one-voxel component measures 0 mm; :func:`pipeline.morphology.max_feret_diameter_mm`).
-- Centroid: the mean voxel position of all the label's voxels, mapped to LPS.
+- Lesion: a 26-connected component (:func:`pipeline.morphology.connected_components`) of a
+  reported label, at least the pipeline's minimum size; each is its own finding.
+- Volume: ``voxel count x voxel volume`` (exactly the voxels the SEG shows); when probabilities
+  are given, also the sum of the probabilities over the lesion grown by one voxel (sub-voxel).
+- Largest diameter: the maximum Feret diameter between voxel centres, in mm (so a one-voxel lesion
+  measures 0 mm; :func:`pipeline.morphology.max_feret_diameter_mm`).
+- Centroid: the mean voxel position of the lesion, mapped to LPS.
 """
 
 from __future__ import annotations
@@ -32,56 +32,14 @@ if TYPE_CHECKING:
     from pipeline.bundle_runtime import Prediction
 
 __all__ = [
-    "LabelMeasurement",
+    "Measured",
     "PriorityThresholds",
     "classifications",
     "findings_from_prediction",
-    "measure_labels",
+    "measure_lesions",
     "summary_line",
     "triage",
 ]
-
-
-@dataclass(frozen=True)
-class LabelMeasurement:
-    """The measurements of one label (all its connected components together)."""
-
-    label: int
-    name: str
-    voxel_count: int
-    voxel_count_volume_ml: float
-    probability_volume_ml: float | None  # None when no probabilities were given
-    volume_method: VolumeMethod  # which of the two estimates volume_ml reports
-    n_components: int
-    largest_diameter_mm: float  # max Feret diameter of the largest component
-    centroid_lps: tuple[float, float, float]
-
-    def __post_init__(self) -> None:
-        if self.volume_method is VolumeMethod.PROBABILITY_SUM and self.probability_volume_ml is None:
-            raise ValueError(f"label {self.name!r}: a probability-sum volume needs probabilities")
-
-    @property
-    def volume_ml(self) -> float:
-        """The reported volume in mL, estimated by :attr:`volume_method`."""
-        if self.volume_method is VolumeMethod.PROBABILITY_SUM and self.probability_volume_ml is not None:
-            return self.probability_volume_ml
-        return self.voxel_count_volume_ml
-
-    def to_finding(self) -> Finding:
-        """The :class:`Finding` with its SNOMED codes from :mod:`pipeline.labels`, where known."""
-        codes = segment_codes(self.name)
-        return Finding(
-            label=self.label,
-            name=self.name,
-            volume_ml=self.volume_ml,
-            n_components=self.n_components,
-            largest_diameter_mm=self.largest_diameter_mm,
-            centroid_lps=self.centroid_lps,
-            category=codes.category if codes else None,
-            type=codes.type if codes else None,
-            finding_site=codes.finding_site if codes else None,
-            volume_method=self.volume_method,
-        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -133,68 +91,112 @@ def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
     return tuple(box)
 
 
-def measure_labels(
+def _grown(mask: np.ndarray) -> np.ndarray:
+    """``mask`` dilated by one voxel (6-neighbourhood), without wrapping at the edges."""
+    out = mask.copy()
+    for axis in range(3):
+        lo, hi = [slice(None)] * 3, [slice(None)] * 3
+        lo[axis], hi[axis] = slice(None, -1), slice(1, None)
+        out[tuple(lo)] |= mask[tuple(hi)]
+        out[tuple(hi)] |= mask[tuple(lo)]
+    return out
+
+
+def _padded_box(box: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[slice, ...]:
+    return tuple(slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip(box, shape, strict=True))
+
+
+def measure_lesions(
     labels: np.ndarray,
     volume: Volume,
     label_names: Sequence[str],
     *,
     probabilities: np.ndarray | None = None,
-    volume_method: VolumeMethod | None = None,
-) -> tuple[LabelMeasurement, ...]:
-    """Measure every non-background label present in ``labels`` ([i, j, k], source grid of ``volume``).
+    min_volume_ml: float = 0.0,
+    reported: frozenset[str] = frozenset(),
+) -> tuple[tuple[Finding, ...], np.ndarray]:
+    """One :class:`Finding` per lesion, and the lesion map (int32, finding ``n`` is the value ``n``).
 
-    ``probabilities`` ([C, i, j, k], C = ``len(label_names)``), when given, adds the probability-sum
-    volume. ``volume_method`` picks the reported estimate; by default the probability sum when
-    probabilities are given, else the voxel count. Labels with no voxel are left out.
+    A lesion is a 26-connected component of one reported label ([i, j, k], source grid of
+    ``volume``) of at least ``min_volume_ml``; ``reported`` names the labels that are findings
+    (empty: every non-background one). Per label, lesions are numbered largest first.
+    ``probabilities`` ([C, i, j, k], C = ``len(label_names)``), when given, adds each lesion's
+    probability-sum volume over its voxels grown by one (partial volume at its border).
     """
-    if volume_method is None:
-        volume_method = VolumeMethod.VOXEL_COUNT if probabilities is None else VolumeMethod.PROBABILITY_SUM
     if labels.shape != volume.array.shape:
         raise ValueError(f"label volume shape {labels.shape} differs from the volume's {volume.array.shape}")
     if probabilities is not None and probabilities.shape != (len(label_names), *labels.shape):
         raise ValueError(
             f"probabilities shape {probabilities.shape}, expected {(len(label_names), *labels.shape)}"
         )
+    if not (math.isfinite(min_volume_ml) and min_volume_ml >= 0):
+        raise ValueError(f"min_volume_ml must be a finite number >= 0, got {min_volume_ml!r}")
     counts = np.bincount(labels.ravel().astype(np.int64), minlength=len(label_names))
     if len(counts) > len(label_names):
         raise ValueError(f"label value {len(counts) - 1} has no name; names are {list(label_names)}")
     voxel_ml = volume.voxel_volume_ml
-    out = []
+    lesion_map = np.zeros(labels.shape, dtype=np.int32)
+    found: list[Finding] = []
     for label in (int(x) + 1 for x in np.flatnonzero(counts[1:])):
+        name = label_names[label]
+        if not (name in reported if reported else not is_background(name)):
+            continue
+        codes = segment_codes(name)
         mask = labels == label
         box = _bounding_box(mask)
         components, n = connected_components(mask[box])
-        sizes = np.bincount(components.ravel())[1:]
-        largest = components == int(np.argmax(sizes)) + 1
+        sizes = np.bincount(components.ravel(), minlength=n + 1)[1:]
+        order = sorted(range(1, n + 1), key=lambda c: (-int(sizes[c - 1]), c))  # largest first, then raster
         offset = np.array([s.start for s in box], dtype=np.float64)
-        centroid = volume.index_to_patient(np.argwhere(mask[box]).mean(axis=0) + offset)[0]
-        prob_ml = None
-        if probabilities is not None:
-            prob_ml = float(probabilities[label].sum(dtype=np.float64)) * voxel_ml
-        out.append(
-            LabelMeasurement(
-                label=label,
-                name=label_names[label],
-                voxel_count=int(counts[label]),
-                voxel_count_volume_ml=int(counts[label]) * voxel_ml,
-                probability_volume_ml=prob_ml,
-                volume_method=volume_method,
-                n_components=n,
-                largest_diameter_mm=max_feret_diameter_mm(largest, volume.affine),
-                centroid_lps=(float(centroid[0]), float(centroid[1]), float(centroid[2])),
+        for c in order:
+            voxel_count = int(sizes[c - 1])
+            if voxel_count * voxel_ml < min_volume_ml:
+                continue
+            component = components == c
+            lesion_map[box][component] = len(found) + 1
+            centroid = volume.index_to_patient(np.argwhere(component).mean(axis=0) + offset)[0]
+            prob_ml = None
+            if probabilities is not None:
+                outer = _padded_box(tuple(slice(s.start, s.stop) for s in box), labels.shape)
+                local = np.zeros(labels[outer].shape, dtype=bool)
+                inner = tuple(
+                    slice(b.start - o.start, b.stop - o.start) for b, o in zip(box, outer, strict=True)
+                )
+                local[inner] = component
+                region = _grown(local) & ((labels[outer] == 0) | local)  # not another lesion's voxels
+                prob_ml = float(probabilities[label][outer][region].sum(dtype=np.float64)) * voxel_ml
+            found.append(
+                Finding(
+                    label=label,
+                    name=name,
+                    lesion=sum(1 for f in found if f.label == label) + 1,
+                    volume_ml=voxel_count * voxel_ml,
+                    largest_diameter_mm=max_feret_diameter_mm(component, volume.affine),
+                    centroid_lps=(float(centroid[0]), float(centroid[1]), float(centroid[2])),
+                    voxel_count=voxel_count,
+                    probability_volume_ml=prob_ml,
+                    category=codes.category if codes else None,
+                    type=codes.type if codes else None,
+                    finding_site=codes.finding_site if codes else None,
+                )
             )
-        )
-    return tuple(out)
+    return tuple(found), lesion_map
 
 
-def classifications(label_names: Sequence[str], probabilities: Sequence[float]) -> tuple[Classification, ...]:
-    """One :class:`Classification` per non-background class of a classification bundle."""
+def classifications(
+    label_names: Sequence[str],
+    probabilities: Sequence[float],
+    *,
+    algorithm: AlgorithmInfo | None = None,
+    reported: frozenset[str] = frozenset(),
+) -> tuple[Classification, ...]:
+    """One :class:`Classification` per reported class (``reported`` empty: every non-background one)."""
     if len(label_names) != len(probabilities):
         raise ValueError(f"{len(probabilities)} probabilities for {len(label_names)} class names")
     return tuple(
-        Classification(name=name, probability=float(p))
+        Classification(name=name, probability=float(p), algorithm=algorithm)
         for name, p in zip(label_names, probabilities, strict=True)
-        if not is_background(name)
+        if (name in reported if reported else not is_background(name))
     )
 
 
@@ -205,14 +207,22 @@ def triage(
     findings: Sequence[Finding],
     classes: Sequence[Classification],
     thresholds: PriorityThresholds,
+    volume_method: VolumeMethod = VolumeMethod.VOXEL_COUNT,
 ) -> tuple[Priority, str]:
-    """The study's priority and the rule that set it (empty for ROUTINE)."""
+    """The study's priority and the rule that set it (empty for ROUTINE).
+
+    Volumes are compared per label, all its lesions together (the lesion burden), estimated by
+    ``volume_method``.
+    """
+    burden: dict[str, float] = {}
+    for f in findings:
+        burden[f.name] = burden.get(f.name, 0.0) + f.volume(volume_method)
     for priority, level in ((Priority.STAT, "critical"), (Priority.URGENT, "urgent")):
         volume_limit = getattr(thresholds, f"{level}_volume_ml")
         prob_limit = getattr(thresholds, f"{level}_probability")
-        for f in findings:
-            if volume_limit is not None and thresholds.counts(f.name) and f.volume_ml >= volume_limit:
-                return priority, f"{f.name} {f.volume_ml:.1f} mL >= {level} threshold {volume_limit:g} mL"
+        for name, ml in burden.items():
+            if volume_limit is not None and thresholds.counts(name) and ml >= volume_limit:
+                return priority, f"{name} {ml:.3g} mL >= {level} threshold {volume_limit:g} mL"
         for c in classes:
             if prob_limit is not None and thresholds.counts(c.name) and c.probability >= prob_limit:
                 return priority, f"P({c.name}) {c.probability:.2f} >= {level} threshold {prob_limit:g}"
@@ -227,8 +237,7 @@ def summary_line(
 ) -> str:
     """One plain-text line for viewers that show only text."""
     parts = [
-        f"{f.name} {f.volume_ml:.1f} mL, {f.n_components} component{'s' if f.n_components != 1 else ''}, "
-        f"largest diameter {f.largest_diameter_mm:.1f} mm"
+        f"{f.tracking_identifier} {f.volume_ml:.3g} mL, largest diameter {f.largest_diameter_mm:.3g} mm"
         for f in findings
     ]
     parts += [f"P({c.name}) {c.probability:.2f}" for c in classes]
@@ -236,35 +245,54 @@ def summary_line(
     return f"{head}: {'; '.join(parts) if parts else 'nothing segmented'}"
 
 
+@dataclass(frozen=True, kw_only=True)
+class Measured:
+    """Findings and the lesion map they were measured on (value ``n``: ``findings.findings[n - 1]``)."""
+
+    findings: Findings
+    lesion_map: np.ndarray | None  # None when the prediction has no label volume
+
+
 def findings_from_prediction(
     prediction: Prediction,
     volume: Volume,
     thresholds: PriorityThresholds,
-    algorithm: AlgorithmInfo | None = None,
+    *,
+    min_volume_ml: float = 0.0,
+    reported: frozenset[str] = frozenset(),
     volume_method: VolumeMethod | None = None,
-) -> Findings:
+) -> Measured:
     """Measure a bundle's :class:`~pipeline.bundle_runtime.Prediction` and triage the study.
 
-    ``volume_method`` as in :func:`measure_labels`.
+    ``min_volume_ml`` and ``reported`` as in :func:`measure_lesions`; ``volume_method`` is the
+    estimate the thresholds compare (default: the voxel count, what the SEG shows).
     """
     found: tuple[Finding, ...] = ()
+    lesion_map = None
     if prediction.labels is not None:
-        measured = measure_labels(
+        found, lesion_map = measure_lesions(
             prediction.labels,
             volume,
             prediction.label_names,
             probabilities=prediction.probabilities,
-            volume_method=volume_method,
+            min_volume_ml=min_volume_ml,
+            reported=reported,
         )
-        found = tuple(m.to_finding() for m in measured)
     classes: tuple[Classification, ...] = ()
     if prediction.class_probabilities is not None:
-        classes = classifications(prediction.label_names, prediction.class_probabilities)
-    priority, reason = triage(found, classes, thresholds)
-    return Findings(
-        algorithm=algorithm or prediction.algorithm,
+        classes = classifications(
+            prediction.label_names,
+            prediction.class_probabilities,
+            algorithm=prediction.algorithm,
+            reported=reported,
+        )
+    method = volume_method or VolumeMethod.VOXEL_COUNT
+    priority, reason = triage(found, classes, thresholds, method)
+    findings = Findings(
+        algorithm=prediction.algorithm,
         findings=found,
         classifications=classes,
         priority=priority,
         summary=summary_line(priority, reason, found, classes),
     )
+    return Measured(findings=findings, lesion_map=lesion_map)

@@ -8,7 +8,8 @@ qualifying series is tried, in the same deterministic order select_series uses, 
 left NoUsableSeries names every series and why it was not used. The bundles are the pinned ones of
 the spec, loaded once per process (``load_bundle``'s cache). The SR (and the SEG when the spec asks
 for one and something was segmented) carry UIDs derived from the input fingerprint and the spec's
-identity (:meth:`~pipeline.spec.PipelineSpec.result_fingerprint`), never from the clock.
+identity (:meth:`~pipeline.spec.PipelineSpec.result_fingerprint`), never from the clock; the
+analysis time the caller passes in is their Content Date/Time.
 
 Errors: :class:`~pipeline.errors.PermanentError` subclasses for input that will never work
 (NoUsableSeries, GeometryError, BundleError, a result that cannot be encoded from these sources);
@@ -30,16 +31,18 @@ from types import MappingProxyType
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.valuerep import DA, TM
+from pydicom.uid import KeyObjectSelectionDocumentStorage, SecondaryCaptureImageStorage, SegmentationStorage
 
 from pipeline.bundle_runtime import BundleKind, BundleRuntime, Prediction, load_bundle
 from pipeline.errors import BundleError, GeometryError, NoUsableSeries, PermanentError, TransientError
-from pipeline.findings import Findings
+from pipeline.findings import Findings, VolumeMethod
 from pipeline.geometry import load_volume
-from pipeline.measure import classifications, findings_from_prediction, summary_line, triage
+from pipeline.measure import Measured, classifications, findings_from_prediction, summary_line, triage
 from pipeline.series_select import SelectedSeries, select_series
 from pipeline.spec import BundleSpec, PipelineSpec
 from pipeline.volume import Volume
+from pipeline.writers.key_images import write_key_images
+from pipeline.writers.kos import write_kos
 from pipeline.writers.seg import write_seg
 from pipeline.writers.sr import write_sr
 
@@ -48,16 +51,13 @@ __all__ = ["STAGES", "PipelineResult", "run"]
 #: Keys of :attr:`PipelineResult.timings`, in pipeline order.
 STAGES: tuple[str, ...] = ("select", "load", "headers", "bundles", "inference", "measure", "write")
 
-# Stand-in for Content Date/Time when neither the caller nor the source gives one (see ``run``).
-_NO_DATE = datetime.datetime(1970, 1, 1)
-
 
 @dataclass(frozen=True, kw_only=True, eq=False)
 class PipelineResult:
-    """What one run produced: findings, result datasets (SR first, then SEG), and how it went."""
+    """What one run produced: findings, result datasets (SR first, then SEG, key images, KOS), and how it went."""
 
     findings: Findings
-    datasets: tuple[Dataset, ...]  # (SR,) or (SR, SEG)
+    datasets: tuple[Dataset, ...]  # SR, then the SEG, the key images and their KOS when made
     study_instance_uid: str
     series_instance_uid: str  # the series the findings are about
     selection_reason: str  # why that series (select_series' reason, plus any fallback)
@@ -78,7 +78,17 @@ class PipelineResult:
     @property
     def seg(self) -> Dataset | None:
         """The DICOM SEG, when one was written."""
-        return self.datasets[1] if len(self.datasets) > 1 else None
+        return next((ds for ds in self.datasets if ds.SOPClassUID == SegmentationStorage), None)
+
+    @property
+    def key_images(self) -> tuple[Dataset, ...]:
+        """The key images (secondary captures), one per lesion, in findings order."""
+        return tuple(ds for ds in self.datasets if ds.SOPClassUID == SecondaryCaptureImageStorage)
+
+    @property
+    def kos(self) -> Dataset | None:
+        """The Key Object Selection document that references the key images and the SR."""
+        return next((ds for ds in self.datasets if ds.SOPClassUID == KeyObjectSelectionDocumentStorage), None)
 
 
 class _Timer:
@@ -219,63 +229,63 @@ def _predict(runtime: BundleRuntime, volume: Volume, spec: PipelineSpec, expecte
 
 def _findings(
     segmentation: Prediction, classification: Prediction | None, volume: Volume, spec: PipelineSpec
-) -> Findings:
-    """Measure the segmentation, add the classification, and triage on both."""
+) -> Measured:
+    """Measure the segmentation (one finding per lesion), add the classification, and triage on both."""
     measured = findings_from_prediction(
-        segmentation, volume, spec.thresholds, volume_method=spec.volume_method
+        segmentation,
+        volume,
+        spec.thresholds,
+        min_volume_ml=spec.min_lesion_ml,
+        reported=spec.reported,
+        volume_method=spec.volume_method,
     )
     if classification is None or classification.class_probabilities is None:
         return measured
-    classes = classifications(classification.label_names, classification.class_probabilities)
-    priority, reason = triage(measured.findings, classes, spec.thresholds)
-    return Findings(
-        algorithm=measured.algorithm,
-        findings=measured.findings,
-        classifications=classes,
-        priority=priority,
-        summary=summary_line(priority, reason, measured.findings, classes),
+    found = measured.findings.findings
+    classes = classifications(
+        classification.label_names,
+        classification.class_probabilities,
+        algorithm=classification.algorithm,  # each group names the model that produced it
+        reported=spec.reported,
+    )
+    method = spec.volume_method or VolumeMethod.VOXEL_COUNT
+    priority, reason = triage(found, classes, spec.thresholds, method)
+    return Measured(
+        findings=Findings(
+            algorithm=measured.findings.algorithm,
+            findings=found,
+            classifications=classes,
+            priority=priority,
+            summary=summary_line(priority, reason, found, classes),
+        ),
+        lesion_map=measured.lesion_map,
     )
 
 
 # --- outputs -------------------------------------------------------------------------------------
 
 
-def _source_datetime(header: Dataset) -> datetime.datetime:
-    """StudyDate/StudyTime of the source, the deterministic stand-in for the report's creation time."""
-    try:
-        date = DA(str(header.get("StudyDate", "") or ""))
-    except ValueError:
-        date = None
-    if date is None:
-        return _NO_DATE
-    try:
-        clock = TM(str(header.get("StudyTime", "") or ""))
-    except ValueError:
-        clock = None
-    return datetime.datetime.combine(date, clock or datetime.time())
-
-
 def _write(
     spec: PipelineSpec,
-    findings: Findings,
-    segmentation: Prediction,
+    measured: Measured,
     volume: Volume,
     headers: tuple[list[Dataset], list[Dataset]],
     fingerprint: str,
     content_datetime: datetime.datetime,
 ) -> tuple[tuple[Dataset, ...], tuple[str, ...]]:
     per_slice, distinct = headers
+    findings = measured.findings
     notes: list[str] = []
     seg: Dataset | None = None
     try:
-        if spec.make_seg and segmentation.labels is not None:
+        if spec.make_seg and measured.lesion_map is not None:
             if not findings.findings:
                 notes.append("no SEG: nothing was segmented")
             elif any(ref.frame_number is not None for ref in volume.source_instances):
                 notes.append("no SEG: the source is multi-frame, which write_seg does not support")
             else:
                 seg = write_seg(
-                    segmentation.labels,
+                    measured.lesion_map,
                     volume,
                     per_slice,
                     findings,
@@ -294,7 +304,44 @@ def _write(
         raise PermanentError(
             f"pipeline {spec.name!r}: no valid SR/SEG can be written for series {volume.series_instance_uid}: {exc}"
         ) from exc
-    return ((sr,) if seg is None else (sr, seg)), tuple(notes)
+    try:
+        shown = _key_objects(measured, volume, per_slice, sr, fingerprint, content_datetime, notes)
+    except ValueError as exc:  # the writers check that the sources can carry a valid object
+        raise PermanentError(
+            f"pipeline {spec.name!r}: no valid key images or KOS can be written for series "
+            f"{volume.series_instance_uid}: {exc}"
+        ) from exc
+    return ((sr,) if seg is None else (sr, seg)) + shown, tuple(notes)
+
+
+def _key_objects(
+    measured: Measured,
+    volume: Volume,
+    per_slice: list[Dataset],
+    sr: Dataset,
+    fingerprint: str,
+    content_datetime: datetime.datetime,
+    notes: list[str],
+) -> tuple[Dataset, ...]:
+    """One key image per lesion (its largest cross-section, outlined) and the KOS over them and the SR."""
+    if measured.lesion_map is None or not measured.findings.findings:
+        notes.append("no key images: nothing was segmented")
+        return ()
+    key_images = write_key_images(
+        measured.lesion_map,
+        volume,
+        per_slice,
+        measured.findings,
+        input_fingerprint=fingerprint,
+        content_datetime=content_datetime,
+    )
+    if not key_images:
+        notes.append("no key images: no lesion has a voxel in the lesion map")
+        return ()
+    kos = write_kos(
+        key_images, sr, measured.findings, input_fingerprint=fingerprint, content_datetime=content_datetime
+    )
+    return (*key_images, kos)
 
 
 # --- the pipeline --------------------------------------------------------------------------------
@@ -305,15 +352,14 @@ def run(
     spec: PipelineSpec,
     *,
     input_fingerprint: str,
-    content_datetime: datetime.datetime | None = None,
+    analysis_started: datetime.datetime,
 ) -> PipelineResult:
     """Run ``spec`` on the files of one study; return the findings and the SR (and SEG) to send back.
 
     ``input_fingerprint`` identifies the input (the study's instances as received); together with the
-    spec's identity it fixes every result UID. ``content_datetime`` (the caller owns the clock) is
-    written as the results' Content/Instance Creation Date and Time; when ``None`` the selected
-    series' StudyDate/StudyTime stand in (1970-01-01 when absent), so the output stays a pure function
-    of its inputs. Raises PermanentError subclasses for unusable input, TransientError for resources.
+    spec's identity it fixes every result UID. ``analysis_started`` (the caller owns the clock: when
+    the analysis began) is written as the results' Content and Instance Creation Date/Time (IHE AIR);
+    it never enters a UID, so a re-run is still a duplicate. Raises PermanentError subclasses for unusable input, TransientError for resources.
     """
     if not input_fingerprint:
         raise ValueError("run needs a non-empty input_fingerprint")
@@ -332,10 +378,9 @@ def run(
             None if cls_runtime is None else _predict(cls_runtime, volume, spec, BundleKind.CLASSIFICATION)
         )
     with timer.stage("measure"), _resources(f"measuring series {volume.series_instance_uid}"):
-        findings = _findings(segmentation, classification, volume, spec)
+        measured = _findings(segmentation, classification, volume, spec)
     with timer.stage("write"), _resources(f"writing the results of series {volume.series_instance_uid}"):
-        when = content_datetime if content_datetime is not None else _source_datetime(headers[1][0])
-        datasets, notes = _write(spec, findings, segmentation, volume, headers, fingerprint, when)
+        datasets, notes = _write(spec, measured, volume, headers, fingerprint, analysis_started)
 
     reason = selected.reason
     if refused:
@@ -343,7 +388,7 @@ def run(
             f"series {s.series_instance_uid} ({e})" for s, e in refused
         )
     return PipelineResult(
-        findings=findings,
+        findings=measured.findings,
         datasets=datasets,
         study_instance_uid=volume.study_instance_uid,
         series_instance_uid=volume.series_instance_uid,

@@ -96,13 +96,22 @@ class PipelineSpec:
     classification: BundleSpec | None = None
     thresholds: PriorityThresholds = field(default_factory=PriorityThresholds)
     make_seg: bool = True
-    volume_method: VolumeMethod | None = None  # None: probability sum when the bundle gives probabilities
+    volume_method: VolumeMethod | None = None  # the volume triage compares; None: the voxel count
+    # The labels and classes that are findings (empty: every non-background one); others are not reported.
+    reported: frozenset[str] = frozenset()
+    min_lesion_ml: float = 0.0  # smaller connected components are not lesions (not reported, not in the SEG)
 
     def __post_init__(self) -> None:
         if not self.name.strip():
             raise ValueError("PipelineSpec.name must be a non-empty string")
         if not self.version.strip():
             raise ValueError(f"PipelineSpec.version of pipeline {self.name!r} must be a non-empty string")
+        object.__setattr__(self, "reported", frozenset(self.reported))
+        if not (math.isfinite(self.min_lesion_ml) and self.min_lesion_ml >= 0):
+            raise ValueError(
+                f"PipelineSpec.min_lesion_ml of pipeline {self.name!r} must be a finite number >= 0, "
+                f"got {self.min_lesion_ml!r}"
+            )
 
     def identity(self) -> str:
         """Hex sha256 of everything in the spec that can change a result (not device or AMP)."""
@@ -128,6 +137,8 @@ class PipelineSpec:
             },
             "make_seg": self.make_seg,
             "volume_method": None if self.volume_method is None else self.volume_method.value,
+            "reported": sorted(self.reported),
+            "min_lesion_ml": self.min_lesion_ml,
         }
         return hashlib.sha256(f"{_IDENTITY_NAMESPACE}\n{_canonical_json(content)}".encode()).hexdigest()
 

@@ -10,6 +10,7 @@ needs registering. This module is the only place that spells a UID root or our i
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import importlib.metadata
 from dataclasses import dataclass
@@ -58,6 +59,16 @@ def derive_uid(*parts: str) -> str:
     return f"{UUID_DERIVED_ROOT}.{int.from_bytes(raw, 'big')}"
 
 
+class ResultSeries(enum.IntEnum):
+    """Series Number of each kind of object we create: one table, so no two kinds share a number."""
+
+    SR = 9901  # TID 1500 measurement report
+    SEG = 9902  # segmentation
+    KEY_IMAGES = 9903  # secondary captures of the lesions
+    KOS = 9904  # key object selection
+    ECHO_SR = 9905  # the echo pipeline's basic text SR
+
+
 # Constant UIDs of this software (not of any one result).
 IMPLEMENTATION_CLASS_UID = derive_uid(PRODUCT_NAME, "implementation-class")
 DEVICE_OBSERVER_UID = derive_uid(PRODUCT_NAME, "device-observer")
@@ -94,5 +105,12 @@ def tracking_uid(input_fingerprint: str, algorithm: AlgorithmInfo, *key: str) ->
 
 
 def finding_tracking_uid(input_fingerprint: str, algorithm: AlgorithmInfo, finding: Finding) -> str:
-    """Tracking UID of a finding: its SR measurement group and its SEG segment carry the same one."""
-    return tracking_uid(input_fingerprint, algorithm, "finding", str(finding.label), finding.name)
+    """Tracking UID of a lesion: its SR measurement group and its SEG segment carry the same one."""
+    return tracking_uid(
+        input_fingerprint, algorithm, "finding", str(finding.label), finding.name, str(finding.lesion)
+    )
+
+
+def model_device_uid(algorithm: AlgorithmInfo) -> str:
+    """Device UID of a model (IHE AIR Contributing Equipment): new weights, new device."""
+    return derive_uid(PRODUCT_NAME, "model-device", algorithm.sha256)

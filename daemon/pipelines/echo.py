@@ -16,11 +16,11 @@ from pydicom.dataset import Dataset
 
 from daemon.pipelines.base import AnalysisOutcome
 from pipeline.errors import NoUsableSeries
-from pipeline.uids import derive_uid
+from pipeline.uids import ResultSeries, derive_uid
 from vocabulary import Priority
 
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
-ECHO_SERIES_NUMBER = 9902
+ECHO_SERIES_NUMBER = int(ResultSeries.ECHO_SR)  # one table of our series numbers (not the SEG's 9902)
 _COPIED = (
     "SpecificCharacterSet",
     "PatientName",

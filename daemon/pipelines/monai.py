@@ -14,6 +14,7 @@ first job of a worker pays for loading the weights.
 
 from __future__ import annotations
 
+import datetime
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -36,11 +37,25 @@ class MonaiPipeline:
         self.version = spec.version
         self.spec = spec
 
-    def run(self, study_files: Sequence[Path], *, input_fingerprint: str) -> AnalysisOutcome:
-        """Analyse one study; PermanentError (no usable series, geometry, bundle) fails the job."""
+    def run(
+        self,
+        study_files: Sequence[Path],
+        *,
+        input_fingerprint: str,
+        analysis_started: datetime.datetime | None = None,
+    ) -> AnalysisOutcome:
+        """Analyse one study; PermanentError (no usable series, geometry, bundle) fails the job.
+
+        ``analysis_started`` (local time, as DICOM dates are) becomes the results' Content Date/Time
+        (IHE AIR: when the analysis began); the worker's clock when not given. pipeline/ never
+        reads the clock.
+        """
         from pipeline import runner  # torch and MONAI: imported by workers only, not by `serve`
 
-        result = runner.run(study_files, self.spec, input_fingerprint=input_fingerprint)
+        started = analysis_started or datetime.datetime.now().replace(microsecond=0)
+        result = runner.run(
+            study_files, self.spec, input_fingerprint=input_fingerprint, analysis_started=started
+        )
         lines = [
             result.findings.summary,
             f"series {result.series_instance_uid}: {result.selection_reason}",

@@ -26,7 +26,9 @@ from pipeline.spec import BundleSpec, PipelineSpec
 
 __all__ = [
     "DEMO_BUNDLE_DIR",
+    "DEMO_MIN_LESION_ML",
     "DEMO_PIPELINE",
+    "DEMO_REPORTED",
     "DEMO_SELECTION",
     "DEMO_THRESHOLDS",
     "PINS_FILE",
@@ -60,6 +62,11 @@ DEMO_THRESHOLDS = PriorityThresholds(
     urgent_probability=0.9,
     labels=frozenset({"lesion", "lesion present"}),
 )
+#: What the demo reports: the lesion channel and the "lesion present" class (not the background score).
+DEMO_REPORTED = frozenset({"lesion", "lesion present"})
+#: A lesion is a connected component of at least 0.5 mL (about 8 mm across); smaller specks are noise
+#: of the demo model (pipeline.demo.metrics counts false positives from the same size).
+DEMO_MIN_LESION_ML = 0.5
 
 
 def read_pins(path: Path = PINS_FILE) -> dict[str, str]:
@@ -109,6 +116,8 @@ def demo_spec(
         classification=classification if with_classification else None,
         thresholds=DEMO_THRESHOLDS,
         make_seg=make_seg,
+        reported=DEMO_REPORTED,
+        min_lesion_ml=DEMO_MIN_LESION_ML,
     )
 
 

@@ -1,27 +1,42 @@
-"""What the SR and SEG writers share: the source headers they copy patient and study from, and the
-finishing of every output object (character set, implementation UID, creation date and time).
+"""What the SR and SEG writers share: the source headers they copy patient and study from, the
+precision of the numbers they write, and the finishing of every output object (character set,
+implementation UID, creation date and time, the IHE AIR identity of the models behind it).
 """
 
 from __future__ import annotations
 
 import copy
 import datetime
+import math
 from collections.abc import Sequence
 
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 from pydicom.valuerep import DA, DT, TM
 
-from pipeline.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from pipeline import codes
+from pipeline.findings import AlgorithmInfo
+from pipeline.uids import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    MANUFACTURER,
+    PRODUCT_NAME,
+    SOFTWARE_VERSION,
+    model_device_uid,
+)
 
 __all__ = [
     "DEIDENTIFICATION_METHOD_UNSTATED",
     "OUTPUT_CHARACTER_SET",
+    "add_processing_algorithms",
     "finalize_output",
     "header_copies",
+    "ihe_scheme_identification",
     "patient_study_header",
     "set_character_set",
+    "significant",
 ]
 
 OUTPUT_CHARACTER_SET = "ISO_IR 192"
@@ -101,21 +116,68 @@ def _has_non_ascii(dataset: Dataset) -> bool:
     return False
 
 
-def finalize_output(dataset: Dataset, content_datetime: datetime.datetime | None) -> None:
-    """Last touches shared by the SR and SEG writers: character set, implementation, date/time."""
+def significant(value: float, digits: int) -> float:
+    """``value`` rounded to ``digits`` significant digits: decimal strings without false precision."""
+    if value == 0 or not math.isfinite(value):
+        return value
+    return round(value, digits - 1 - math.floor(math.log10(abs(value))))
+
+
+def ihe_scheme_identification() -> CodingSchemeIdentificationItem:
+    """Coding Scheme Identification item (PS3.3 C.12.1) for IHE's ``99IHE`` interim codes."""
+    return CodingSchemeIdentificationItem(
+        designator=codes.PROCESSING_ALGORITHM.scheme_designator,
+        name="IHE interim codes",
+        responsible_organization="IHE International",
+    )
+
+
+def add_processing_algorithms(
+    dataset: Dataset, algorithms: Sequence[AlgorithmInfo], when: datetime.datetime
+) -> None:
+    """One Contributing Equipment item per model (IHE AIR): purpose "Processing Algorithm", name,
+    versions, and a Device UID derived from the bundle sha256 (new weights: a new device).
+
+    highdicom accepts only DICOM purposes of reference, so the items are added here with pydicom.
+    """
+    items = list(dataset.get("ContributingEquipmentSequence", []))
+    for algorithm in algorithms:
+        purpose = Dataset()
+        purpose.CodeValue = codes.PROCESSING_ALGORITHM.value
+        purpose.CodingSchemeDesignator = codes.PROCESSING_ALGORITHM.scheme_designator
+        purpose.CodeMeaning = codes.PROCESSING_ALGORITHM.meaning
+        item = Dataset()
+        item.PurposeOfReferenceCodeSequence = [purpose]
+        item.Manufacturer = MANUFACTURER
+        item.ManufacturerModelName = algorithm.name[:64]
+        item.SoftwareVersions = [algorithm.version[:64], f"{PRODUCT_NAME} {SOFTWARE_VERSION}"[:64]]
+        item.DeviceUID = model_device_uid(algorithm)
+        item.ContributionDateTime = DT(when)
+        item.ContributionDescription = (
+            f"{algorithm.name} {algorithm.version}, bundle sha256 {algorithm.sha256}, "
+            f"pipeline {algorithm.pipeline}"
+        )[:1024]
+        items.append(item)
+    dataset.ContributingEquipmentSequence = items
+
+
+def finalize_output(
+    dataset: Dataset, content_datetime: datetime.datetime, algorithms: Sequence[AlgorithmInfo]
+) -> None:
+    """Last touches shared by the SR and SEG writers: character set, implementation, date/time, models."""
     set_character_set(dataset)
     dataset.file_meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
     dataset.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-    if content_datetime is not None:
-        _stamp_datetime(dataset, content_datetime)
+    _stamp_datetime(dataset, content_datetime)
+    add_processing_algorithms(dataset, algorithms, content_datetime)
 
 
 def _stamp_datetime(dataset: Dataset, when: datetime.datetime) -> None:
-    """Set Content, Series and Instance Creation Date/Time to ``when``."""
+    """Set Content, Series and Instance Creation Date/Time to ``when`` (IHE AIR: the analysis began)."""
     date, time = DA(when.date()), TM(when.time())
     for prefix in ("Content", "Series", "InstanceCreation"):
         setattr(dataset, f"{prefix}Date", date)
         setattr(dataset, f"{prefix}Time", time)
-    equipment = dataset.get("ContributingEquipmentSequence")
-    if equipment:  # highdicom appends itself, stamped with the current time, as the last item
-        equipment[-1].ContributionDateTime = DT(when)
+    for item in dataset.get("ContributingEquipmentSequence", []):
+        if "ContributionDateTime" in item:  # highdicom stamps its own item with the current time
+            item.ContributionDateTime = DT(when)

@@ -1,10 +1,12 @@
-"""A label volume -> a binary DICOM Segmentation on the source geometry (PS3.3 A.51, C.8.20).
+"""A lesion map -> a binary DICOM Segmentation on the source geometry (PS3.3 A.51, C.8.20).
 
-One segment per finding that has foreground voxels, numbered 1..n in findings order. Each segment
+One segment per lesion (finding) that has voxels, numbered 1..n in findings order; the lesion map's
+value ``n`` is ``findings.findings[n - 1]`` (``pipeline.measure.measure_lesions``). Each segment
 carries the finding's SNOMED CT category and type (CID 7150 / CID 7151; a local ``99PTRIAGE``
 code when the label map gives none), its finding site as Anatomic Region, the algorithm
 identification (Segment Algorithm Type AUTOMATIC, PS3.3 C.8.20.2: name, version, family CID 7162,
-the bundle sha256 as a parameter) and the same Tracking UID as the finding's SR measurement group.
+the bundle sha256 as a parameter) and the same Tracking ID and UID as the lesion's SR measurement
+group. The segmentation model is a Contributing Equipment item (IHE AIR, ``output.finalize_output``).
 
 Geometry: frame ``k`` of the SEG is slice ``k`` of the volume and derives from
 ``source_datasets[k]``; highdicom takes each frame's position and orientation from that source
@@ -30,6 +32,7 @@ from pipeline.uids import (
     MANUFACTURER,
     PRODUCT_NAME,
     SOFTWARE_VERSION,
+    ResultSeries,
     derive_uid,
     finding_tracking_uid,
     result_uids,
@@ -37,7 +40,7 @@ from pipeline.uids import (
 from pipeline.volume import Volume
 from pipeline.writers.output import OUTPUT_CHARACTER_SET, finalize_output, header_copies
 
-SEG_SERIES_NUMBER = 9902
+SEG_SERIES_NUMBER = int(ResultSeries.SEG)
 CONTENT_LABEL = "PACS_TRIAGE"  # CS: upper case, digits, underscore (PS3.5 6.2)
 
 
@@ -48,6 +51,7 @@ def write_seg(
     findings: Findings,
     *,
     input_fingerprint: str,
+    content_datetime: datetime.datetime,
     series_number: int = SEG_SERIES_NUMBER,
     instance_number: int = 1,
     series_description: str = "AI triage segmentation",
@@ -55,12 +59,12 @@ def write_seg(
     product_name: str = PRODUCT_NAME,
     software_version: str = SOFTWARE_VERSION,
     device_serial_number: str = DEVICE_OBSERVER_UID,
-    content_datetime: datetime.datetime | None = None,
 ) -> Dataset:
-    """Build the binary SEG of ``label_volume`` (values are ``Finding.label``, 0 is background).
+    """Build the binary SEG of the lesion map ``label_volume`` (value n: ``findings.findings[n - 1]``).
 
     ``label_volume`` is ``[i, j, k]`` on ``volume``'s grid; ``source_datasets`` are the headers of
-    the single-frame source images in volume order. Raises ``ValueError`` when the inputs do not
+    the single-frame source images in volume order. ``content_datetime`` is when the analysis began
+    (Content and Instance Creation Date/Time). Raises ``ValueError`` when the inputs do not
     line up, or when no finding has a voxel (there is then nothing to segment: write no SEG).
     """
     _check_inputs(label_volume, volume, source_datasets)
@@ -72,16 +76,16 @@ def write_seg(
         )
 
     frames_ijk = np.zeros(label_volume.shape, dtype=np.uint8 if len(segmented) < 256 else np.uint16)
-    for number, finding in enumerate(segmented, start=1):
-        frames_ijk[label_volume == finding.label] = number
+    for number, (value, _) in enumerate(segmented, start=1):
+        frames_ijk[label_volume == value] = number
     frames = np.ascontiguousarray(np.transpose(frames_ijk, (2, 1, 0)))  # [k, j, i] = (frame, row, col)
 
     algorithm = findings.algorithm
     descriptions = [
         _segment_description(number, finding, input_fingerprint, algorithm)
-        for number, finding in enumerate(segmented, start=1)
+        for number, (_, finding) in enumerate(segmented, start=1)
     ]
-    coded_items = [c for f in segmented for c in (codes.finding_category(f), codes.finding_type(f))]
+    coded_items = [c for _, f in segmented for c in (codes.finding_category(f), codes.finding_type(f))]
     headers = header_copies(source_datasets)
     uids = result_uids(input_fingerprint, algorithm, "seg")
     seg = hd.seg.Segmentation(
@@ -111,7 +115,7 @@ def write_seg(
     for item in [*seg.DimensionOrganizationSequence, *seg.DimensionIndexSequence]:
         item.DimensionOrganizationUID = dimension_uid
     _segment_identification_per_frame(seg)
-    finalize_output(seg, content_datetime)
+    finalize_output(seg, content_datetime, [algorithm])
     return seg
 
 
@@ -147,14 +151,18 @@ def _check_inputs(label_volume: np.ndarray, volume: Volume, source_datasets: Seq
             )
 
 
-def _segmented_findings(label_volume: np.ndarray, findings: Findings) -> list[Finding]:
-    """The findings that have at least one voxel, in findings order; labels must be distinct."""
-    labels = [f.label for f in findings.findings]
-    duplicates = sorted({label for label in labels if labels.count(label) > 1})
+def _segmented_findings(label_volume: np.ndarray, findings: Findings) -> list[tuple[int, Finding]]:
+    """(lesion map value, finding) of the findings that have at least one voxel, in findings order."""
+    keys = [f.tracking_identifier for f in findings.findings]
+    duplicates = sorted({key for key in keys if keys.count(key) > 1})
     if duplicates:
-        raise ValueError(f"findings share labels {duplicates}; each label must be one segment")
+        raise ValueError(f"findings {duplicates} are not distinct lesions (same label and lesion number)")
+    if int(label_volume.max(initial=0)) > len(findings.findings):
+        raise ValueError(
+            f"lesion map value {int(label_volume.max())} has no finding; there are {len(findings.findings)}"
+        )
     present = set(np.unique(label_volume).tolist())
-    return [f for f in findings.findings if f.label != 0 and f.label in present]
+    return [(n, f) for n, f in enumerate(findings.findings, start=1) if n in present]
 
 
 def _segment_description(
@@ -162,7 +170,7 @@ def _segment_description(
 ) -> hd.seg.SegmentDescription:
     return hd.seg.SegmentDescription(
         segment_number=number,
-        segment_label=finding.name[:64],
+        segment_label=finding.tracking_identifier[:64],
         segmented_property_category=codes.finding_category(finding),
         segmented_property_type=codes.finding_type(finding),
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
@@ -173,7 +181,7 @@ def _segment_description(
             parameters={"sha256": algorithm.sha256, "pipeline": algorithm.pipeline},
         ),
         tracking_uid=finding_tracking_uid(input_fingerprint, algorithm, finding),
-        tracking_id=finding.name[:64],
+        tracking_id=finding.tracking_identifier[:64],
         anatomic_regions=[codes.coded(finding.finding_site)] if finding.finding_site is not None else None,
     )
 

@@ -13,7 +13,7 @@ from pipeline.labels import LESION, MORPHOLOGICALLY_ABNORMAL_STRUCTURE, is_backg
 from pipeline.measure import (
     PriorityThresholds,
     findings_from_prediction,
-    measure_labels,
+    measure_lesions,
     summary_line,
     triage,
 )
@@ -62,12 +62,12 @@ def oblique() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def test_sphere_volume_diameter_and_centroid(oblique: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
     affine, centre, mask = oblique
     volume = _volume(np.zeros(mask.shape, np.float32), affine)
-    (m,) = measure_labels(mask.astype(np.uint8), volume, ("background", "lesion"))
+    (m,), lesion_map = measure_lesions(mask.astype(np.uint8), volume, ("background", "lesion"))
 
-    assert m.label == 1 and m.name == "lesion"
-    assert m.volume_method is VolumeMethod.VOXEL_COUNT and m.probability_volume_ml is None
+    assert m.label == 1 and m.name == "lesion" and m.tracking_identifier == "lesion 1"
+    assert m.probability_volume_ml is None
     assert m.volume_ml == pytest.approx(4 / 3 * math.pi * 12.0**3 / 1000, rel=0.03)
-    assert m.n_components == 1
+    np.testing.assert_array_equal(lesion_map, mask.astype(np.int32))
     voxel_diagonal = math.sqrt(0.8**2 + 0.9**2 + 1.6**2)
     assert 24.0 - voxel_diagonal <= m.largest_diameter_mm <= 24.0 + 1e-9
     # The discretised sphere is point-symmetric about its centre voxel: the centroid is exact.
@@ -75,17 +75,33 @@ def test_sphere_volume_diameter_and_centroid(oblique: tuple[np.ndarray, np.ndarr
     np.testing.assert_allclose(m.centroid_lps, expected, atol=1e-9)
 
 
-def test_two_components_are_counted_and_the_largest_gives_the_diameter() -> None:
+def test_each_component_is_its_own_lesion_largest_first_and_specks_are_not_lesions() -> None:
+    """Issue 13 item 3: two lesions were one "lesion 25.4 mL, 3 components" with the largest's diameter."""
     affine = _oblique_affine((1.0, 1.0, 2.0), (10.0, -20.0, 30.0))
     shape = (70, 50, 24)
-    big = _sphere(shape, affine, np.array([20.0, 25.0, 12.0]), 10.0)
-    small = _sphere(shape, affine, np.array([55.0, 25.0, 12.0]), 5.0)
+    small = _sphere(shape, affine, np.array([20.0, 25.0, 12.0]), 5.0)
+    big = _sphere(shape, affine, np.array([55.0, 25.0, 12.0]), 10.0)
+    speck = np.zeros(shape, bool)
+    speck[2, 2, 2] = True
     assert not (big & small).any()
-    labels = (big | small).astype(np.uint8)
-    (m,) = measure_labels(labels, _volume(np.zeros(shape, np.float32), affine), ("background", "lesion"))
-    assert m.n_components == 2
-    assert 20.0 - math.sqrt(6) <= m.largest_diameter_mm <= 20.0 + 1e-9
-    assert m.voxel_count == int(labels.sum())
+    labels = (big | small | speck).astype(np.uint8)
+    volume = _volume(np.zeros(shape, np.float32), affine)
+    voxel_ml = volume.voxel_volume_ml
+    found, lesion_map = measure_lesions(labels, volume, ("background", "lesion"), min_volume_ml=2 * voxel_ml)
+    assert [(f.tracking_identifier, f.voxel_count) for f in found] == [
+        ("lesion 1", int(big.sum())),
+        ("lesion 2", int(small.sum())),
+    ]
+    assert 20.0 - math.sqrt(6) <= found[0].largest_diameter_mm <= 20.0 + 1e-9
+    assert 10.0 - math.sqrt(6) <= found[1].largest_diameter_mm <= 10.0 + 1e-9
+    for number, (finding, mask) in enumerate(zip(found, (big, small), strict=True), start=1):
+        assert finding.volume_ml == pytest.approx(int(mask.sum()) * voxel_ml)
+        np.testing.assert_array_equal(lesion_map == number, mask)
+        centre = np.argwhere(mask).mean(axis=0)
+        np.testing.assert_allclose(finding.centroid_lps, affine[:3, :3] @ centre + affine[:3, 3], atol=1e-6)
+    assert lesion_map[2, 2, 2] == 0  # the speck is no lesion
+    # Only the declared labels are findings
+    assert measure_lesions(labels, volume, ("background", "lesion"), reported=frozenset({"tumour"}))[0] == ()
 
 
 @pytest.mark.parametrize("backend", ["default", "numpy"])
@@ -157,25 +173,21 @@ def test_probability_sum_is_reported_when_probabilities_are_given() -> None:
     probs[0] = 1 - probs[1]
     volume = _volume(np.zeros((4, 4, 4), np.float32), affine)
 
-    (m,) = measure_labels(labels, volume, ("background", "lesion"), probabilities=probs)
-    expected = (8 * 0.9 + 56 * 0.05) * 10 / 1000
-    assert m.volume_method is VolumeMethod.PROBABILITY_SUM
-    assert m.voxel_count_volume_ml == pytest.approx(0.08)
+    (m,), _ = measure_lesions(labels, volume, ("background", "lesion"), probabilities=probs)
+    # the lesion grown by one voxel: 8 inside, 24 face neighbours (6-neighbourhood of a 2x2x2 cube)
+    expected = (8 * 0.9 + 24 * 0.05) * 10 / 1000
+    assert m.volume_ml == pytest.approx(0.08)  # the voxels the SEG shows
     assert m.probability_volume_ml == pytest.approx(expected, rel=1e-6)
-    assert m.volume_ml == m.probability_volume_ml
-
-    (v,) = measure_labels(
-        labels, volume, ("background", "lesion"), probabilities=probs, volume_method=VolumeMethod.VOXEL_COUNT
-    )
-    assert v.volume_ml == pytest.approx(0.08)
+    assert m.volume(VolumeMethod.PROBABILITY_SUM) == m.probability_volume_ml
+    assert m.volume(VolumeMethod.VOXEL_COUNT) == pytest.approx(0.08)
 
 
 def test_shape_and_name_mismatches_are_refused() -> None:
     volume = _volume(np.zeros((4, 4, 4), np.float32), np.eye(4))
     with pytest.raises(ValueError, match="shape"):
-        measure_labels(np.zeros((4, 4, 3), np.uint8), volume, ("background", "lesion"))
+        measure_lesions(np.zeros((4, 4, 3), np.uint8), volume, ("background", "lesion"))
     with pytest.raises(ValueError, match="no name"):
-        measure_labels(np.full((4, 4, 4), 2, np.uint8), volume, ("background", "lesion"))
+        measure_lesions(np.full((4, 4, 4), 2, np.uint8), volume, ("background", "lesion"))
 
 
 def test_finding_carries_snomed_codes() -> None:
@@ -183,9 +195,7 @@ def test_finding_carries_snomed_codes() -> None:
     labels[1:3, 1:3, 1:3] = 1
     labels[3:5, 3:5, 3:5] = 2
     volume = _volume(np.zeros((5, 5, 5), np.float32), np.eye(4))
-    spleen, lesion = (
-        m.to_finding() for m in measure_labels(labels, volume, ("background", "spleen", "lesion"))
-    )
+    spleen, lesion = measure_lesions(labels, volume, ("background", "spleen", "lesion"))[0]
     assert spleen.type is not None and spleen.type.value == "78961009"
     assert lesion.category == MORPHOLOGICALLY_ABNORMAL_STRUCTURE and lesion.type == LESION
 
@@ -202,7 +212,9 @@ def test_label_map() -> None:
 
 
 def _finding(name: str, volume_ml: float) -> Finding:
-    return Finding(1, name, volume_ml, 1, 10.0, (0.0, 0.0, 0.0))
+    return Finding(
+        label=1, name=name, volume_ml=volume_ml, largest_diameter_mm=10.0, centroid_lps=(0.0, 0.0, 0.0)
+    )
 
 
 def test_triage_levels_and_summary() -> None:
@@ -211,7 +223,9 @@ def test_triage_levels_and_summary() -> None:
     )
     assert triage([_finding("lesion", 1.0)], [], thresholds) == (Priority.ROUTINE, "")
     priority, reason = triage([_finding("lesion", 5.0)], [], thresholds)
-    assert priority is Priority.URGENT and "lesion 5.0 mL >= urgent" in reason
+    assert priority is Priority.URGENT and "lesion 5 mL >= urgent" in reason
+    # the lesion burden counts: two lesions of 3 mL are 6 mL of lesion
+    assert triage([_finding("lesion", 3.0), _finding("lesion", 3.0)], [], thresholds)[0] is Priority.URGENT
     assert triage([_finding("lesion", 60.0)], [], thresholds)[0] is Priority.STAT
     assert triage([], [Classification("lesion", 0.95)], thresholds)[0] is Priority.STAT
     assert triage([], [Classification("lesion", 0.6)], thresholds)[0] is Priority.URGENT
@@ -220,8 +234,8 @@ def test_triage_levels_and_summary() -> None:
     assert triage([_finding("spleen", 300.0)], [], only_lesion)[0] is Priority.ROUTINE
 
     line = summary_line(Priority.URGENT, reason, [_finding("lesion", 5.0)], [Classification("lesion", 0.6)])
-    assert line.startswith("URGENT (lesion 5.0 mL")
-    assert "1 component," in line and "P(lesion) 0.60" in line
+    assert line.startswith("URGENT (lesion 5 mL")
+    assert "lesion 1 5 mL, largest diameter 10 mm" in line and "P(lesion) 0.60" in line
     assert summary_line(Priority.ROUTINE, "", [], []) == "ROUTINE: nothing segmented"
 
 
@@ -251,8 +265,10 @@ def test_findings_from_a_segmentation_prediction() -> None:
         kind=BundleKind.SEGMENTATION, label_names=("background", "lesion"), algorithm=algorithm, labels=labels
     )
     volume = _volume(np.zeros(labels.shape, np.float32), affine)
-    findings = findings_from_prediction(prediction, volume, PriorityThresholds(urgent_volume_ml=0.5))
+    measured = findings_from_prediction(prediction, volume, PriorityThresholds(urgent_volume_ml=0.5))
+    findings = measured.findings
     (finding,) = findings.findings
+    assert measured.lesion_map is not None and int(measured.lesion_map.sum()) == 600
     assert finding.volume_ml == pytest.approx(0.6)
     assert findings.priority is Priority.URGENT and findings.algorithm == algorithm
     assert findings.summary.startswith("URGENT (lesion 0.6 mL")

@@ -7,6 +7,7 @@ and its findings are predictable: "lesion" is every voxel brighter than about 15
 
 from __future__ import annotations
 
+import datetime
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -40,6 +41,7 @@ ABDOMEN = sorted((TESTDATA / "ct_series" / "abdomen_20").glob("*.dcm"))
 GANTRY_TILT = sorted((TESTDATA / "ct_series" / "gantry_tilt").glob("*.dcm"))
 SAGITTAL_MR = sorted((TESTDATA / "mr_series" / "sag_t1_fl2d_HFS").glob("*.dcm"))
 CT_RULE = SelectionRule(modalities=frozenset({"CT"}), min_slices=16)
+WHEN = datetime.datetime(2026, 12, 3, 10, 11, 12)  # when the analysis began (the worker's clock)
 THRESHOLDS = PriorityThresholds(urgent_volume_ml=1.0, critical_volume_ml=5000.0, urgent_probability=0.99)
 
 
@@ -192,7 +194,7 @@ def phantom(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], Groun
 def phantom_result(bundles: dict[str, BundleSpec], phantom: tuple[list[Path], GroundTruth]) -> PipelineResult:
     files, _ = phantom
     spec = _spec(bundles, "lesion", classification=bundles["classification"])
-    return run(files, spec, input_fingerprint="phantom-study-1")
+    return run(files, spec, input_fingerprint="phantom-study-1", analysis_started=WHEN)
 
 
 def test_phantom_study_gives_an_sr_and_a_seg_on_every_source_instance(
@@ -200,7 +202,8 @@ def test_phantom_study_gives_an_sr_and_a_seg_on_every_source_instance(
 ) -> None:
     files, truth = phantom
     result = phantom_result
-    assert [str(ds.SOPClassUID) for ds in result.datasets] == [Comprehensive3DSRStorage, SegmentationStorage]
+    assert [str(ds.SOPClassUID) for ds in result.datasets[:2]] == [Comprehensive3DSRStorage, SegmentationStorage]
+    assert len(result.key_images) == len(result.findings.findings) and result.kos is not None  # test_key_images
     sr, seg = result.sr, result.seg
     assert seg is not None
     assert (result.study_instance_uid, result.series_instance_uid) == (
@@ -216,7 +219,13 @@ def test_phantom_study_gives_an_sr_and_a_seg_on_every_source_instance(
     assert evidence_uids(sr) == sources | {str(seg.SOPInstanceUID)}
     assert _seg_source_uids(seg) == sources
     findings = result.findings
-    assert [f.name for f in findings.findings] == ["lesion"]
+    # every bright component is its own lesion, numbered largest first
+    assert {f.name for f in findings.findings} == {"lesion"}
+    assert [f.tracking_identifier for f in findings.findings] == [
+        f"lesion {n}" for n in range(1, len(findings.findings) + 1)
+    ]
+    volumes = [f.volume_ml for f in findings.findings]
+    assert volumes == sorted(volumes, reverse=True)
     assert findings.findings[0].volume_ml > 1.0
     assert [(c.name, round(c.probability, 2)) for c in findings.classifications] == [("lesion present", 0.73)]
     assert findings.algorithm.pipeline == "test-ct"
@@ -224,9 +233,13 @@ def test_phantom_study_gives_an_sr_and_a_seg_on_every_source_instance(
     assert findings.priority.name == "URGENT"
     assert tuple(result.timings) == STAGES and all(t >= 0 for t in result.timings.values())
     assert result.refused == () and result.notes == ()
-    # No clock: the report's dates are the study's.
-    first = pydicom.dcmread(files[0], stop_before_pixels=True)
-    assert (str(sr.ContentDate), str(sr.ContentTime)) == (str(first.StudyDate), str(first.StudyTime))
+    # No clock in pipeline/: the report's dates are the analysis time the caller passed (IHE AIR).
+    for ds in (sr, seg):
+        assert (str(ds.ContentDate), str(ds.ContentTime)) == ("20261203", "101112")
+        assert (str(ds.InstanceCreationDate), str(ds.InstanceCreationTime)) == ("20261203", "101112")
+    # each group names the model that produced it (issue 13 item 1)
+    assert findings.classifications[0].algorithm is not None
+    assert findings.classifications[0].algorithm.sha256 == bundles["classification"].sha256
 
 
 @pytest.mark.peer
@@ -249,7 +262,7 @@ def test_phantom_results_pass_the_validators(
 
 @pytest.fixture(scope="module")
 def abdomen_result(bundles: dict[str, BundleSpec]) -> PipelineResult:
-    return run(ABDOMEN, _spec(bundles), input_fingerprint="fingerprint-A")
+    return run(ABDOMEN, _spec(bundles), input_fingerprint="fingerprint-A", analysis_started=WHEN)
 
 
 def test_real_ct_report_references_all_20_instances(abdomen_result: PipelineResult) -> None:
@@ -266,10 +279,10 @@ def test_real_ct_report_references_all_20_instances(abdomen_result: PipelineResu
 def test_same_fingerprint_same_bytes_other_fingerprint_other_uids(
     bundles: dict[str, BundleSpec], abdomen_result: PipelineResult
 ) -> None:
-    again = run(ABDOMEN, _spec(bundles), input_fingerprint="fingerprint-A")
+    again = run(ABDOMEN, _spec(bundles), input_fingerprint="fingerprint-A", analysis_started=WHEN)
     assert [encode(ds) for ds in again.datasets] == [encode(ds) for ds in abdomen_result.datasets]
 
-    other = run(ABDOMEN, _spec(bundles), input_fingerprint="fingerprint-B")
+    other = run(ABDOMEN, _spec(bundles), input_fingerprint="fingerprint-B", analysis_started=WHEN)
     for mine, theirs in zip(other.datasets, abdomen_result.datasets, strict=True):
         assert mine.SOPInstanceUID != theirs.SOPInstanceUID
         assert mine.SeriesInstanceUID != theirs.SeriesInstanceUID
@@ -300,7 +313,9 @@ def test_what_changes_a_result_changes_its_uids(bundles: dict[str, BundleSpec]) 
 
 
 def test_without_seg_only_the_sr_comes_back(bundles: dict[str, BundleSpec]) -> None:
-    result = run(ABDOMEN, _spec(bundles, make_seg=False), input_fingerprint="fingerprint-A")
+    result = run(
+        ABDOMEN, _spec(bundles, make_seg=False), input_fingerprint="fingerprint-A", analysis_started=WHEN
+    )
     assert [str(ds.SOPClassUID) for ds in result.datasets] == [Comprehensive3DSRStorage]
     assert result.seg is None
     assert evidence_uids(result.sr) == _instance_uids(ABDOMEN)
@@ -312,12 +327,12 @@ def test_without_seg_only_the_sr_comes_back(bundles: dict[str, BundleSpec]) -> N
 def test_a_study_with_no_usable_series_raises_with_the_reason(bundles: dict[str, BundleSpec]) -> None:
     mr_series = str(pydicom.dcmread(SAGITTAL_MR[0], stop_before_pixels=True).SeriesInstanceUID)
     with pytest.raises(NoUsableSeries) as raised:
-        run(SAGITTAL_MR, _spec(bundles), input_fingerprint="fingerprint-A")
+        run(SAGITTAL_MR, _spec(bundles), input_fingerprint="fingerprint-A", analysis_started=WHEN)
     message = str(raised.value)
     assert "test-ct" in message and mr_series in message and "Modality MR not in ['CT']" in message
 
     with pytest.raises(NoUsableSeries, match="the study has no files"):
-        run([], _spec(bundles), input_fingerprint="fingerprint-A")
+        run([], _spec(bundles), input_fingerprint="fingerprint-A", analysis_started=WHEN)
 
 
 @pytest.fixture(scope="module")
@@ -337,7 +352,12 @@ def test_a_refused_best_series_falls_back_to_the_next(
 ) -> None:
     tilted = str(pydicom.dcmread(GANTRY_TILT[0], stop_before_pixels=True).SeriesInstanceUID)
     # 28 tilted slices beat 20 abdominal ones in selection; the tilted geometry is then refused.
-    result = run([*tilted_in_abdomen_study, *ABDOMEN], _spec(bundles), input_fingerprint="fingerprint-A")
+    result = run(
+        [*tilted_in_abdomen_study, *ABDOMEN],
+        _spec(bundles),
+        input_fingerprint="fingerprint-A",
+        analysis_started=WHEN,
+    )
 
     assert result.series_instance_uid == abdomen_result.series_instance_uid
     assert [uid for uid, _ in result.refused] == [tilted]
@@ -352,7 +372,12 @@ def test_a_study_whose_only_series_is_refused_names_it(
 ) -> None:
     tilted = str(pydicom.dcmread(GANTRY_TILT[0], stop_before_pixels=True).SeriesInstanceUID)
     with pytest.raises(NoUsableSeries) as raised:
-        run([*tilted_in_abdomen_study, *SAGITTAL_MR], _spec(bundles), input_fingerprint="fingerprint-A")
+        run(
+            [*tilted_in_abdomen_study, *SAGITTAL_MR],
+            _spec(bundles),
+            input_fingerprint="fingerprint-A",
+            analysis_started=WHEN,
+        )
     message = str(raised.value)
     assert f"series {tilted} (28 slices): geometry refused" in message
     assert "variable slice spacing" in message and "Modality MR" in message
@@ -360,7 +385,12 @@ def test_a_study_whose_only_series_is_refused_names_it(
 
 def test_a_classification_bundle_cannot_stand_in_for_segmentation(bundles: dict[str, BundleSpec]) -> None:
     with pytest.raises(BundleError, match="segmentation bundle .* outputs a classification"):
-        run(ABDOMEN, _spec(bundles, "classification"), input_fingerprint="fingerprint-A")
+        run(
+            ABDOMEN,
+            _spec(bundles, "classification"),
+            input_fingerprint="fingerprint-A",
+            analysis_started=WHEN,
+        )
 
 
 # --- the spec and the demo pins --------------------------------------------------------------------

@@ -85,7 +85,7 @@ def test_same_mask_as_dcmqi_on_real_ct() -> None:
     liver = dataclasses.replace(findings.findings[0], label=1, name="liver")
     findings = dataclasses.replace(findings, findings=(liver,))
 
-    seg = write_seg(labels, volume, headers, findings, input_fingerprint=FINGERPRINT)
+    seg = write_seg(labels, volume, headers, findings, input_fingerprint=FINGERPRINT, content_datetime=WHEN)
     decoded, parsed = validated(seg, "liver SEG")
     ours = parsed.get_pixels_by_source_instance(uids, segment_numbers=[1])[..., 0]
     np.testing.assert_array_equal(ours, masks)
@@ -108,7 +108,7 @@ def test_every_seg_pixel_lands_on_its_voxel_on_a_tilted_grid(tilted: tuple[list[
     headers, volume = tilted
     assert abs(float(headers[0].GantryDetectorTilt)) > 10  # the sheared case
     labels, findings = synthetic_case(volume)
-    seg = write_seg(labels, volume, headers, findings, input_fingerprint=FINGERPRINT)
+    seg = write_seg(labels, volume, headers, findings, input_fingerprint=FINGERPRINT, content_datetime=WHEN)
     decoded, _ = validated(seg, "tilted SEG")
 
     k_of = {ref.sop_instance_uid: k for k, ref in enumerate(volume.source_instances)}
@@ -153,7 +153,7 @@ def test_segment_descriptions_carry_codes_algorithm_and_tracking(
     for number, (item, finding) in enumerate(
         zip(decoded.SegmentSequence, findings.findings, strict=True), start=1
     ):
-        assert int(item.SegmentNumber) == number and item.SegmentLabel == finding.name
+        assert int(item.SegmentNumber) == number and item.SegmentLabel == finding.tracking_identifier
         category = item.SegmentedPropertyCategoryCodeSequence[0]
         kind = item.SegmentedPropertyTypeCodeSequence[0]
         assert (category.CodeValue, kind.CodeValue) == (finding.category.value, finding.type.value)  # type: ignore[union-attr]
@@ -167,7 +167,7 @@ def test_segment_descriptions_carry_codes_algorithm_and_tracking(
             assert item.AnatomicRegionSequence[0].CodeValue == finding.finding_site.value
 
     # the SR's measurement group and the SEG segment share the tracking UID
-    sr = write_sr(findings, headers, volume, input_fingerprint=FINGERPRINT, seg=seg)
+    sr = write_sr(findings, headers, volume, input_fingerprint=FINGERPRINT, seg=seg, content_datetime=WHEN)
     report = hd.sr.srread(io.BytesIO(encode(sr))).content
     assert isinstance(report, hd.sr.MeasurementReport)
     assert {str(g.tracking_uid) for g in report.get_volumetric_roi_measurement_groups()} == {
@@ -179,7 +179,8 @@ def test_uncoded_findings_use_the_declared_local_scheme(tilted: tuple[list[Datas
     headers, volume = tilted
     labels, findings = synthetic_case(volume, coded=False)
     decoded, _ = validated(
-        write_seg(labels, volume, headers, findings, input_fingerprint=FINGERPRINT), "uncoded"
+        write_seg(labels, volume, headers, findings, input_fingerprint=FINGERPRINT, content_datetime=WHEN),
+        "uncoded",
     )
     schemes = [item.CodingSchemeDesignator for item in decoded.CodingSchemeIdentificationSequence]
     assert schemes == ["99PTRIAGE"]
@@ -208,7 +209,12 @@ def test_seg_uids_are_deterministic(tilted: tuple[list[Dataset], Volume]) -> Non
         expected.sop_instance_uid,
     )
     other = write_seg(
-        labels, volume, headers, findings, input_fingerprint=FINGERPRINT + "-rerun-with-more-images"
+        labels,
+        volume,
+        headers,
+        findings,
+        input_fingerprint=FINGERPRINT + "-rerun-with-more-images",
+        content_datetime=WHEN,
     )
     assert other.SOPInstanceUID != first.SOPInstanceUID
 
@@ -221,7 +227,8 @@ def test_non_ascii_patient_name_round_trips() -> None:
     volume = volume_from_headers(headers)
     labels, findings = synthetic_case(volume)
     decoded, _ = validated(
-        write_seg(labels, volume, headers, findings, input_fingerprint=FINGERPRINT), "chrH31"
+        write_seg(labels, volume, headers, findings, input_fingerprint=FINGERPRINT, content_datetime=WHEN),
+        "chrH31",
     )
     assert decoded.SpecificCharacterSet == "ISO_IR 192"
     assert str(decoded.PatientName) == str(person.PatientName)
@@ -231,13 +238,31 @@ def test_rejects_inputs_that_do_not_line_up(tilted: tuple[list[Dataset], Volume]
     headers, volume = tilted
     labels, findings = synthetic_case(volume)
     with pytest.raises(ValueError, match="shape"):
-        write_seg(labels[:, :, :-1], volume, headers, findings, input_fingerprint=FINGERPRINT)
+        write_seg(
+            labels[:, :, :-1], volume, headers, findings, input_fingerprint=FINGERPRINT, content_datetime=WHEN
+        )
     with pytest.raises(ValueError, match="volume order"):
-        write_seg(labels, volume, headers[::-1], findings, input_fingerprint=FINGERPRINT)
+        write_seg(
+            labels, volume, headers[::-1], findings, input_fingerprint=FINGERPRINT, content_datetime=WHEN
+        )
     with pytest.raises(ValueError, match="integer"):
-        write_seg(labels.astype(float), volume, headers, findings, input_fingerprint=FINGERPRINT)
+        write_seg(
+            labels.astype(float),
+            volume,
+            headers,
+            findings,
+            input_fingerprint=FINGERPRINT,
+            content_datetime=WHEN,
+        )
     with pytest.raises(ValueError, match="nothing to segment"):
-        write_seg(np.zeros_like(labels), volume, headers, findings, input_fingerprint=FINGERPRINT)
+        write_seg(
+            np.zeros_like(labels),
+            volume,
+            headers,
+            findings,
+            input_fingerprint=FINGERPRINT,
+            content_datetime=WHEN,
+        )
     twice = Findings(algorithm=ALGORITHM, findings=(findings.findings[0], findings.findings[0]))
-    with pytest.raises(ValueError, match="share labels"):
-        write_seg(labels, volume, headers, twice, input_fingerprint=FINGERPRINT)
+    with pytest.raises(ValueError, match="not distinct lesions"):
+        write_seg(labels, volume, headers, twice, input_fingerprint=FINGERPRINT, content_datetime=WHEN)

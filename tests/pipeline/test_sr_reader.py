@@ -22,18 +22,29 @@ def test_read_sr_returns_the_written_findings_priority_and_evidence(with_seg: bo
     headers = read_headers(ABDOMEN)
     volume = volume_from_headers(headers)
     labels, findings = synthetic_case(volume)
-    seg = write_seg(labels, volume, headers, findings, input_fingerprint="reader") if with_seg else None
+    seg = (
+        write_seg(labels, volume, headers, findings, input_fingerprint="reader", content_datetime=WHEN)
+        if with_seg
+        else None
+    )
     sr = write_sr(findings, headers, volume, input_fingerprint="reader", seg=seg, content_datetime=WHEN)
 
     report = read_sr(roundtrip(sr))
 
-    assert [(f.name, f.volume_ml, f.diameter_mm) for f in report.findings] == [
-        (f.name, pytest.approx(f.volume_ml), pytest.approx(f.largest_diameter_mm)) for f in findings.findings
+    digits = pytest.approx  # the SR writes three significant digits
+    assert [(f.identifier, f.name, f.volume_ml, f.diameter_mm) for f in report.findings] == [
+        (
+            f.tracking_identifier,
+            f.name,
+            digits(f.volume_ml, rel=5e-3),
+            digits(f.largest_diameter_mm, rel=5e-3),
+        )
+        for f in findings.findings
     ]
-    assert report.total_volume_ml() == pytest.approx(sum(f.volume_ml for f in findings.findings))
-    assert report.total_volume_ml("lesion") == pytest.approx(findings.findings[1].volume_ml)
-    assert [(c.name, c.probability) for c in report.classifications] == [
-        ("splenic injury", pytest.approx(0.87))
+    assert report.total_volume_ml() == pytest.approx(sum(f.volume_ml for f in findings.findings), rel=5e-3)
+    assert report.total_volume_ml("lesion") == pytest.approx(findings.findings[1].volume_ml, rel=5e-3)
+    assert [(c.name, c.probability, c.algorithm_name) for c in report.classifications] == [
+        ("splenic injury", pytest.approx(0.87), "demo_ct_cls")
     ]
     assert report.priority is Priority.URGENT
     assert report.summary == findings.summary

@@ -114,7 +114,7 @@ def test_sr_without_seg_is_valid_tid1500(abdomen: tuple[list[Dataset], Volume]) 
 
     groups = groups_by_name(decoded)
     for finding in findings.findings:
-        group = groups[finding.name]
+        group = groups[finding.tracking_identifier]
         points = [item for item in children(group.item) if item.get("ValueType") == "SCOORD3D"]
         assert len(points) == 1 and points[0].GraphicType == "POINT"
         assert points[0].ReferencedFrameOfReferenceUID == volume.frame_of_reference_uid
@@ -130,21 +130,21 @@ def test_sr_without_seg_is_valid_tid1500(abdomen: tuple[list[Dataset], Volume]) 
         assert code_of(group.items(("121071", "DCM"))[0]) == (finding.type.value, "SCT")  # type: ignore[union-attr]
         diameters = group.items(("81827009", "SCT"))
         assert diameters[0].MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "mm"
-    lesion = groups["lesion"]
+    lesion = groups["lesion 1"]
     sites = [code_of(item) for item in children(lesion.item) if concept(item) == ("363698007", "SCT")]
     assert sites == [("10200004", "SCT")]
 
     probability = groups["splenic injury (classification)"].items(("122157", "DCM"))[0]
     assert float(probability.MeasuredValueSequence[0].NumericValue) == pytest.approx(0.87)
     assert probability.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "1"
-    priority = groups["Triage priority"].items(("260870009", "SCT"))[0]
-    assert code_of(priority) == ("103391001", "SCT")  # Urgent
+    (evaluations,) = [item for item in children(decoded) if concept(item) == ("C0034375", "UMLS")]
+    assert [code_of(item) for item in children(evaluations)] == [("103391001", "SCT")]  # Urgent
 
     # highdicom reads back what it would need to show the finding
     report = hd.sr.srread(io.BytesIO(encode(sr))).content
     assert isinstance(report, hd.sr.MeasurementReport)
     roi_groups = report.get_volumetric_roi_measurement_groups()
-    assert {g.tracking_identifier for g in roi_groups} == {"spleen", "lesion"}
+    assert {g.tracking_identifier for g in roi_groups} == {"spleen 1", "lesion 1"}
     surfaces = [g.roi for g in roi_groups]
     assert all(
         isinstance(s, hd.sr.VolumeSurface) and s.graphic_type == hd.sr.GraphicTypeValues3D.POINT
@@ -155,14 +155,14 @@ def test_sr_without_seg_is_valid_tid1500(abdomen: tuple[list[Dataset], Volume]) 
 def test_sr_references_the_seg_segments(abdomen: tuple[list[Dataset], Volume]) -> None:
     headers, volume = abdomen
     labels, findings = synthetic_case(volume)
-    seg = write_seg(labels, volume, headers, findings, input_fingerprint=FINGERPRINT)
-    sr = write_sr(findings, headers, volume, input_fingerprint=FINGERPRINT, seg=seg)
+    seg = write_seg(labels, volume, headers, findings, input_fingerprint=FINGERPRINT, content_datetime=WHEN)
+    sr = write_sr(findings, headers, volume, input_fingerprint=FINGERPRINT, seg=seg, content_datetime=WHEN)
     decoded = validate(sr, "abdomen SR + SEG", findings, headers, seg=seg)
 
     segment_by_tracking_uid = {str(s.TrackingUID): int(s.SegmentNumber) for s in seg.SegmentSequence}
     groups = groups_by_name(decoded)
     for label, finding in enumerate(findings.findings, start=1):
-        group = groups[finding.name]
+        group = groups[finding.tracking_identifier]
         referenced = [item for item in children(group.item) if concept(item) == ("121191", "DCM")]
         assert len(referenced) == 1, f"{finding.name}: one Referenced Segment"
         ref = referenced[0].ReferencedSOPSequence[0]
@@ -176,7 +176,9 @@ def test_sr_references_the_seg_segments(abdomen: tuple[list[Dataset], Volume]) -
         }
         slices = np.unique(np.argwhere(labels == label)[:, 2])
         assert sources == {volume.source_instances[k].sop_instance_uid for k in slices}
-        assert not [item for item in children(group.item) if item.get("ValueType") == "SCOORD3D"]
+        # TID 1411 allows one ROI (the segment); the lesion's centroid follows as a POINT
+        points = [item for item in children(group.item) if item.get("ValueType") == "SCOORD3D"]
+        assert [(concept(p), p.GraphicType) for p in points] == [(("128138", "DCM"), "POINT")]
 
     report = hd.sr.srread(io.BytesIO(encode(sr))).content
     assert isinstance(report, hd.sr.MeasurementReport)
@@ -199,16 +201,20 @@ def test_uids_are_deterministic(abdomen: tuple[list[Dataset], Volume]) -> None:
         expected.series_instance_uid,
         expected.sop_instance_uid,
     )
-    seg = write_seg(labels, volume, headers, findings, input_fingerprint=FINGERPRINT)
+    seg = write_seg(labels, volume, headers, findings, input_fingerprint=FINGERPRINT, content_datetime=WHEN)
     assert len({first.SeriesInstanceUID, seg.SeriesInstanceUID, headers[0].SeriesInstanceUID}) == 3
 
-    other_input = write_sr(findings, headers, volume, input_fingerprint=FINGERPRINT + "-late-instance")
+    other_input = write_sr(
+        findings, headers, volume, input_fingerprint=FINGERPRINT + "-late-instance", content_datetime=WHEN
+    )
     newer_bundle = Findings(
         algorithm=dataclasses.replace(ALGORITHM, version="0.3.2"),
         findings=findings.findings,
         priority=findings.priority,
     )
-    other_version = write_sr(newer_bundle, headers, volume, input_fingerprint=FINGERPRINT)
+    other_version = write_sr(
+        newer_bundle, headers, volume, input_fingerprint=FINGERPRINT, content_datetime=WHEN
+    )
     uids = {ds.SOPInstanceUID for ds in (first, other_input, other_version)}
     assert len(uids) == 3, "a new fingerprint or bundle version is a new report"
     tracking = {g.tracking_uid for g in check_tid1500_generic(roundtrip(first))}
@@ -237,7 +243,7 @@ def test_patient_name_round_trips_in_every_character_set(charset_file: Path) -> 
     headers, person = _charset_headers(charset_file)
     volume = volume_from_headers(headers)
     _, findings = synthetic_case(volume)
-    sr = write_sr(findings, headers, volume, input_fingerprint=FINGERPRINT)
+    sr = write_sr(findings, headers, volume, input_fingerprint=FINGERPRINT, content_datetime=WHEN)
     decoded = validate(sr, charset_file.stem, findings, headers)
 
     assert decoded.SpecificCharacterSet == "ISO_IR 192"
@@ -249,7 +255,7 @@ def test_sagittal_mr_report() -> None:
     headers = read_headers(SAGITTAL_MR)
     volume = volume_from_headers(headers)
     _, findings = synthetic_case(volume)
-    sr = write_sr(findings, headers, volume, input_fingerprint=FINGERPRINT)
+    sr = write_sr(findings, headers, volume, input_fingerprint=FINGERPRINT, content_datetime=WHEN)
     decoded = validate(sr, "sagittal MR SR", findings, headers)
     procedures = [code_of(item) for item in children(decoded) if concept(item) == ("121058", "DCM")]
     assert procedures == [("25056-3", "LN")]
@@ -259,25 +265,29 @@ def test_report_without_findings_and_with_a_degenerate_finding(abdomen: tuple[li
     headers, volume = abdomen
     empty = Findings(algorithm=ALGORITHM)
     decoded = validate(
-        write_sr(empty, headers, volume, input_fingerprint=FINGERPRINT), "empty", empty, headers
+        write_sr(empty, headers, volume, input_fingerprint=FINGERPRINT, content_datetime=WHEN),
+        "empty",
+        empty,
+        headers,
     )
-    groups = check_tid1500_generic(decoded)
-    assert [g.tracking_identifier for g in groups] == ["Triage priority"]
-    assert code_of(groups[0].items(("260870009", "SCT"))[0]) == ("50811001", "SCT")  # Routine
+    assert check_tid1500_generic(decoded) == []  # nothing measured: no group at all
+    (evaluations,) = [item for item in children(decoded) if concept(item) == ("C0034375", "UMLS")]
+    assert [code_of(item) for item in children(evaluations)] == [("50811001", "SCT")]  # Routine
     assert not [item for item in children(decoded) if concept(item) == ("121111", "DCM")]
 
-    nothing = Finding(label=3, name="fluid", volume_ml=0.0, n_components=0, largest_diameter_mm=0.0,
+    nothing = Finding(label=3, name="fluid", volume_ml=0.0, largest_diameter_mm=0.0,
                       centroid_lps=(float("nan"),) * 3)  # fmt: skip
     critical = Findings(algorithm=ALGORITHM, findings=(nothing,), priority=Priority.STAT, summary="STAT")
     decoded = validate(
-        write_sr(critical, headers, volume, input_fingerprint=FINGERPRINT), "degenerate", critical, headers
+        write_sr(critical, headers, volume, input_fingerprint=FINGERPRINT, content_datetime=WHEN),
+        "degenerate",
+        critical,
+        headers,
     )
-    group = groups_by_name(decoded)["fluid"]
+    group = groups_by_name(decoded)["fluid 1"]
     assert group.item.ContentTemplateSequence[0].TemplateIdentifier == "1501"  # no ROI to reference
-    assert code_of(groups_by_name(decoded)["Triage priority"].items(("260870009", "SCT"))[0]) == (
-        "49499008",
-        "SCT",
-    )
+    (evaluations,) = [item for item in children(decoded) if concept(item) == ("C0034375", "UMLS")]
+    assert [code_of(item) for item in children(evaluations)] == [("49499008", "SCT")]  # Stat
 
 
 @pytest.mark.parametrize(
@@ -295,9 +305,9 @@ def test_rejects_sources_that_do_not_match_the_volume(abdomen: tuple[list[Datase
     other_study = [copy.deepcopy(ds) for ds in headers]
     other_study[3].StudyInstanceUID = "1.2.3.4"
     with pytest.raises(ValueError, match="study"):
-        write_sr(findings, other_study, volume, input_fingerprint=FINGERPRINT)
+        write_sr(findings, other_study, volume, input_fingerprint=FINGERPRINT, content_datetime=WHEN)
     with pytest.raises(ValueError, match=headers[0].SOPInstanceUID):
-        write_sr(findings, headers[1:], volume, input_fingerprint=FINGERPRINT)
+        write_sr(findings, headers[1:], volume, input_fingerprint=FINGERPRINT, content_datetime=WHEN)
 
 
 def test_codes_are_the_standard_ones() -> None:
@@ -307,11 +317,23 @@ def test_codes_are_the_standard_ones() -> None:
     unknown = {
         (c.scheme_designator, c.value)
         for c in emitted
-        if c.scheme_designator != codes.PRIVATE_SCHEME and c not in getattr(dicom_codes, c.scheme_designator)
+        if c.scheme_designator != codes.PRIVATE_SCHEME
+        and (
+            not hasattr(dicom_codes, c.scheme_designator)
+            or c not in getattr(dicom_codes, c.scheme_designator)
+        )
     }
     # SNOMED CT 272125009 |Priorities| descendants that DICOM's SNOMED subset does not list; "ml" is
     # listed by UCUM, not in pydicom's subset.
-    assert unknown == {("SCT", "50811001"), ("SCT", "49499008"), ("UCUM", "ml")}
+    # TID 1500's "Qualitative Evaluations" container (UMLS) and IHE AIR's interim "Processing
+    # Algorithm" (99IHE) are not in pydicom's dictionary either.
+    assert unknown == {
+        ("SCT", "50811001"),
+        ("SCT", "49499008"),
+        ("UCUM", "ml"),
+        ("UMLS", "C0034375"),
+        ("99IHE", "Newcode1"),
+    }
     assert set(codes.PRIORITY_VALUES) == set(Priority)
 
 

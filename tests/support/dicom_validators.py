@@ -15,6 +15,7 @@ import io
 import shutil
 import subprocess
 import tempfile
+import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +102,23 @@ def assert_dsrdump_ok(ds: Dataset, label: str = "") -> ValidatorReport:
     return report
 
 
+def dsr2xml(ds: Dataset) -> ET.Element:
+    """The SR as dcmtk's ``dsr2xml`` reads it (codes, relationship and value type as attributes).
+
+    Items are ``<item valType=.. relType=..>`` with ``<concept codValue=.. codScheme=..>`` and a
+    ``<value>``; the header carries ``<instance><creation><date>/<time>``.
+    """
+    executable = require_tool("dsr2xml")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "object.dcm"
+        path.write_bytes(encode(ds))
+        done = subprocess.run(
+            [executable, "+Ec", "+Er", "+Ev", str(path)], capture_output=True, timeout=120, check=False
+        )
+    assert done.returncode == 0, f"dsr2xml exited {done.returncode}: {done.stderr.decode(errors='replace')}"
+    return ET.fromstring(done.stdout)
+
+
 # --- real inputs -------------------------------------------------------------------------------------
 
 
@@ -153,6 +171,7 @@ def volume_from_headers(headers: Sequence[Dataset], array: np.ndarray | None = N
 # --- synthetic findings on a real grid -----------------------------------------------------------
 
 ALGORITHM = AlgorithmInfo(name="demo_ct_seg", version="0.3.1", sha256="5" * 64, pipeline="ct-abdomen")
+CLASSIFIER = AlgorithmInfo(name="demo_ct_cls", version="0.2.0", sha256="6" * 64, pipeline="ct-abdomen")
 SPLEEN = (Code("91723000", "SCT", "Anatomical Structure"), Code("78961009", "SCT", "Spleen"))
 LESION = (Code("49755003", "SCT", "Morphologically Abnormal Structure"), Code("52988006", "SCT", "Lesion"))
 LIVER = Code("10200004", "SCT", "Liver")
@@ -162,7 +181,8 @@ def synthetic_case(volume: Volume, *, coded: bool = True) -> tuple[np.ndarray, F
     """A label volume [i, j, k] with two asymmetric blobs, and the Findings measured from it.
 
     Label 1 ("spleen") is an L-shaped block over several slices, label 2 ("lesion", site liver) a
-    small block in one slice, so any transpose or flip of the grid changes the masks. Volumes and
+    small block in one slice, so any transpose or flip of the grid changes the masks. Each is one
+    lesion, so the label value is also the finding's position (a lesion map). Volumes and
     centroids are computed from the labels (as ``measure.py`` would), so SR and SEG agree.
     """
     n_i, n_j, n_k = volume.array.shape
@@ -182,7 +202,7 @@ def synthetic_case(volume: Volume, *, coded: bool = True) -> tuple[np.ndarray, F
                 label=label,
                 name=name,
                 volume_ml=len(ijk) * volume.voxel_volume_ml,
-                n_components=1,
+                voxel_count=len(ijk),
                 largest_diameter_mm=float(np.linalg.norm(extent)),
                 centroid_lps=(float(centroid[0]), float(centroid[1]), float(centroid[2])),
                 category=codes[0] if coded else None,
@@ -193,7 +213,7 @@ def synthetic_case(volume: Volume, *, coded: bool = True) -> tuple[np.ndarray, F
     return labels, Findings(
         algorithm=ALGORITHM,
         findings=tuple(findings),
-        classifications=(Classification("splenic injury", 0.87),),
+        classifications=(Classification("splenic injury", 0.87, CLASSIFIER),),
         priority=Priority.URGENT,
         summary="URGENT: spleen 123 mL; lesion in liver; splenic injury p=0.87",
     )

@@ -26,7 +26,8 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from pipeline.findings import AlgorithmInfo, Finding, Findings
+from pipeline.findings import AlgorithmInfo, Classification, Finding, Findings
+from pipeline.spec import BundleSpec
 from pipeline.writers.sr_reader import SrReport, read_sr
 from tests.support.dicom_bytes import echo_status
 from tests.support.dicom_validators import assert_dciodvfy_clean, assert_dsrdump_ok, roundtrip
@@ -50,7 +51,8 @@ class DemoBundles:
 
     directory: Path
     committed: bool  # the shipped bundles (not a PACS_TRIAGE_TEST_DEMO_BUNDLES override)
-    algorithm: AlgorithmInfo  # the segmentation bundle's identification, as every group carries it
+    algorithm: AlgorithmInfo  # the segmentation bundle's identification, as every lesion group carries it
+    classifier: AlgorithmInfo | None = None  # the classification bundle's, as its group carries it
 
     def config_lines(self) -> list[str]:
         """TOML for a service that runs these bundles as its ``demo`` pipeline."""
@@ -75,14 +77,22 @@ def demo_bundles() -> DemoBundles:
             f"`python -m pipeline.demo.training --out {where}` and pin them with "
             f"`python -m pipeline.demo.bundle --pin`, or set {DEV_BUNDLES_ENV}=DIR to test other bundles."
         )
-    meta = json.loads((spec.segmentation.path / "configs" / "metadata.json").read_text(encoding="utf-8"))
-    algorithm = AlgorithmInfo(
-        name=str(meta.get("name") or spec.segmentation.path.name),
-        version=str(meta.get("version") or "unknown"),
-        sha256=spec.segmentation.sha256,
-        pipeline=spec.name,
+
+    def identification(bundle: BundleSpec) -> AlgorithmInfo:
+        meta = json.loads((bundle.path / "configs" / "metadata.json").read_text(encoding="utf-8"))
+        return AlgorithmInfo(
+            name=str(meta.get("name") or bundle.path.name),
+            version=str(meta.get("version") or "unknown"),
+            sha256=bundle.sha256,
+            pipeline=spec.name,
+        )
+
+    return DemoBundles(
+        directory=where,
+        committed=override is None,
+        algorithm=identification(spec.segmentation),
+        classifier=None if spec.classification is None else identification(spec.classification),
     )
-    return DemoBundles(directory=where, committed=override is None, algorithm=algorithm)
 
 
 def service_config(path: Path, bundles: DemoBundles, rules: Sequence[tuple[str, str]]) -> Path:
@@ -125,14 +135,17 @@ def check_sr(
         algorithm=bundles.algorithm,
         findings=tuple(
             Finding(
-                label=number,
+                label=1,
                 name=f.name,
+                lesion=int(f.identifier.rpartition(" ")[2]),
                 volume_ml=f.volume_ml,
-                n_components=1,
                 largest_diameter_mm=f.diameter_mm or 0.0,
-                centroid_lps=(0.0, 0.0, 0.0),
+                centroid_lps=f.centroid_lps or (0.0, 0.0, 0.0),
             )
-            for number, f in enumerate(report.findings, start=1)
+            for f in report.findings
+        ),
+        classifications=tuple(
+            Classification(c.name, c.probability, bundles.classifier) for c in report.classifications
         ),
         priority=report.priority,
     )

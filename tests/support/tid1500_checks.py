@@ -4,8 +4,10 @@ Works on plain pydicom datasets (any writer's SR), walking the content tree itse
 
 - ``check_tid1500_generic``: what every TID 1500 Measurement Report has (PS3.16 TID 1500, 1501,
   1410/1411, 4108). It passes on the real examples in ``testdata/sr_examples`` (dcmqi, highdicom).
-- ``check_pacs_triage_sr``: what our reports add: device observer, one group per finding with its
-  volume in UCUM ml (the generic part only asks for UCUM units), TID 4019 algorithm identification carrying the bundle sha256, references
+- ``check_pacs_triage_sr``: what our reports add: device observer, one group per lesion with its
+  voxel-count volume in UCUM ml (method 126030; the generic part only asks for UCUM units), TID 4019
+  identification of the model that produced each group, carrying its bundle sha256, the triage
+  priority at the document level, every model a Contributing Equipment item (IHE AIR), references
   only to the source images (and our SEG), same study, new series.
 - ``check_deterministic``: the same inputs give the same SOP Instance and Series UIDs.
 """
@@ -36,6 +38,10 @@ ALGORITHM_NAME: Concept = ("111001", "DCM")
 ALGORITHM_VERSION: Concept = ("111003", "DCM")
 ALGORITHM_PARAMETERS: Concept = ("111002", "DCM")
 PRIORITY: Concept = ("260870009", "SCT")
+QUALITATIVE_EVALUATIONS: Concept = ("C0034375", "UMLS")  # TID 1500 document-level container
+VOXEL_VOLUME_METHOD: Concept = ("126030", "DCM")
+MEASUREMENT_METHOD: Concept = ("370129005", "SCT")
+PROCESSING_ALGORITHM: Concept = ("Newcode1", "99IHE")  # IHE AIR Contributing Equipment purpose
 
 
 def concept(item: Dataset) -> Concept | None:
@@ -109,9 +115,14 @@ def check_tid1500_generic(ds: Dataset) -> list[Group]:
     observer_types = [item for item in root if concept(item) == OBSERVER_TYPE]
     assert observer_types, "no observer context (TID 1002 'Observer Type') at the root"
 
-    measurements = _one(root, IMAGING_MEASUREMENTS, "root")
-    group_items = [item for item in children(measurements) if concept(item) == MEASUREMENT_GROUP]
-    assert group_items, "'Imaging Measurements' holds no 'Measurement Group'"
+    containers = [item for item in root if concept(item) == IMAGING_MEASUREMENTS]
+    assert len(containers) <= 1, f"root: {len(containers)} 'Imaging Measurements' containers"
+    group_items = [
+        item
+        for measurements in containers
+        for item in children(measurements)
+        if concept(item) == MEASUREMENT_GROUP
+    ]
     groups: list[Group] = []
     for number, item in enumerate(group_items, start=1):
         where = f"measurement group {number}"
@@ -165,9 +176,10 @@ def check_pacs_triage_sr(
     assert ds.SeriesInstanceUID != first.SeriesInstanceUID, "the SR must be in a new series"
     assert ds.PatientID == first.get("PatientID", ""), "PatientID not copied from the source"
 
-    algorithm = findings.algorithm
+    by_class = {f"{c.name} (classification)": findings.algorithm_of(c) for c in findings.classifications}
     for group in groups:
         where = f"group {group.tracking_identifier!r}"
+        algorithm = by_class.get(group.tracking_identifier, findings.algorithm)  # each names its own model
         assert _text_values(group, ALGORITHM_NAME) == [algorithm.name], f"{where}: algorithm name"
         assert _text_values(group, ALGORITHM_VERSION) == [algorithm.version], f"{where}: algorithm version"
         assert any(algorithm.sha256 in p for p in _text_values(group, ALGORITHM_PARAMETERS)), (
@@ -175,25 +187,51 @@ def check_pacs_triage_sr(
         )
     by_name = {group.tracking_identifier: group for group in groups}
     for finding in findings.findings:
-        assert finding.name in by_name, f"no measurement group for finding {finding.name!r}"
-        group = by_name[finding.name]
-        volumes = [item for item in children(group.item) if concept(item) in VOLUME_CONCEPTS]
-        assert len(volumes) == 1, f"finding {finding.name!r}: expected one Volume, found {len(volumes)}"
+        key = finding.tracking_identifier
+        assert key in by_name, f"no measurement group for lesion {key!r}"
+        group = by_name[key]
+        volumes = [  # the volume of the voxels the SEG shows; a probability-sum volume may follow
+            item
+            for item in children(group.item)
+            if concept(item) in VOLUME_CONCEPTS
+            and [code_value(m) for m in children(item) if concept(m) == MEASUREMENT_METHOD]
+            == [VOXEL_VOLUME_METHOD]
+        ]
+        assert len(volumes) == 1, f"lesion {key!r}: expected one voxel-count Volume, found {len(volumes)}"
         measured = volumes[0].MeasuredValueSequence[0]
         unit = measured.MeasurementUnitsCodeSequence[0]
         assert (unit.CodeValue, unit.CodingSchemeDesignator) == ("ml", "UCUM"), (
             f"finding {finding.name!r}: volume in {unit.CodeValue} ({unit.CodingSchemeDesignator}), not UCUM ml"
         )
         value = float(measured.NumericValue)
-        assert abs(value - finding.volume_ml) <= 1e-6 * max(1.0, finding.volume_ml), (
-            f"finding {finding.name!r}: volume {value} ml, expected {finding.volume_ml}"
+        assert abs(value - finding.volume_ml) <= 5e-3 * max(1e-3, finding.volume_ml), (  # 3 digits
+            f"lesion {key!r}: volume {value} ml, expected {finding.volume_ml}"
         )
         image_refs = [item for item in walk(group.item) if item.get("ValueType") == "IMAGE"]
         if finding.volume_ml > 0:
             assert image_refs, f"finding {finding.name!r}: no reference to a source image or segment"
     priorities = [item for item in walk(ds) if concept(item) == PRIORITY]
     assert len(priorities) == 1, f"expected one triage Priority, found {len(priorities)}"
+    evaluations = _one(root, QUALITATIVE_EVALUATIONS, "root")  # at the document level, not in a group
+    assert [concept(item) for item in children(evaluations)] == [PRIORITY], "priority is not document level"
+    models = {
+        str(item.ManufacturerModelName)
+        for item in ds.get("ContributingEquipmentSequence", [])
+        if item.get("PurposeOfReferenceCodeSequence")
+        and code_value(item.PurposeOfReferenceCodeSequence[0]) == PROCESSING_ALGORITHM
+        and item.get("DeviceUID")
+    }
+    assert {a.name for a in findings.algorithms} <= models, (
+        f"models {models}: not every model is named (IHE AIR)"
+    )
     return groups
+
+
+def code_value(code: Dataset) -> Concept:
+    """(CodeValue, CodingSchemeDesignator) of a code item or of a CODE content item's value."""
+    if "ConceptCodeSequence" in code:
+        code = code.ConceptCodeSequence[0]
+    return (str(code.CodeValue), str(code.CodingSchemeDesignator))
 
 
 def check_deterministic(make: Callable[[], Dataset]) -> Dataset:
