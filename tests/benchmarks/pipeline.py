@@ -27,6 +27,8 @@ may (``torch.get_num_threads()``); so does ``load_volume``.
 
 from __future__ import annotations
 
+import datetime
+
 import argparse
 import contextlib
 import os
@@ -272,14 +274,18 @@ def output_stages(
     assert labels is not None
     share = np.count_nonzero(labels) / labels.size
     with measured(sampler, stages, "measure", f"{100 * share:.2g} % of the voxels labelled"):
-        findings = findings_from_prediction(prediction, volume, PriorityThresholds(urgent_volume_ml=1.0))
+        result = findings_from_prediction(prediction, volume, PriorityThresholds(urgent_volume_ml=1.0))
+    findings, lesion_map = result.findings, result.lesion_map
+    when = datetime.datetime(2026, 1, 1)  # the analysis time: any fixed one
     seg = None
-    if findings.findings:
+    if findings.findings and lesion_map is not None:
         with measured(sampler, stages, "write SEG", f"{len(findings.findings)} segment(s)"):
-            seg = write_seg(labels, volume, headers, findings, input_fingerprint="benchmark")
+            seg = write_seg(
+                lesion_map, volume, headers, findings, input_fingerprint="benchmark", content_datetime=when
+            )
     try:
         with measured(sampler, stages, "write SR", f"{len(headers)} source references"):
-            write_sr(findings, headers, volume, input_fingerprint="benchmark", seg=seg)
+            write_sr(findings, headers, volume, input_fingerprint="benchmark", seg=seg, content_datetime=when)
     except Exception as exc:  # a writer's bug must not hide the other figures
         stages.append(Stage("write SR", 0.0, 0, 0, f"**failed**: {type(exc).__name__}: {exc}"))
     return stages
