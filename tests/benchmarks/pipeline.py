@@ -27,10 +27,9 @@ may (``torch.get_num_threads()``); so does ``load_volume``.
 
 from __future__ import annotations
 
-import datetime
-
 import argparse
 import contextlib
+import datetime
 import os
 import platform
 import shutil
