@@ -104,8 +104,7 @@ def share_through(directory: Path) -> None:
 
 def forget_process(directory: Path, pid: int) -> None:
     """A child died: drop its live gauges (its counters stay in the sums)."""
-    for path in directory.glob(f"gauge_live*_{pid}.db"):
-        path.unlink(missing_ok=True)
+    multiprocess.mark_process_dead(pid, path=str(directory))
 
 
 def shared_collector(directory: Path, target: CollectorRegistry) -> None:

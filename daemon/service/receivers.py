@@ -78,6 +78,7 @@ class ReceiverProcesses:
         self.count = count
         self.supervisor: Supervisor | None = None
         self._reservations: list[socket.socket] = []
+        self._pids: set[int] = set()  # the children seen alive at the last check
 
     def start(self) -> list[tuple[str, int, bool]]:
         """Reserve the port(s), start the children and wait until every one listens."""
@@ -107,6 +108,7 @@ class ReceiverProcesses:
             )
             self.supervisor = Supervisor(spec, self.count)
             self.supervisor.start(wait=True)
+            self._pids = set(self.supervisor.pids())
         except BaseException:
             self.stop()
             raise
@@ -125,6 +127,11 @@ class ReceiverProcesses:
         """Restart receiver processes that died; their peers resend what was not acknowledged."""
         if self.supervisor is not None:
             self.supervisor.check()
+            alive = set(self.supervisor.pids())
+            for pid in self._pids - alive:
+                # Its open associations died with it: take them out of the active gauge.
+                telemetry.forget_process(telemetry.shared_directory(self.config.home), pid)
+            self._pids = alive
 
     def stop(self) -> None:
         """SIGTERM every child (in-flight stores finish or fail), wait, kill stragglers."""
