@@ -33,6 +33,31 @@ class StorageConfig(_Section):
     min_free_bytes: ByteSize = 1 * 2**30  # refuse stores (A700) below this much free space
 
 
+DATABASE_URL_FORMS = (
+    "sqlite:////absolute/path/pacs-triage.db or postgresql://USER:PASSWORD@HOST:5432/DBNAME"
+)
+
+
+def _check_database_url(value: str) -> None:
+    """Parse it as the engine will, so a malformed URL is a configuration error, not a traceback.
+
+    The value itself is not repeated in the message: it may hold a password.
+    """
+    from sqlalchemy import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        url = make_url(value)
+        url.port  # noqa: B018 - parsing the port is the check
+    except (ArgumentError, ValueError) as exc:
+        raise ValueError(f"not a valid database URL ({exc}); use {DATABASE_URL_FORMS}") from None
+    if url.get_backend_name() == "sqlite" and url.host:
+        raise ValueError(
+            f"a SQLite URL has no host part (it has {url.host!r}): three slashes before a relative path, "
+            f"four before an absolute one; use {DATABASE_URL_FORMS}"
+        )
+
+
 def default_home() -> Path:
     return Path.home() / ".local" / "share" / "pacs-triage"
 
@@ -68,6 +93,8 @@ class Config(_Section):
     def _database_url(cls, value: str | None) -> str | None:
         if value is not None and not re.match(r"^(sqlite|postgres(ql)?)(\+\w+)?://", value):
             raise ValueError("must start with sqlite:// or postgresql://")
+        if value is not None:
+            _check_database_url(value)
         return value
 
     @field_validator("destination")

@@ -204,3 +204,21 @@ def test_db_backup_sqlite_and_postgresql_advice(db: Db, tmp_path: Path) -> None:
     else:
         out = cli(db.url, tmp_path, "db", "backup", str(target), code=2)
         assert "pg_dump" in out and not target.exists()
+
+
+def test_malformed_database_url_is_a_configuration_error(tmp_path: Path) -> None:
+    """A URL the engine cannot parse (a port that is not a number, a SQLite URL with a host part):
+    exit 2 naming the key and where it was set, no traceback, the password not repeated."""
+    for wrong in ("postgresql://ops:s3cret@127.0.0.1:abc/pacs", "sqlite://relative.db"):
+        for args in (("serve",), ("status",)):
+            out = run_cli(
+                *args,
+                env=clean_env(
+                    {"PACS_TRIAGE_HOME": str(tmp_path / "home"), "PACS_TRIAGE_DATABASE_URL": wrong}
+                ),
+                timeout=60,
+            )
+            assert out.returncode == 2, (wrong, args, out.stderr)
+            assert "database_url:" in out.stderr and "PACS_TRIAGE_DATABASE_URL" in out.stderr
+            assert "Traceback" not in out.stderr and "s3cret" not in out.stderr
+    assert not (tmp_path / "home").exists()
