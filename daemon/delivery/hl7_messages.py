@@ -4,7 +4,7 @@
   the accession number, else the Study Instance UID; LOINC 18748-4 "Diagnostic imaging study";
   OBR-25 ``P``, or ``C`` "correction" when the SR supersedes an earlier one of the same study),
   an NTE with the disclaimer, TQ1 with the priority (TQ1-9), then OBX: the Study Instance UID
-  (DCM 113014), the priority (SCT 260870009, coded), one OBX per measurement of each finding (coded
+  (DCM 113014), the priority (``pipeline.codes.PRIORITY``, coded), one OBX per measurement of each finding (coded
   concept, value, UCUM unit; OBX-4 groups a finding's values) and the summary text.
 * :func:`order_update`: the priority for a RIS or reading worklist to reorder by: ``ORM^O01``
   (ORC-1 ``XO``, ORC-7 quantity/timing with the priority in its 6th component) or ``OMI^O23``
@@ -23,18 +23,16 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
+from pydicom.sr.coding import Code
+
 from daemon.delivery.report import DISCLAIMER, ResultReport, is_oid
+from pipeline import codes
 from vocabulary import Priority
 
 VERSION = "2.5"
 SEGMENT_SEPARATOR = "\r"
 PROCEDURE = ("18748-4", "Diagnostic imaging study", "LN")
 PRIORITY_CODES: dict[Priority, str] = {Priority.ROUTINE: "R", Priority.URGENT: "A", Priority.STAT: "S"}
-PRIORITY_SCT: dict[Priority, tuple[str, str]] = {
-    Priority.ROUTINE: ("50811001", "Routine"),
-    Priority.URGENT: ("103391001", "Urgent"),
-    Priority.STAT: ("49499008", "Stat"),
-}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,6 +44,11 @@ class Header:
     receiving_application: str = ""
     receiving_facility: str = ""
     processing_id: str = "P"
+
+
+def _ce(code: Code) -> str:
+    """A coded concept as CE/CWE: identifier^text^coding system (the DICOM scheme designators)."""
+    return f"{escape(code.value)}^{escape(code.meaning)}^{escape(code.scheme_designator)}"
 
 
 def escape(text: str) -> str:
@@ -141,10 +144,10 @@ def _obx(
 def oru_r01(report: ResultReport, header: Header, control_id: str) -> str:
     """The ORU^R01 result message of ``report`` (segments separated by CR, no MLLP framing)."""
     r = report
-    code, meaning = PRIORITY_SCT[r.priority]
+    value = codes.PRIORITY_VALUES[r.priority]
     observations = [
         ("ST", "113014^DICOM Study^DCM", "", escape(r.study_instance_uid), ""),
-        ("CWE", "260870009^Priority^SCT", "", f"{code}^{meaning}^SCT", ""),
+        ("CWE", _ce(codes.PRIORITY), "", _ce(value), ""),
     ]
     named: set[int] = set()
     for m in r.measurements:

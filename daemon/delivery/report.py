@@ -20,8 +20,10 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.sr.coding import Code as PydicomCode
 
 from daemon.delivery.base import Permanent
+from pipeline import codes
 from pipeline.writers.sr_reader import read_sr
 from vocabulary import Priority
 
@@ -106,30 +108,14 @@ def report_of(ds: Dataset) -> ResultReport:
     """The report of an SR dataset (pure: no file, no clock)."""
     sr = read_sr(ds)
     measurements: list[Measurement] = []
-    for group, f in enumerate(sr.findings, start=1):
-        # one lesion per group: its tracking identifier ("lesion 2"); older readers had only the name
-        name = str(getattr(f, "identifier", "") or f.name)
-        measurements.append(
-            Measurement(
-                finding=name, group=group, code="118565006", scheme="SCT", meaning="Volume",
-                value=f.volume_ml, unit="mL", unit_meaning="milliliter",
-            )
-        )  # fmt: skip
+    for group, f in enumerate(sr.findings, start=1):  # one lesion per group, by tracking identifier
+        measurements.append(_measurement(f.identifier, group, codes.VOLUME, f.volume_ml, "mL", "milliliter"))
         if f.diameter_mm is not None:
             measurements.append(
-                Measurement(
-                    finding=name, group=group, code="81827009", scheme="SCT", meaning="Diameter",
-                    value=f.diameter_mm, unit="mm", unit_meaning="millimeter",
-                )
-            )  # fmt: skip
-    offset = len(sr.findings)
-    for group, c in enumerate(sr.classifications, start=offset + 1):
-        measurements.append(
-            Measurement(
-                finding=c.name, group=group, code="122157", scheme="DCM", meaning="Probability",
-                value=c.probability, unit="1", unit_meaning="no units",
+                _measurement(f.identifier, group, codes.DIAMETER, f.diameter_mm, "mm", "millimeter")
             )
-        )  # fmt: skip
+    for group, c in enumerate(sr.classifications, start=len(sr.findings) + 1):
+        measurements.append(_measurement(c.name, group, codes.PROBABILITY, c.probability, "1", "no units"))
     return ResultReport(
         sr_sop_instance_uid=sr.sop_instance_uid,
         study_instance_uid=sr.study_instance_uid,
@@ -153,6 +139,21 @@ def report_of(ds: Dataset) -> ResultReport:
             for series in study.get("ReferencedSeriesSequence", [])
             for ref in series.get("ReferencedSOPSequence", [])
         ),
+    )
+
+
+def _measurement(
+    finding: str, group: int, concept: PydicomCode, value: float, unit: str, unit_meaning: str
+) -> Measurement:
+    return Measurement(
+        finding=finding,
+        group=group,
+        code=str(concept.value),
+        scheme=str(concept.scheme_designator),
+        meaning=str(concept.meaning),
+        value=value,
+        unit=unit,
+        unit_meaning=unit_meaning,
     )
 
 
