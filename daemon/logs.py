@@ -20,9 +20,8 @@ import re
 import sys
 from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
-from typing import Any
-
-from daemon.config import LoggingConfig
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 PEER_TEXT_LIMIT = 96  # characters of a peer string kept in a log line (AE 16, UI 64, plus room)
 # Loggers of libraries held at logging.third_party_level.
@@ -132,9 +131,31 @@ class _LazyFormatter(logging.Formatter):
         return self._inner.format(record)
 
 
-def setup_logging(settings: LoggingConfig | str) -> None:
-    """Send every log record (ours and the libraries') through structlog to stderr, once per process."""
-    config = settings if isinstance(settings, LoggingConfig) else LoggingConfig(level=settings)
+class LoggingSettings(Protocol):
+    """What logging needs from ``[logging]`` (``daemon.config.LoggingConfig`` has it; this room sits
+    below the configuration, so it names the shape, not the class)."""
+
+    @property
+    def level(self) -> str: ...
+    @property
+    def format(self) -> str: ...
+    @property
+    def third_party_level(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class _Plain:
+    level: str
+    format: str = "text"
+    third_party_level: str = "WARNING"
+
+
+def setup_logging(settings: LoggingSettings | str) -> None:
+    """Send every log record (ours and the libraries') through structlog to stderr, once per process.
+
+    ``settings``: the ``[logging]`` section, or just a level (text format, libraries at WARNING).
+    """
+    config = _Plain(level=settings) if isinstance(settings, str) else settings
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_LazyFormatter(config.format))
     root = logging.getLogger()
