@@ -19,6 +19,9 @@ What is taken from ``inference.json`` (see ``shared/bundles/README.md``):
   refer to (``pixdim``, ``displayable_configs#...``).
 - replaced: ``LoadImage(d)`` and every ``Save*`` transform by ``Identityd``; ``device`` and
   ``inferer#device`` by the runtime's device; ``network_def#pretrained`` by ``False`` (no downloads).
+- computed faster, same values: every ``AsDiscreted(argmax)`` by :func:`pipeline.postprocess.channel_argmax`.
+- opt-in per pipeline (they change results a little, so they are part of its identity):
+  ``invert_labels`` (:mod:`pipeline.postprocess`) and ``cpu_bf16`` (bfloat16 autocast on CPU).
 - removed before parsing, so never resolved: :data:`NEVER_RESOLVED` (data loading, handlers,
   evaluator, checkpoint loader, ``initialize``, ``run``). Weights are loaded here, pinned.
 
@@ -45,6 +48,7 @@ from pipeline.bundle_config import INFERENCE, NEVER_RESOLVED, build_parser, chan
 from pipeline.bundle_pins import bundle_sha256, read_pinned
 from pipeline.errors import BundleError, TransientError
 from pipeline.findings import AlgorithmInfo
+from pipeline.postprocess import channel_argmax, faster_postprocessing
 from pipeline.volume import Volume
 
 __all__ = ["NEVER_RESOLVED", "BundleKind", "BundleRuntime", "Prediction"]
@@ -122,11 +126,16 @@ class BundleRuntime:
         amp: bool,
         parser: Any,
         network: torch.nn.Module,
+        invert_labels: bool = False,
+        cpu_bf16: bool = False,
     ) -> None:
         self.path = path
         self.sha256 = sha256
         self.device = device
         self.amp = amp and device.type == "cuda"
+        self.cpu_bf16 = (
+            cpu_bf16 and device.type == "cpu"
+        )  # bfloat16 autocast on CPU (opt-in: changes results)
         self.parser = parser
         self.network = network
         meta = parser.get("_meta_", {})
@@ -136,8 +145,11 @@ class BundleRuntime:
         self.image_key = str(parser.get_parsed_content("image_key")) if "image_key" in parser else "image"
         self.preprocessing = parser.get_parsed_content("preprocessing")
         self.inferer = parser.get_parsed_content("inferer")
-        self.postprocessing = (
-            parser.get_parsed_content("postprocessing") if "postprocessing" in parser else None
+        postprocessing = parser.get_parsed_content("postprocessing") if "postprocessing" in parser else None
+        steps = getattr(postprocessing, "transforms", [postprocessing])
+        # The exact fast argmax always; labels inverted instead of probabilities when asked (pipeline.postprocess).
+        self.postprocessing_steps, self.inverts_labels = faster_postprocessing(
+            [s for s in steps if s is not None], invert_labels=invert_labels
         )
         self._lock = threading.Lock()
 
@@ -151,6 +163,8 @@ class BundleRuntime:
         device: str | torch.device | None = None,
         overrides: Mapping[str, Any] | None = None,
         amp: bool = True,
+        invert_labels: bool = False,
+        cpu_bf16: bool = False,
     ) -> BundleRuntime:
         """Check path and pin, then parse and build; no cache (see :func:`load_bundle`)."""
         path = Path(bundle_dir).resolve()
@@ -167,7 +181,16 @@ class BundleRuntime:
         try:
             parser = build_parser(files, overrides or {}, device_)
             network = load_network(parser, files, device_)
-            return cls(path=path, sha256=actual, device=device_, amp=amp, parser=parser, network=network)
+            return cls(
+                path=path,
+                sha256=actual,
+                device=device_,
+                amp=amp,
+                parser=parser,
+                network=network,
+                invert_labels=invert_labels,
+                cpu_bf16=cpu_bf16,
+            )
         except BundleError:
             raise
         except _BUILD_ERRORS as exc:
@@ -201,7 +224,10 @@ class BundleRuntime:
                 # Postprocessing runs on the inference device, as in the bundle's own evaluator.
                 image = data[self.image_key] = data[self.image_key].to(self.device)
                 batch = torch.as_tensor(image).as_subclass(torch.Tensor).unsqueeze(0)
-                with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+                with (
+                    torch.autocast("cuda", dtype=torch.float16, enabled=self.amp),
+                    torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cpu_bf16),
+                ):
                     output = self.inferer(batch, self.network)
                 if not isinstance(output, torch.Tensor):
                     raise BundleError(
@@ -222,8 +248,8 @@ class BundleRuntime:
             raise BundleError(f"bundle {self.name} needs a package that is not installed: {missing}") from exc
 
     def _classification(self, data: dict[str, Any], pipeline: str) -> Prediction:
-        if self.postprocessing is not None:
-            data = self.postprocessing(data)
+        for step in self.postprocessing_steps:
+            data = step(data)
         probs = torch.as_tensor(data["pred"]).detach().float().cpu().reshape(-1)
         if probs.numel() != len(self.label_names):
             raise BundleError(
@@ -256,15 +282,14 @@ class BundleRuntime:
 
         # Step through postprocessing to keep the last multi-channel map already on the source grid
         # (spleen inverts the softmax, then takes the argmax: that map is the probabilities).
-        steps = getattr(self.postprocessing, "transforms", [self.postprocessing])
-        for step in (s for s in steps if s is not None):
+        for step in self.postprocessing_steps:
             if source_grid_probabilities(data["pred"]):
                 probabilities = data["pred"]
             data = step(data)
         pred = torch.as_tensor(data["pred"]).detach()
         if source_grid_probabilities(pred):
             probabilities = pred
-            pred = pred.argmax(dim=0, keepdim=True)
+            pred = channel_argmax(pred)
         if pred.ndim != 4 or pred.shape[0] != 1 or tuple(pred.shape[1:]) != shape:
             raise BundleError(
                 f"bundle {self.name}: postprocessing returned shape {tuple(pred.shape)}, expected "
@@ -284,7 +309,7 @@ class BundleRuntime:
 
 # --- per-process cache ---------------------------------------------------------------------------
 
-_cache: OrderedDict[tuple[str, str, str, str, bool], BundleRuntime] = OrderedDict()
+_cache: OrderedDict[tuple[str, str, str, str, bool, bool, bool], BundleRuntime] = OrderedDict()
 _cache_lock = threading.Lock()
 
 
@@ -296,10 +321,14 @@ def load_bundle(
     device: str | torch.device | None = None,
     overrides: Mapping[str, Any] | None = None,
     amp: bool = True,
+    invert_labels: bool = False,
+    cpu_bf16: bool = False,
 ) -> BundleRuntime:
     """Load a pinned bundle once per process; later calls with the same key return the warm runtime.
 
-    The key is (resolved path, pinned sha256, device, overrides, amp). ``device`` defaults to CUDA
+    The key is (resolved path, pinned sha256, device, overrides, amp, invert_labels, cpu_bf16);
+    ``invert_labels`` and ``cpu_bf16`` are the opt-in speed options of :mod:`pipeline.postprocess` and
+    bfloat16 autocast on CPU (both change results a little: per pipeline, never by default). ``device`` defaults to CUDA
     when present, else CPU. ``overrides`` maps config ids to values, e.g.
     ``{"displayable_configs#highres": False, "inferer#sw_batch_size": 1}``.
     Raises :class:`BundleError` for a path outside ``allowed_dirs``, a sha256 mismatch, missing weights
@@ -312,6 +341,8 @@ def load_bundle(
         str(device_),
         json.dumps(dict(overrides or {}), sort_keys=True, default=repr),
         amp,
+        invert_labels,
+        cpu_bf16,
     )
     with _cache_lock:
         runtime = _cache.get(key)
@@ -319,7 +350,14 @@ def load_bundle(
             _cache.move_to_end(key)
             return runtime
         runtime = BundleRuntime.load(
-            bundle_dir, sha256=sha256, allowed_dirs=allowed_dirs, device=device_, overrides=overrides, amp=amp
+            bundle_dir,
+            sha256=sha256,
+            allowed_dirs=allowed_dirs,
+            device=device_,
+            overrides=overrides,
+            amp=amp,
+            invert_labels=invert_labels,
+            cpu_bf16=cpu_bf16,
         )
         _cache[key] = runtime
         while len(_cache) > _CACHE_SIZE:
