@@ -41,7 +41,10 @@ class BundleSpec:
     ``overrides`` maps config ids of ``inference.json`` to values (e.g. ``{"inferer#sw_batch_size":
     1}``); it is copied and made read-only. ``device`` is ``None`` for CUDA when present, else CPU.
     ``device`` and ``amp`` choose where the bundle runs, not what it computes, so they are not part
-    of the pipeline's identity.
+    of the pipeline's identity. ``invert_labels`` (resample the label map, not the probabilities:
+    :mod:`pipeline.postprocess`) and ``cpu_bf16`` (bfloat16 autocast on CPU) are opt-in speed options
+    that change labels a little: they enter the identity when on (and only then, so the UIDs of a
+    pipeline that does not use them stay what they were).
     """
 
     path: Path
@@ -50,6 +53,8 @@ class BundleSpec:
     overrides: Mapping[str, Any] = field(default_factory=dict)
     device: str | None = None
     amp: bool = True
+    invert_labels: bool = False
+    cpu_bf16: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))
@@ -74,15 +79,29 @@ class BundleSpec:
 
     def __hash__(self) -> int:
         return hash(
-            (self.path, self.sha256, self.allowed_dirs, self.device, self.amp, self._overrides_json())
+            (
+                self.path,
+                self.sha256,
+                self.allowed_dirs,
+                self.device,
+                self.amp,
+                self.invert_labels,
+                self.cpu_bf16,
+                self._overrides_json(),
+            )
         )
 
     def _overrides_json(self) -> str:
         return _canonical_json(dict(self.overrides))
 
     def identity(self) -> dict[str, Any]:
-        """What of this bundle determines its outputs: the pinned digest and the config overrides."""
-        return {"sha256": self.sha256, "overrides": dict(self.overrides)}
+        """What of this bundle determines its outputs: the pinned digest, the config overrides, the speed options."""
+        identity: dict[str, Any] = {"sha256": self.sha256, "overrides": dict(self.overrides)}
+        if self.invert_labels:
+            identity["invert_labels"] = True
+        if self.cpu_bf16:
+            identity["cpu_bf16"] = True
+        return identity
 
 
 @dataclass(frozen=True, kw_only=True)

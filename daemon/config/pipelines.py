@@ -66,6 +66,12 @@ class MonaiPipelineConfig(_Section):
     volume_method: VolumeMethod | None = None  # "voxel count" or "probability sum"; None: the bundle's best
     device: str | None = None  # "cpu", "cuda", "cuda:1"; None: CUDA when present, else CPU
     amp: bool = True  # mixed precision on CUDA
+    # Speed options (issue 15), off by default; each changes labels a little and so the result UIDs:
+    # invert_labels: where the bundle resamples its probabilities to the source grid and takes the
+    # argmax after (spleen, demo), take the argmax first and resample the label map (nearest), as
+    # wholeBody's bundle does; no "probability sum" volume then. cpu_bf16: bfloat16 autocast on CPU.
+    invert_labels: bool = False
+    cpu_bf16: bool = False
 
     @field_validator("modalities")
     @classmethod

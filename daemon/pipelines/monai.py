@@ -69,7 +69,15 @@ class MonaiPipeline:
         )
 
 
-def _bundle(entry: BundleConfig, allowed: tuple[Path, ...], device: str | None, amp: bool) -> BundleSpec:
+def _bundle(
+    entry: BundleConfig,
+    allowed: tuple[Path, ...],
+    device: str | None,
+    amp: bool,
+    *,
+    invert_labels: bool = False,
+    cpu_bf16: bool = False,
+) -> BundleSpec:
     return BundleSpec(
         path=entry.path,
         sha256=entry.sha256,
@@ -77,6 +85,8 @@ def _bundle(entry: BundleConfig, allowed: tuple[Path, ...], device: str | None, 
         overrides=entry.overrides,
         device=device,
         amp=amp,
+        invert_labels=invert_labels,
+        cpu_bf16=cpu_bf16,
     )
 
 
@@ -104,11 +114,20 @@ def spec_from_config(entry: MonaiPipelineConfig) -> PipelineSpec:
         name=entry.name,
         version=entry.version,
         selection=selection,
-        segmentation=_bundle(entry.segmentation, entry.allowed_dirs, entry.device, entry.amp),
+        segmentation=_bundle(
+            entry.segmentation,
+            entry.allowed_dirs,
+            entry.device,
+            entry.amp,
+            invert_labels=entry.invert_labels,
+            cpu_bf16=entry.cpu_bf16,
+        ),
         classification=(
             None
             if entry.classification is None
-            else _bundle(entry.classification, entry.allowed_dirs, entry.device, entry.amp)
+            else _bundle(
+                entry.classification, entry.allowed_dirs, entry.device, entry.amp, cpu_bf16=entry.cpu_bf16
+            )
         ),
         thresholds=thresholds,
         make_seg=entry.make_seg,
