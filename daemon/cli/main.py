@@ -10,12 +10,15 @@ from typing import Annotated
 
 import typer
 
+from daemon.cli.bundle import bundle_app
 from daemon.cli.common import ConfigOption
 from daemon.cli.common import fail as _fail
 from daemon.cli.common import load as _config
 from daemon.cli.config import config_app
+from daemon.cli.evaluate import register as register_evaluate_commands
 from daemon.cli.jobs import echo_queue, studies_app
 from daemon.cli.jobs import register as register_job_commands
+from daemon.cli.offline import register as register_offline_commands
 from daemon.cli.studies import register as register_study_commands
 from daemon.config import parse_peer
 
@@ -29,6 +32,7 @@ app = typer.Typer(
 db_app = typer.Typer(help="Database maintenance.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(config_app, name="config")
+app.add_typer(bundle_app, name="bundle")
 
 PeerArg = Annotated[str, typer.Argument(help="The peer as AET@HOST:PORT, e.g. ORTHANC@127.0.0.1:4242.")]
 CallingAe = Annotated[
@@ -200,17 +204,45 @@ def phantom(
     faint: Annotated[
         bool, typer.Option(help="Fainter lesions: 15-40 HU of contrast instead of 40-80.")
     ] = False,
+    cases: Annotated[
+        int | None,
+        typer.Option(min=1, max=1000, help="Write a labelled validation set of N studies (for `evaluate`)."),
+    ] = None,
+    positive_fraction: Annotated[
+        float,
+        typer.Option(
+            min=0.0, max=1.0, help="With --cases: the share of cases with lesions (the rest lesion-free)."
+        ),
+    ] = 0.5,
 ) -> None:
     """Write a synthetic CT study with lesions of known volume, plus its ground truth.
 
     The series is real CT Image Storage (512x512, valid UIDs); ground_truth.json lists each
     lesion's centre (LPS, mm) and volume (mL); ground_truth_mask.npy is the voxel mask.
+
+    With --cases N it writes a validation set instead: OUT/cases/case_NNN/ (one study each, seeds
+    SEED..SEED+N-1), OUT/truth/case_NNN.nii.gz (lesion masks) and OUT/truth/labels.csv (1 lesion,
+    0 lesion-free; --positive-fraction sets the balance; --lesions is then the most per case).
+    Try it: `pacs-triage evaluate demo OUT/cases --truth OUT/truth --out REPORT`.
     """
     from pipeline.demo.phantom import PhantomOptions, write_phantom_series
 
     if small and faint:
         _fail("choose --small or --faint, not both", code=2)
     options = PhantomOptions.small_lesions() if small else PhantomOptions.faint_lesions() if faint else None
+    if cases is not None:
+        from pipeline.demo.validation_set import write_validation_set
+
+        written = write_validation_set(
+            out, cases=cases, positive_fraction=positive_fraction, seed=seed, slices=slices,
+            max_lesions=max(lesions, 1), options=options,
+        )  # fmt: skip
+        positive = sum(1 for case in written if case.lesions)
+        typer.echo(
+            f"wrote {len(written)} cases to {out}/cases ({positive} with lesions, {len(written) - positive} lesion-free)"
+        )
+        typer.echo(f"truth: {out}/truth/case_NNN.nii.gz and {out}/truth/labels.csv")
+        return
     truth = write_phantom_series(out, seed=seed, lesions=lesions, slices=slices, options=options)
     typer.echo(f"wrote {slices} CT slices to {out} (study {truth.study_instance_uid})")
     for lesion in truth.lesions:
@@ -318,6 +350,8 @@ def db_backup(
 
 register_job_commands(app)
 register_study_commands(studies_app)
+register_offline_commands(app)
+register_evaluate_commands(app)
 
 
 def main() -> None:

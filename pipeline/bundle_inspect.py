@@ -1,0 +1,216 @@
+"""What the runtime will do with a bundle, before it is deployed: which parts of ``inference.json`` it
+honours, replaces or removes, what the metadata declares, the weights' own hashes, and a copy of the
+bundle with random weights (to try a bundle whose weights are not here, as the Model Zoo ships them).
+
+Reading and listing only; building the network (for random weights) evaluates the bundle's config,
+which is code: do it only on a bundle the operator chose to check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.bundle_config import INFERENCE, METADATA, NEVER_RESOLVED, channel_names
+from pipeline.errors import BundleError
+
+__all__ = [
+    "BundleItem",
+    "BundleSummary",
+    "WeightHash",
+    "describe_bundle",
+    "random_weights_copy",
+    "weight_hashes",
+]
+
+_LOADERS = ("LoadImaged", "LoadImage")
+
+
+@dataclass(frozen=True)
+class BundleItem:
+    """One id of ``inference.json`` and what the runtime does with it."""
+
+    id: str
+    action: str  # "honoured", "replaced", "removed", "overridden", "not used"
+    detail: str
+
+
+@dataclass(frozen=True)
+class BundleSummary:
+    """The bundle's declarations and the runtime's treatment of each part."""
+
+    name: str
+    version: str
+    monai_version: str
+    declared_packages: Mapping[str, str]
+    labels: tuple[str, ...]
+    input_modality: str
+    intended_use: str
+    items: tuple[BundleItem, ...]
+
+
+def _target(item: Any) -> str:
+    return str(item.get("_target_", "")) if isinstance(item, dict) else str(item)
+
+
+def _json(bundle: Path, rel: str) -> dict[str, Any]:
+    try:
+        value = json.loads((bundle / rel).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BundleError(f"{bundle} is not a MONAI bundle: {rel} is missing") from None
+    except ValueError as exc:
+        raise BundleError(f"{bundle / rel} is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise BundleError(f"{bundle / rel} must hold a JSON object")
+    return value
+
+
+def _transforms(config: Mapping[str, Any], section: str) -> list[BundleItem]:
+    transforms = config.get(section, {}).get("transforms") if isinstance(config.get(section), dict) else None
+    if not isinstance(transforms, list):
+        return [BundleItem(section, "honoured", _target(config[section]))] if section in config else []
+    items = []
+    for index, item in enumerate(transforms):
+        name = _target(item)
+        short = name.rsplit(".", 1)[-1]
+        where = f"{section}#transforms#{index}"
+        if section == "preprocessing" and short in _LOADERS:
+            items.append(
+                BundleItem(
+                    where, "replaced", f"{name} -> Identityd: the volume is fed in memory (LPS MetaTensor)"
+                )
+            )
+        elif section == "postprocessing" and short.startswith("Save"):
+            items.append(
+                BundleItem(where, "replaced", f"{name} -> Identityd: results go to the SR/SEG writers")
+            )
+        else:
+            items.append(BundleItem(where, "honoured", name))
+    return items
+
+
+def describe_bundle(bundle: Path) -> BundleSummary:
+    """Parse ``configs/metadata.json`` and ``configs/inference.json`` (as JSON, nothing evaluated)."""
+    meta, config = _json(bundle, METADATA), _json(bundle, INFERENCE)
+    items: list[BundleItem] = []
+    for key in config:
+        if key in NEVER_RESOLVED:
+            items.append(
+                BundleItem(key, "removed", "the service loads data and weights and drives inference itself")
+            )
+        elif key == "device":
+            items.append(BundleItem(key, "overridden", "the worker's device (pipelines.monai device)"))
+        elif key == "network_def":
+            detail = _target(config[key])
+            if isinstance(config[key], dict) and "pretrained" in config[key]:
+                items.append(
+                    BundleItem("network_def#pretrained", "overridden", "False: no downloads at build time")
+                )
+            items.append(BundleItem(key, "honoured", detail))
+        elif key in ("preprocessing", "postprocessing"):
+            items += _transforms(config, key)
+        elif key == "inferer":
+            items.append(BundleItem(key, "honoured", _target(config[key])))
+            if isinstance(config[key], dict) and "device" in config[key]:
+                items.append(BundleItem("inferer#device", "overridden", "the worker's device"))
+        elif key == "modelname":
+            items.append(BundleItem(key, "honoured", "chooses the weights file in models/"))
+        else:
+            items.append(BundleItem(key, "not used", "resolved only where an honoured part refers to it"))
+    network = meta.get("network_data_format", {})
+    image = network.get("inputs", {}).get("image", {}) if isinstance(network, dict) else {}
+    packages = meta.get("required_packages_version") or meta.get("optional_packages_version") or {}
+    try:
+        labels = channel_names(meta)
+    except BundleError:
+        labels = ()
+    return BundleSummary(
+        name=str(meta.get("name") or bundle.name),
+        version=str(meta.get("version", "unknown")),
+        monai_version=str(meta.get("monai_version", "unknown")),
+        declared_packages={str(k): str(v) for k, v in dict(packages).items()},
+        labels=labels,
+        input_modality=str(image.get("modality", "")).upper() if isinstance(image, dict) else "",
+        intended_use=str(meta.get("intended_use", "")),
+        items=tuple(items),
+    )
+
+
+@dataclass(frozen=True)
+class WeightHash:
+    """A weights file the bundle's ``large_files.yml`` lists, and whether the file here matches it."""
+
+    path: str
+    hash_type: str
+    expected: str
+    actual: str | None  # None: the file is not here
+
+    @property
+    def ok(self) -> bool:
+        return self.actual is not None and self.actual == self.expected.lower()
+
+
+_ENTRY = re.compile(r"-\s*path:\s*\"?([^\"\n]+)\"?\s*\n(?:\s+\w+:.*\n?)*", re.MULTILINE)
+
+
+def weight_hashes(bundle: Path) -> tuple[WeightHash, ...]:
+    """The hashes ``large_files.yml`` (or ``.yaml``) declares, checked against the files present."""
+    listing = next(
+        (p for p in (bundle / "large_files.yml", bundle / "large_files.yaml") if p.is_file()), None
+    )
+    if listing is None:
+        return ()
+    out = []
+    for match in _ENTRY.finditer(listing.read_text(encoding="utf-8")):
+        block = match.group(0)
+        rel = match.group(1).strip()
+        value = re.search(r"hash_val:\s*\"?([0-9a-fA-F]+)", block)
+        kind = re.search(r"hash_type:\s*\"?(\w+)", block)
+        if value is None:
+            continue
+        algorithm = (kind.group(1) if kind else "md5").lower()
+        path = bundle / rel
+        actual = None
+        if path.is_file() and algorithm in hashlib.algorithms_available:
+            actual = hashlib.new(algorithm, path.read_bytes()).hexdigest()
+        out.append(WeightHash(rel, algorithm, value.group(1), actual))
+    return tuple(out)
+
+
+def random_weights_copy(
+    bundle: Path, target: Path, *, seed: int = 0, overrides: Mapping[str, Any] | None = None
+) -> Path:
+    """Copy the bundle's configs to ``target`` and give it random weights (seeded) for its network_def.
+
+    The copy is a bundle of its own (pin it with ``bundle_sha256``); the original is never written.
+    """
+    import torch
+
+    from pipeline.bundle_config import build_parser
+
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(bundle / "configs", target / "configs")
+    if (bundle / "scripts").is_dir():
+        shutil.copytree(bundle / "scripts", target / "scripts")
+    files = {f"configs/{p.name}": p.read_bytes() for p in (target / "configs").glob("*.json")}
+    parser = build_parser(files, overrides or {}, torch.device("cpu"))
+    try:
+        name = parser.get_parsed_content("modelname") if "modelname" in parser else "model.pt"
+        torch.manual_seed(seed)
+        network = parser.get_parsed_content("network_def")
+    except (KeyError, ValueError, TypeError, AttributeError, ImportError, RuntimeError, SyntaxError) as exc:
+        raise BundleError(f"bundle {bundle}: network_def could not be built: {exc}") from exc
+    if not isinstance(network, torch.nn.Module):
+        raise BundleError(
+            f"bundle {bundle}: network_def built a {type(network).__name__}, not a torch.nn.Module"
+        )
+    (target / "models").mkdir()
+    torch.save(network.state_dict(), target / "models" / str(name))
+    return target
