@@ -242,10 +242,12 @@ class JobQueue:
         *,
         delivery_max_attempts: int = 10,
         stage_seconds: Mapping[str, float] | None = None,
+        peak_rss_bytes: int | None = None,
     ) -> bool:
         """Record the results and their outbox rows with the job's success, atomically.
 
-        ``stage_seconds`` (the pipeline's time per stage) goes into the audit row of the success.
+        ``stage_seconds`` (the pipeline's time per stage) and ``peak_rss_bytes`` (the worker's peak
+        resident memory during the run) go into the audit row of the success.
 
         False (and nothing written) when the lease was lost meanwhile: another worker owns the job
         now, or it was cancelled or superseded.
@@ -270,7 +272,11 @@ class JobQueue:
                         now=now,
                     )
                 )
-            stages = {"stages": {k: round(v, 3) for k, v in stage_seconds.items()}} if stage_seconds else {}
+            stages: dict[str, object] = (
+                {"stages": {k: round(v, 3) for k, v in stage_seconds.items()}} if stage_seconds else {}
+            )
+            if peak_rss_bytes is not None:
+                stages["peak_rss_mib"] = round(peak_rss_bytes / 2**20, 1)
             move(
                 session,
                 job,

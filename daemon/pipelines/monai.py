@@ -37,6 +37,15 @@ class MonaiPipeline:
         self.version = spec.version
         self.spec = spec
 
+    def warm(self) -> None:
+        """Import torch, MONAI and the writers and load the pinned bundles now (worker start), not on
+        the first job; the runner then finds them in the per-process cache. BundleError when one fails."""
+        from pipeline import runner
+
+        for bundle in (self.spec.segmentation, self.spec.classification):
+            if bundle is not None:
+                runner._runtime(bundle)  # the runner's own loader: the same cache key as a job's
+
     def run(
         self,
         study_files: Sequence[Path],

@@ -8,12 +8,17 @@ input fingerprint, so a re-run produces the same objects and a resend is a dupli
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+import time
+from collections.abc import Callable, Iterable
 
 from daemon.config import Config, ConfigError
 from daemon.pipelines.base import AnalysisOutcome, Pipeline, UnknownPipeline
 from daemon.pipelines.echo import EchoPipeline, NoopPipeline
 from daemon.pipelines.monai import check_specs, monai_factories
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "Pipeline",
@@ -54,6 +59,24 @@ class Pipelines:
                 )
             self._loaded[name] = factory()
         return self._loaded[name]
+
+    def warm(self, names: Iterable[str]) -> None:
+        """Load the named pipelines and their models now (a worker's start), so that the first job
+        does not pay for imports and weights. A pipeline that cannot load is logged and left to fail
+        its jobs as before (with the error that says what to fix)."""
+        for name in sorted(set(names)):
+            if name not in self.factories:
+                continue
+            started = time.perf_counter()
+            try:
+                pipeline = self.get(name)
+                warm = getattr(pipeline, "warm", None)
+                if warm is not None:
+                    warm()
+            except PipelineError as exc:
+                log.warning("pipeline %s could not be loaded at start (its jobs will fail): %s", name, exc)
+                continue
+            log.info("pipeline %s loaded in %.1f s", name, time.perf_counter() - started)
 
 
 def check_routing(config: Config) -> None:

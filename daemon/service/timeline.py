@@ -37,6 +37,7 @@ class JobTimeline:
     claimed_at: float | None
     finished_at: float | None
     stages: dict[str, float] = field(default_factory=dict)
+    peak_rss_mib: float | None = None  # the worker's peak resident memory during the run
     delivered_at: dict[str, float] = field(default_factory=dict)  # SOP Instance UID -> time
 
 
@@ -44,6 +45,7 @@ def job_timeline(queue: JobQueue, outbox: Outbox, job: JobView) -> JobTimeline:
     """Read a job's timeline from its audit rows and deliveries (the latest attempt's claim)."""
     claimed = finished = None
     stages: dict[str, float] = {}
+    peak_rss: float | None = None
     for event in queue.history(job.id):
         if event.kind == "running":
             claimed = event.at.timestamp()
@@ -51,6 +53,7 @@ def job_timeline(queue: JobQueue, outbox: Outbox, job: JobView) -> JobTimeline:
             finished = event.at.timestamp()
             detail = json.loads(event.detail) if event.detail else {}
             stages = {str(k): float(v) for k, v in detail.get("stages", {}).items()}
+            peak_rss = float(detail["peak_rss_mib"]) if "peak_rss_mib" in detail else None
     delivered = {
         d.sop_instance_uid: d.delivered_at.timestamp()
         for d in outbox.for_job(job.id)
@@ -62,6 +65,7 @@ def job_timeline(queue: JobQueue, outbox: Outbox, job: JobView) -> JobTimeline:
         claimed_at=claimed,
         finished_at=finished,
         stages=stages,
+        peak_rss_mib=peak_rss,
         delivered_at=delivered,
     )
 

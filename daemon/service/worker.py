@@ -39,6 +39,7 @@ from daemon.pipelines.registry import AnalysisOutcome, Pipelines
 from daemon.polling import run_until_stopped
 from daemon.service.job_errors import classify
 from daemon.service.liveness import Beacon, beat_interval
+from daemon.service.memory import PeakRss, start_peak_rss
 from daemon.service.supervisor import ChildSpec, Readiness, Supervisor
 from pipeline.errors import PermanentError
 from pipeline.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
@@ -68,6 +69,7 @@ class _Run:
     done: threading.Event
     result: AnalysisOutcome | None = None
     error: BaseException | None = None
+    peak_rss: PeakRss | None = None  # the process's peak resident memory during the run
 
 
 class Worker:
@@ -156,11 +158,13 @@ class Worker:
         run = _Run(threading.Event())
 
         def target() -> None:
+            meter = start_peak_rss()  # one job at a time per worker process: its peak is this run's
             try:
                 run.result = pipeline.run(files, input_fingerprint=job.input_fingerprint)
             except BaseException as exc:  # noqa: BLE001 - handed to the worker boundary below
                 run.error = exc
             finally:
+                run.peak_rss = meter.peak()
                 run.done.set()
 
         # The pipeline's own log lines carry the job's ids too (the context is copied).
@@ -174,7 +178,7 @@ class Worker:
             return
         assert run.result is not None
         try:
-            self._succeed(claim, run.result)
+            self._succeed(claim, run.result, run.peak_rss)
         except SpoolUnavailable as exc:
             self._fail(claim, exc)
         except StorageError:
@@ -248,7 +252,7 @@ class Worker:
         else:
             log.warning("job %d failed %s (%s): now %s", claim.job.id, kind, failure.reason, state.value)
 
-    def _succeed(self, claim: Claim, result: AnalysisOutcome) -> None:
+    def _succeed(self, claim: Claim, result: AnalysisOutcome, peak_rss: PeakRss | None = None) -> None:
         job = claim.job
         # Late instances after a delivered report: the new SR names the one(s) it replaces.
         previous = [
@@ -274,13 +278,15 @@ class Worker:
             destinations,
             delivery_max_attempts=self.config.dispatch.max_attempts,
             stage_seconds=result.stage_seconds,
+            peak_rss_bytes=None if peak_rss is None else peak_rss.bytes,
         ):
             log.info(
-                "job %d succeeded: %d result(s), %d destination(s), priority %s",
+                "job %d succeeded: %d result(s), %d destination(s), priority %s, peak memory %s",
                 job.id,
                 len(records),
                 len(destinations),
                 result.priority.name,
+                "unknown" if peak_rss is None else f"{peak_rss.mib:.0f} MiB",
             )
         else:
             log.warning("job %d finished but its lease was lost meanwhile; result dropped", job.id)
@@ -355,6 +361,8 @@ def run_process(config: Config, *, standalone: bool, readiness: Readiness | None
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        # Models and imports now, not on the first job (issue 15: cold start); ready once loaded.
+        worker.pipelines.warm(rule.pipeline for rule in config.routing.rules)
         if readiness is not None:
             readiness.ready()
         worker.run()

@@ -108,3 +108,23 @@ def test_sigterm_finishes_the_job_or_gives_the_lease_back(
     if expected is JobState.QUEUED:
         last = [json.loads(d) for e, _, k, d in events(db.url) if e == "job"][-1]
         assert last["reason"] == "worker shut down before the job finished" and job.attempts == 0
+
+
+def test_a_jobs_peak_memory_is_in_its_timeline(db: Db, tmp_path: Path) -> None:
+    """Issue 15: the worker's peak resident memory during the run is recorded with the stage timings."""
+    from daemon.service.timeline import job_timeline
+    from storage.outbox import Outbox
+
+    w = worker(db, tmp_path, PACS_TRIAGE_STORAGE__MIN_FREE_BYTES="0")
+    w.spool.open()
+    w.results.open()
+    study = f"2.25.{uuid.uuid4().int}"
+    ingest_files(db, w.spool, ct_series(tmp_path / "in", study, study + ".1", 2))
+    job_id = CompletionSweep(w.config, db.sessions, w.spool).force(study).job_id
+    assert job_id is not None
+    assert w.run_one()
+    queue = JobQueue(db.sessions)
+    job = queue.get(job_id)
+    assert job.state is JobState.SUCCEEDED, job.last_error
+    timeline = job_timeline(queue, Outbox(db.sessions), job)
+    assert timeline.peak_rss_mib is not None and timeline.peak_rss_mib > 10  # a Python process with pydicom
