@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"phantoms written in {time.monotonic() - begun:.1f} s", file=sys.stderr, flush=True)
 
         started = time.perf_counter()
-        for bundle in (spec.segmentation, spec.classification):
+        for bundle in (segmentation, classification):
             runner._runtime(bundle)  # what a worker does at its start
         torch.cuda.synchronize()
         load = time.perf_counter() - started
