@@ -70,7 +70,7 @@ class Placement:
         if self.spool.has(self.relative_path):
             return
         log.info("file of record %s was removed meanwhile; writing it again", self.relative_path)
-        self.spool.commit(self.spool.write_pending(self.chunks), self.sop_instance_uid)
+        self.spool.store(self.chunks, self.sop_instance_uid)
 
 
 def _named(session: Session, relative_path: str, sop_instance_uid: str | None) -> bool:

@@ -7,24 +7,30 @@ means nothing new is visible: no row, and no spool file that a row points to.
 from __future__ import annotations
 
 import datetime as dt
-import enum
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-from sqlalchemy import Table, bindparam, insert, select, update
+from sqlalchemy import Table, bindparam, insert, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.db import transaction
 from storage.errors import IdentityConflict, IntegrityProblem, StorageError
-from storage.events import add_event  # the audit log's one API
 from storage.file_records import Placement, lock_instance, remove_if_unnamed
 from storage.group_commit import GroupCommit
-from storage.identity import Patient, patient_conflict, record_conflict
+from storage.identity import patient_conflict, record_conflict
 from storage.models import Association, Instance, Series, Study, StudyState
+from storage.recording import (
+    AssociationInfo,
+    IncomingInstance,
+    StoreOutcome,
+    patient_of,
+    record_in,
+)
 from storage.spool import Spool
+
+__all__ = ["AssociationInfo", "IncomingInstance", "Ingest", "StoreOutcome"]  # the receiver's API
 
 log = logging.getLogger(__name__)
 
@@ -54,54 +60,6 @@ _TOUCH_SERIES = (
     .values(last_received_at=bindparam("k_received_at"), last_association_id=bindparam("k_association_id"))
 )
 _INSERT_INSTANCE = insert(_INSTANCES)
-
-
-class StoreOutcome(enum.StrEnum):
-    STORED = "stored"  # a new instance
-    DUPLICATE = "duplicate"  # identical bytes were already stored: nothing new
-    REPLACED = "replaced"  # same SOP Instance UID, different bytes: replaced, series marked changed
-
-
-@dataclass(frozen=True)
-class AssociationInfo:
-    """Who delivered an instance (all validated by the caller; none of it reaches a path)."""
-
-    id: str
-    calling_ae: str
-    called_ae: str
-    source_address: str
-    started_at: dt.datetime
-
-
-@dataclass(frozen=True)
-class IncomingInstance:
-    """The validated identifying attributes of one received instance."""
-
-    study_instance_uid: str
-    series_instance_uid: str
-    sop_instance_uid: str
-    sop_class_uid: str
-    transfer_syntax_uid: str
-    patient_id: str | None = None
-    issuer_of_patient_id: str | None = None
-    accession_number: str | None = None
-    modality: str | None = None
-    body_part_examined: str | None = None
-    series_description: str | None = None
-    series_number: int | None = None
-
-
-@dataclass(frozen=True)
-class _Recorded:
-    outcome: StoreOutcome
-    old_path: str | None  # the replaced file, to remove once the new row is committed
-    study_id: int
-    series_id: int
-    patient: Patient | None = None  # the study's (Patient ID, issuer), if read
-
-
-def _patient(incoming: IncomingInstance) -> Patient:
-    return incoming.patient_id, incoming.issuer_of_patient_id
 
 
 class _Stale(Exception):
@@ -135,25 +93,21 @@ class Ingest:
     ) -> StoreOutcome:
         """Write the bytes durably, then record them; raises StorageUnavailable on disk/db failure.
 
-        The file is placed before the transaction (the fsyncs stay outside the database's locks)
+        The file is placed before the transaction (its flush stays outside the database's locks)
         and checked again under the instance lock (storage/file_records.py); superseded files
         are removed under that lock too, only when no row names them, before we return.
         """
         received_at = received_at or dt.datetime.now(dt.UTC)
         chunks = tuple(chunks)
-        pending = self.spool.write_pending(chunks)
         uid = incoming.sop_instance_uid
-        rel = self.spool.relative_path_for(uid, pending.sha256)
-        if self.spool.has(rel):
-            # Same UID and same content hash: the file of record (or an unrecorded orphan of a
-            # crash) already holds exactly these bytes.
-            self.spool.discard(pending)
-        else:
-            self.spool.commit(pending, uid)
+        # One flush (storage/spool.py): identical bytes already in place (the file of record, or
+        # an unrecorded orphan of a crash) are not written again.
+        stored, _ = self.spool.store(chunks, uid)
+        rel = stored.relative_path
         placement = Placement(self.spool, uid, rel, chunks)
         try:
             outcome, old_path = self._record(
-                incoming, placement, pending.size_bytes, pending.sha256, association, received_at
+                incoming, placement, stored.size_bytes, stored.sha256, association, received_at
             )
         except IdentityConflict as exc:
             self._remove_unnamed(rel, uid)
@@ -203,7 +157,7 @@ class Ingest:
             known is not None
             and association.id in self._known_associations
             and patient is not None
-            and patient_conflict(patient, _patient(incoming)) is None  # else the full path refuses it
+            and patient_conflict(patient, patient_of(incoming)) is None  # else the full path refuses it
         ):
             if self._record_fast(known, incoming, placement, size, sha256, association, received_at):
                 return StoreOutcome.STORED, None
@@ -211,9 +165,7 @@ class Ingest:
         for attempt in range(_RACE_RETRIES):
             try:
                 with transaction(self.sessions, "recording an instance") as session:
-                    recorded = self._record_in(
-                        session, incoming, placement, size, sha256, association, received_at
-                    )
+                    recorded = record_in(session, incoming, placement, size, sha256, association, received_at)
             except IntegrityError as exc:
                 # Two associations created the same study/series/instance at once (PostgreSQL);
                 # the retry finds the other's row.
@@ -245,7 +197,7 @@ class Ingest:
     ) -> bool:
         """Record a new instance of a series this process recorded before: three statements, no ORM.
 
-        It writes exactly what ``_record_in`` writes for that case (study and series
+        It writes exactly what ``storage.recording.record_in`` writes for that case (study and series
         ``last_received_at``, the series' last association, the instance row) and checks, in the
         same transaction, every assumption the cache makes: the study and series rows still exist
         with these UIDs and this parent, the study is still receiving (else it must be reopened,
@@ -296,144 +248,6 @@ class Ingest:
             return False
         return True
 
-    def _record_in(
-        self,
-        session: Session,
-        incoming: IncomingInstance,
-        placement: Placement,
-        size: int,
-        sha256: str,
-        association: AssociationInfo,
-        received_at: dt.datetime,
-    ) -> _Recorded:
-        # The instance lock first, while this transaction holds nothing else (no lock cycles).
-        lock_instance(session.connection(), placement.uid_hash)
-        placement.ensure()
-        rel = placement.relative_path
-        if session.get(Association, association.id) is None:
-            session.add(
-                Association(
-                    id=association.id,
-                    calling_ae=association.calling_ae,
-                    called_ae=association.called_ae,
-                    source_address=association.source_address,
-                    started_at=association.started_at,
-                )
-            )
-        same = _identical(session, incoming, sha256)
-        if same is not None:
-            # An identical resend (the PACS sending a study again, our own results coming back)
-            # changes nothing: the study is not reopened and its completion clock not reset.
-            return _Recorded(StoreOutcome.DUPLICATE, None, *same)
-        study = session.scalars(
-            select(Study).where(Study.study_instance_uid == incoming.study_instance_uid)
-        ).one_or_none()
-        if study is None:
-            study = Study(
-                study_instance_uid=incoming.study_instance_uid,
-                patient_id=incoming.patient_id,
-                issuer_of_patient_id=incoming.issuer_of_patient_id,
-                accession_number=incoming.accession_number,
-                state=StudyState.RECEIVING,
-                first_received_at=received_at,
-                last_received_at=received_at,
-            )
-            session.add(study)
-            session.flush()
-            add_event(session, "study", study.id, "created", calling_ae=association.calling_ae)
-        else:
-            conflict = patient_conflict((study.patient_id, study.issuer_of_patient_id), _patient(incoming))
-            if conflict is not None:
-                raise IdentityConflict(
-                    f"identity conflict: {conflict} {incoming.study_instance_uid} (never merged)",
-                    study_id=study.id,
-                )
-            study.last_received_at = received_at
-            if study.state != StudyState.RECEIVING:
-                add_event(
-                    session,
-                    "study",
-                    study.id,
-                    "reopened",
-                    previous=study.state,
-                    sop_instance_uid=incoming.sop_instance_uid,
-                )
-                study.state = StudyState.RECEIVING
-                study.completed_at = None
-
-        series = session.scalars(
-            select(Series).where(Series.series_instance_uid == incoming.series_instance_uid)
-        ).one_or_none()
-        if series is None:
-            series = Series(
-                study_id=study.id,
-                series_instance_uid=incoming.series_instance_uid,
-                modality=incoming.modality,
-                body_part_examined=incoming.body_part_examined,
-                series_description=incoming.series_description,
-                series_number=incoming.series_number,
-                last_received_at=received_at,
-            )
-            session.add(series)
-            session.flush()
-        elif series.study_id != study.id:
-            raise IdentityConflict(
-                f"identity conflict: series {incoming.series_instance_uid} is in another study",
-                study_id=series.study_id,
-            )
-        series.last_received_at = received_at
-        series.last_association_id = association.id
-
-        instance = session.scalars(
-            select(Instance).where(Instance.sop_instance_uid == incoming.sop_instance_uid)
-        ).one_or_none()
-        patient = (study.patient_id, study.issuer_of_patient_id)
-        if instance is not None and instance.series_id != series.id:
-            raise IdentityConflict(
-                f"identity conflict: instance {incoming.sop_instance_uid} is in another series",
-                study_id=study.id,
-            )
-        if instance is not None and instance.sha256 == sha256:
-            return _Recorded(StoreOutcome.DUPLICATE, None, study.id, series.id, patient)
-        if instance is not None:
-            old_path = instance.path
-            instance.path = rel
-            instance.size_bytes = size
-            instance.sha256 = sha256
-            instance.sop_class_uid = incoming.sop_class_uid
-            instance.transfer_syntax_uid = incoming.transfer_syntax_uid
-            instance.calling_ae = association.calling_ae
-            instance.source_address = association.source_address
-            instance.association_id = association.id
-            instance.received_at = received_at
-            instance.replaced_count += 1
-            series.changed = True
-            add_event(
-                session,
-                "series",
-                series.id,
-                "instance_replaced",
-                sop_instance_uid=incoming.sop_instance_uid,
-                calling_ae=association.calling_ae,
-            )
-            return _Recorded(StoreOutcome.REPLACED, old_path, study.id, series.id, patient)
-        session.add(
-            Instance(
-                series_id=series.id,
-                sop_instance_uid=incoming.sop_instance_uid,
-                sop_class_uid=incoming.sop_class_uid,
-                transfer_syntax_uid=incoming.transfer_syntax_uid,
-                path=rel,
-                size_bytes=size,
-                sha256=sha256,
-                calling_ae=association.calling_ae,
-                source_address=association.source_address,
-                association_id=association.id,
-                received_at=received_at,
-            )
-        )
-        return _Recorded(StoreOutcome.STORED, None, study.id, series.id, patient)
-
     def end_association(self, association_id: str, *, released: bool) -> None:
         """Record that an association ended (released, or aborted/lost). No row: nothing was stored."""
         self._known_associations.discard(association_id)
@@ -442,19 +256,3 @@ class Ingest:
             if row is not None:
                 row.ended_at = dt.datetime.now(dt.UTC)
                 row.released = released
-
-
-def _identical(session: Session, incoming: IncomingInstance, sha256: str) -> tuple[int, int] | None:
-    """(study id, series id) when exactly these bytes are stored under the same UIDs; else None."""
-    row = session.execute(
-        select(Study.id, Series.id)
-        .join(Series, Series.study_id == Study.id)
-        .join(Instance, Instance.series_id == Series.id)
-        .where(
-            Instance.sop_instance_uid == incoming.sop_instance_uid,
-            Instance.sha256 == sha256,
-            Series.series_instance_uid == incoming.series_instance_uid,
-            Study.study_instance_uid == incoming.study_instance_uid,
-        )
-    ).first()
-    return (row[0], row[1]) if row is not None else None

@@ -6,9 +6,21 @@ Layout under the spool root (all names are server-derived; no peer string become
     objects/ab/cd/<h>-<c>.dcm  h = sha256(SOP Instance UID), c = sha256 of the
                                content, so a replacement never overwrites the file of record
 
-Write protocol: temp file -> write -> fsync -> rename into objects/ -> fsync the directory.
-The objects/ab and objects/ab/cd directories are made durable too (their parents fsynced)
-the first time a process puts a file in them.
+Two write protocols:
+
+- ``write_pending`` + ``commit`` (results, rare re-writes): temp file -> write -> fsync ->
+  rename into objects/ -> fsync the directory (objects/ab and objects/ab/cd made durable the
+  first time a process uses them).
+- ``store`` (the receiver's hot path, issue 15): ONE flush per instance. Each process keeps a
+  pool of empty *slot* files in ``slots/``, created in batches of ``SLOT_BATCH`` whose directory
+  entries one fsync of ``slots/`` makes durable. An instance is written into a slot and
+  ``fdatasync``ed (its bytes and size are now on disk under a durable name), then renamed into
+  ``objects/`` without a directory fsync. After a power cut the rename has either happened or
+  not (a journaling filesystem: ext4, XFS, btrfs, as the spool requires): the bytes are at
+  their final name, or still in the slot, where :meth:`Spool.open` finds them (slots of dead
+  processes) and moves them into place before anything reads the spool. A crash in the middle
+  of writing a slot (never acknowledged) leaves a slot that moves to a name no row holds, and
+  ``storage.file_records.remove_orphans`` removes it.
 """
 
 from __future__ import annotations
@@ -21,8 +33,11 @@ import os
 import re
 import shutil
 import socket
+import struct
+import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,9 +46,12 @@ from storage.errors import SpoolUnavailable
 log = logging.getLogger(__name__)
 
 TMP_DIR = "tmp"
+SLOTS_DIR = "slots"
+SLOT_BATCH = 32  # empty slot files made at once: one directory fsync for this many instances
 STALE_TMP_SECONDS = 3600
 _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64] or "host"
 OBJECTS_DIR = "objects"
+UID_CHARS = re.compile(r"[0-9.]+")
 _OBJECT_PATH = re.compile(rf"{OBJECTS_DIR}/[0-9a-f]{{2}}/[0-9a-f]{{2}}/[0-9a-f]{{64}}-[0-9a-f]{{64}}\.dcm")
 
 
@@ -68,7 +86,10 @@ class Spool:
         self.min_free_bytes = min_free_bytes
         self.tmp = self.root / TMP_DIR
         self.objects = self.root / OBJECTS_DIR
+        self.slots = self.root / SLOTS_DIR
         self._root = str(self.root)
+        self._free_slots: list[str] = []  # this process's empty, durably named slot files
+        self._slot_lock = threading.Lock()
         # objects/ab and objects/ab/cd directories known to exist durably (see _make_durable_dir).
         self._durable_l1 = bytearray(256)
         self._durable_l2 = bytearray(65536)
@@ -81,7 +102,8 @@ class Spool:
         """
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.objects.mkdir(parents=True, exist_ok=True)
-        _fsync_dir(self.root)  # so that tmp/ and objects/ themselves survive a crash
+        self.slots.mkdir(parents=True, exist_ok=True)
+        _fsync_dir(self.root)  # so that tmp/, objects/ and slots/ themselves survive a crash
         self._make_top_dirs()
         removed = 0
         for leftover in self.tmp.iterdir():
@@ -90,6 +112,35 @@ class Spool:
                 removed += 1
         if removed:
             log.warning("removed %d unacknowledged temp files from %s", removed, self.tmp)
+        self.recover_slots()
+
+    def recover_slots(self) -> int:
+        """Move the instances left in slots of dead processes to their place; returns how many.
+
+        Empty slots are removed; a slot that does not start with a file meta group naming a SOP
+        Instance UID was being written when its process died (never acknowledged): removed.
+        """
+        moved = 0
+        for slot in self.slots.iterdir():
+            if not _is_abandoned(slot):
+                continue
+            data = slot.read_bytes()
+            uid = _meta_sop_instance_uid(data) if data else None
+            if uid is None:
+                slot.unlink(missing_ok=True)
+                continue
+            rel = self.relative_path_for(uid, hashlib.sha256(data).hexdigest())
+            if self.has(rel):
+                slot.unlink(missing_ok=True)
+                continue
+            self._make_durable_dir(rel)
+            os.replace(slot, os.path.join(self._root, rel))
+            _fsync_dir(os.path.dirname(os.path.join(self._root, rel)))
+            moved += 1
+        if moved:
+            _fsync_dir(self.slots)
+            log.warning("moved %d instances left in slots by an interrupted receiver into place", moved)
+        return moved
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
@@ -128,6 +179,95 @@ class Spool:
             tmp_path.unlink(missing_ok=True)
             raise _spool_error(exc, f"writing {tmp_path.name}") from exc
         return PendingFile(tmp_path=tmp_path, size_bytes=total, sha256=digest.hexdigest())
+
+    def store(self, chunks: Sequence[bytes], sop_instance_uid: str) -> tuple[StoredFile, bool]:
+        """Put ``chunks`` at their file of record durably with one flush; (file, newly written).
+
+        The hot path of the receiver (see the module docstring): identical bytes already in
+        place are not written again.
+        """
+        digest = hashlib.sha256()
+        total = 0
+        for chunk in chunks:
+            digest.update(chunk)
+            total += len(chunk)
+        sha = digest.hexdigest()
+        rel = self.relative_path_for(sop_instance_uid, sha)
+        stored = StoredFile(relative_path=rel, size_bytes=total, sha256=sha)
+        if self.has(rel):
+            return stored, False
+        self.check_space(total)
+        slot = self._take_slot()
+        try:
+            fd = os.open(slot, os.O_WRONLY)
+            try:
+                for chunk in chunks:
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                os.fdatasync(fd)  # the one flush: bytes and size, under the slot's durable name
+            finally:
+                os.close(fd)
+            self._move_into_place(slot, rel)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(slot)
+            raise _spool_error(exc, "writing an instance") from exc
+        return stored, True
+
+    def _take_slot(self) -> str:
+        with self._slot_lock:
+            if not self._free_slots:
+                self._make_slots()
+            return self._free_slots.pop()
+
+    def _make_slots(self) -> None:
+        """Create up to SLOT_BATCH empty slots, named durably by one fsync of ``slots/``."""
+        made = []
+        prefix = os.path.join(self.slots, f"{_HOST}.{os.getpid()}.")
+        try:
+            for _ in range(SLOT_BATCH):
+                path = f"{prefix}{uuid.uuid4().hex}.slot"
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640))
+                made.append(path)
+        except FileNotFoundError:
+            self.slots.mkdir(parents=True, exist_ok=True)  # removed behind our back: next time
+            if not made:
+                raise
+        except OSError:
+            if not made:  # out of inodes: refuse this store; any slot made is used first
+                raise
+        _fsync_dir(self.slots)
+        self._free_slots.extend(made)
+
+    def _drop_spare_slots(self) -> bool:
+        """Give the inodes of unused slots back (the disk is full); True if there were any."""
+        with self._slot_lock:
+            spare, self._free_slots = self._free_slots, []
+        for path in spare:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        return bool(spare)
+
+    def _move_into_place(self, slot: str, rel: str) -> None:
+        """Rename a flushed slot to ``rel``: no fsync (see the module docstring)."""
+        final = os.path.join(self._root, rel)
+        try:
+            os.replace(slot, final)
+            return
+        except FileNotFoundError:
+            pass  # objects/ab/cd does not exist yet
+        for attempt in range(2):
+            try:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(os.path.dirname(os.path.dirname(final)))
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(os.path.dirname(final))
+                break
+            except OSError as exc:
+                if attempt or exc.errno not in (errno.ENOSPC, errno.EDQUOT) or not self._drop_spare_slots():
+                    raise
+        os.replace(slot, final)
 
     def relative_path_for(self, sop_instance_uid: str, sha256: str) -> str:
         key = uid_key(sop_instance_uid)
@@ -244,6 +384,33 @@ def _is_abandoned(path: Path) -> bool:
         return time.time() - path.stat().st_mtime > STALE_TMP_SECONDS
     except FileNotFoundError:
         return False
+
+
+def _meta_sop_instance_uid(data: bytes) -> str | None:
+    """Media Storage SOP Instance UID (0002,0003) from a Part 10 file's meta group, or None.
+
+    Only what this service writes (``daemon/dicom/file_meta.py``: preamble, DICM, explicit VR
+    little endian group 0002) is recognised.
+    """
+    if data[128:132] != b"DICM":
+        return None
+    pos = 132
+    while pos + 8 <= len(data):
+        group, element = struct.unpack_from("<HH", data, pos)
+        if group != 0x0002:
+            return None
+        vr = data[pos + 4 : pos + 6]
+        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
+            (length,) = struct.unpack_from("<L", data, pos + 8)
+            pos += 12
+        else:
+            (length,) = struct.unpack_from("<H", data, pos + 6)
+            pos += 8
+        if element == 0x0003:
+            uid = data[pos : pos + length].rstrip(b"\0 ").decode("ascii", "replace")
+            return uid if 0 < len(uid) <= 64 and UID_CHARS.fullmatch(uid) else None
+        pos += length
+    return None
 
 
 def _dir_indexes(rel: str) -> tuple[int, int]:
