@@ -6,7 +6,8 @@ so a peer that sends a few bytes and stops holds two threads and an association 
 it buffers whatever length a PDU header announces; and it runs the TLS handshake in the accept
 loop, so one idle TCP connection on the TLS port stops every TLS peer.
 
-This is the ONE module that subclasses or patches pynetdicom internals. The patch points, each
+This module and ``daemon/dicom/event_loop.py`` (the reactors' polling, installed on each
+association here) are the only ones that subclass or patch pynetdicom internals. The patch points, each
 guarded by ``tests/dicom/test_pynetdicom_patches.py`` (which fails if an upgrade moves them):
 
 * ``AssociationServer.verify_request`` / ``process_request`` (socketserver hooks): connections
@@ -42,6 +43,7 @@ from pynetdicom.association import Association
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from daemon.config import DicomConfig
+from daemon.dicom.event_loop import install as install_event_loop
 from daemon.logs import peer_text
 from daemon.telemetry import receiver_instruments
 
@@ -228,6 +230,7 @@ class BoundedRequestHandler(RequestHandler):
         bounded = cast(BoundedSocket, sock)
         bounded._bound(self.server.limits, str(self.client_address[0]), accepted_at)  # from the kernel
         self.server.created(self.request, bounded)
+        install_event_loop(assoc)  # its reactors wait for work instead of polling (event_loop.py)
         return assoc
 
 
