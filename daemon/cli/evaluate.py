@@ -168,7 +168,7 @@ def evaluate(
         cache = out / "cases" / f"{folder.name}.json"
         if cache.is_file():
             previous = json.loads(cache.read_text(encoding="utf-8"))
-            if previous.get("key") == key:
+            if previous.get("key") == key and previous.get("status") in ("ok", "refused"):  # failed: retried
                 records[folder.name] = previous
                 cached += 1
                 continue
