@@ -39,7 +39,7 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.engine import Engine
 
 from daemon import telemetry
 from daemon.config import Config
@@ -102,10 +102,11 @@ class _Histogram:
 class NodeCollector(Collector):
     """Reads the node from the database on every scrape; keeps the running counts between scrapes."""
 
-    def __init__(self, node: Node, sessions: sessionmaker[Session]) -> None:
+    def __init__(self, node: Node, engine: Engine) -> None:
         self.node = node
         self.config: Config = node.config
-        self.sessions = sessions  # read-only, its own connection
+        self.engine = engine  # read-only, its own connection (storage.reports.reader_engine)
+        self.sessions = make_session_factory(engine)
         self.spool: Spool = node.spool
         self.started_at = STARTED_AT
         self.cursor: Cursor | None = None
@@ -138,7 +139,7 @@ class NodeCollector(Collector):
             if gauges is not None:
                 yield from self._gauges(gauges)
             yield from self._accumulated()
-            yield from self._readiness(now)
+            yield from self._readiness(now, bool(up))
 
     def _add(self, activity: Activity) -> None:
         for ae, (n, size) in activity.received.items():
@@ -216,16 +217,21 @@ class NodeCollector(Collector):
             family.add_metric([], hist.cumulative(), hist.total)
             yield family
 
-    def _readiness(self, now: dt.datetime) -> Iterable[Metric]:
+    def _readiness(self, now: dt.datetime, db_up: bool) -> Iterable[Metric]:
         """What ``/readyz`` says, as gauges (the alert rules' "not ready"), and the spool's free space."""
-        node = self.node
-        result = readiness(node.config, node.engine, node.sessions, node.spool, now=now)
-        yield GaugeMetricFamily(P + "ready", "1 when /readyz would answer 200", value=int(result.ready))
         components = GaugeMetricFamily(
             P + "component_ready", "Readiness of each component (see /readyz)", labels=["component"]
         )
-        for name, health in sorted(result.components.items()):
-            components.add_metric([name], int(health.ok))
+        if db_up:
+            # On the scrape's own read-only connection: a scrape never takes SQLite's write lock.
+            result = readiness(self.config, self.engine, self.sessions, self.spool, now=now)
+            ready = result.ready
+            for name, health in sorted(result.components.items()):
+                components.add_metric([name], int(health.ok))
+        else:  # already known: no second wait for a database that did not answer
+            ready = False
+            components.add_metric(["database"], 0)
+        yield GaugeMetricFamily(P + "ready", "1 when /readyz would answer 200", value=int(ready))
         yield components
         with contextlib.suppress(OSError):
             free = float(self.spool.free_bytes())
@@ -244,7 +250,7 @@ def build_registry(node: Node) -> CollectorRegistry:
     config = node.config
     registry = CollectorRegistry(auto_describe=False)
     engine = reader_engine(config.effective_database_url)
-    registry.register(NodeCollector(node, make_session_factory(engine)))
+    registry.register(NodeCollector(node, engine))
     if config.dicom.receivers > 1:
         telemetry.shared_collector(telemetry.shared_directory(config.home), registry)
     else:
