@@ -119,6 +119,14 @@ def describe_bundle(bundle: Path) -> BundleSummary:
             items.append(BundleItem(key, "honoured", _target(config[key])))
             if isinstance(config[key], dict) and "device" in config[key]:
                 items.append(BundleItem("inferer#device", "overridden", "the worker's device"))
+        elif key == "image_key":
+            items.append(BundleItem(key, "honoured", "the key the volume is fed under"))
+        elif key == "network":
+            items.append(
+                BundleItem(
+                    key, "replaced", "network_def with the pinned weights, moved to the device by the runtime"
+                )
+            )
         elif key == "modelname":
             items.append(BundleItem(key, "honoured", "chooses the weights file in models/"))
         else:
