@@ -24,6 +24,7 @@ import highdicom as hd
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.valuerep import DA, TM
 from scipy import ndimage
 
@@ -56,6 +57,7 @@ KEY_IMAGES_SERIES_NUMBER = int(ResultSeries.KEY_IMAGES)
 BANNER_TEXT = "NOT FOR DIAGNOSTIC USE"
 OUTLINE_RGB = (255, 40, 40)
 TEXT_RGB = (255, 220, 0)
+CAPTION_LINES = 2  # lesion and measurements; slice and model
 MIN_SIZE = 512  # pixels across: room for legible burned-in text on a 128-pixel source
 OUTLINE_PIXELS = 3  # outline thickness in output pixels
 # Display window when the source has none: soft tissue for CT (PS3.3 C.11.2.1.2 window center/width).
@@ -144,8 +146,8 @@ def _key_image(
     layout = KeyImageLayout(volume.array.shape[1], volume.array.shape[0])
     caption = (
         f"{finding.tracking_identifier}: {finding.volume_ml:.3g} mL, longest diameter "
-        f"{finding.largest_diameter_mm:.3g} mm; slice {source.get('InstanceNumber', k + 1)}; "
-        f"{findings.algorithm.name} {findings.algorithm.version}"
+        f"{finding.largest_diameter_mm:.3g} mm",
+        f"slice {source.get('InstanceNumber', k + 1)}; {findings.algorithm.name} {findings.algorithm.version}",
     )
     window = _window(source, volume.modality)
     pixels = render(volume.array[:, :, k].T, mask_ij.T, window, layout, caption)
@@ -170,6 +172,7 @@ def _key_image(
         software_versions=SOFTWARE_VERSION,
         device_serial_number=DEVICE_OBSERVER_UID,
         coding_schemes=[ihe_scheme_identification()],  # 99IHE of the Contributing Equipment purpose
+        transfer_syntax_uid=ExplicitVRLittleEndian,  # as the SR and SEG (from_ref_dataset: implicit)
     )
     image.ConversionType = "WSD"  # made on a workstation from other images (PS3.3 C.8.6.1)
     image.ImageType = ["DERIVED", "SECONDARY"]
@@ -178,7 +181,7 @@ def _key_image(
     image.Laterality = source.get("Laterality", "") or source.get("ImageLaterality", "") or ""
     image.DateOfSecondaryCapture = DA(content_datetime.date())  # highdicom stamps the clock's
     image.TimeOfSecondaryCapture = TM(content_datetime.time())
-    image.ImageComments = f"{caption}. {BANNER_TEXT}."[:10240]
+    image.ImageComments = f"{'; '.join(caption)}. {BANNER_TEXT}."[:10240]
     image.DerivationDescription = (
         f"slice through the largest cross-section of {finding.tracking_identifier}, outlined; "
         f"window {window[0]:g}/{window[1]:g}; "
@@ -203,8 +206,8 @@ class KeyImageLayout:
     def __init__(self, rows: int, columns: int) -> None:
         self.scale = max(1, math.ceil(MIN_SIZE / max(rows, columns)))
         self.image_rows, self.columns = rows * self.scale, columns * self.scale
-        self.band = max(20, self.columns // 22)  # banner and caption height
-        self.rows = self.image_rows + 2 * self.band
+        self.band = max(20, self.columns // 22)  # height of a line of text
+        self.rows = self.image_rows + (1 + CAPTION_LINES) * self.band
 
     def banner_box(self) -> tuple[slice, slice]:
         """(rows, columns) of the top band holding ``BANNER_TEXT``."""
@@ -239,7 +242,7 @@ def render(
     mask_rc: np.ndarray,
     window: tuple[float, float],
     layout: KeyImageLayout,
-    caption: str,
+    caption: Sequence[str],
 ) -> np.ndarray:
     """The key image's RGB pixels (uint8, rows x columns x 3) of one slice ([row, column]) and lesion mask."""
     center, width = window
@@ -260,7 +263,10 @@ def render(
     picture = Image.fromarray(canvas, mode="RGB")
     draw = ImageDraw.Draw(picture)
     _text(draw, BANNER_TEXT, layout.banner_box(), layout.columns)
-    _text(draw, caption, layout.caption_box(), layout.columns)
+    caption_rows = layout.caption_box()[0]
+    for n, line in enumerate(caption[:CAPTION_LINES]):
+        top = caption_rows.start + n * layout.band
+        _text(draw, line, (slice(top, top + layout.band), slice(0, layout.columns)), layout.columns)
     return np.asarray(picture, dtype=np.uint8).copy()
 
 
