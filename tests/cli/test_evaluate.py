@@ -24,8 +24,6 @@ from pipeline.demo.phantom import write_phantom_series
 from tests.support.peers import need_peer
 from tests.support.process import clean_env, run_cli
 
-pytestmark = pytest.mark.slow
-
 CHROMIUM = "/usr/bin/chromium"
 
 
@@ -50,6 +48,7 @@ def evaluated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str
     return data, report, stdout
 
 
+@pytest.mark.slow
 def test_the_validation_set_has_lesion_free_cases_masks_and_labels(evaluated: tuple[Path, Path, str]) -> None:
     data, _, _ = evaluated
     with (data / "truth" / "labels.csv").open() as handle:
@@ -62,6 +61,7 @@ def test_the_validation_set_has_lesion_free_cases_masks_and_labels(evaluated: tu
         assert len(list((data / "cases" / case).glob("*.dcm"))) == 32
 
 
+@pytest.mark.slow
 def test_report_metrics_equal_an_independent_computation(evaluated: tuple[Path, Path, str]) -> None:
     data, report_dir, _ = evaluated
     report = json.loads((report_dir / "report.json").read_text())
@@ -113,6 +113,7 @@ def test_report_metrics_equal_an_independent_computation(evaluated: tuple[Path, 
             assert estimate["low"] <= estimate["value"] <= estimate["high"], name
 
 
+@pytest.mark.slow
 def test_refusals_are_listed_with_their_reason(evaluated: tuple[Path, Path, str]) -> None:
     _, report_dir, stdout = evaluated
     report = json.loads((report_dir / "report.json").read_text())
@@ -135,6 +136,7 @@ class _Page(HTMLParser):
         self.text.append(data)
 
 
+@pytest.mark.slow
 def test_the_html_report_renders(evaluated: tuple[Path, Path, str]) -> None:
     _, report_dir, _ = evaluated
     page = _Page()
@@ -168,6 +170,7 @@ def test_the_html_report_renders(evaluated: tuple[Path, Path, str]) -> None:
             browser.close()
 
 
+@pytest.mark.slow
 def test_a_rerun_skips_the_cases_already_done(evaluated: tuple[Path, Path, str]) -> None:
     data, report_dir, _ = evaluated
     cached = {p.name: p.stat().st_mtime_ns for p in (report_dir / "cases").glob("case_*.json")}
@@ -181,3 +184,24 @@ def test_a_rerun_skips_the_cases_already_done(evaluated: tuple[Path, Path, str])
     assert after["case_001.json"] == cached["case_001.json"]
     assert after["case_003.json"] == cached["case_003.json"]
     assert json.loads((report_dir / "cases" / "case_002.json").read_text())["status"] == "ok"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("echo", "{cases}", "--truth", "{truth}"), "has no model to evaluate"),
+        (("demo", "{empty}", "--truth", "{truth}"), "holds no case folders"),
+        (("demo", "{cases}", "--truth", "{bad_csv}"), "needs the columns `case` and `label`"),
+    ],
+)
+def test_usage_errors_exit_2(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
+    paths = {"cases": tmp_path / "cases", "truth": tmp_path / "truth", "empty": tmp_path / "empty",
+             "bad_csv": tmp_path / "labels.csv"}  # fmt: skip
+    (paths["cases"] / "case_001").mkdir(parents=True)
+    paths["truth"].mkdir()
+    paths["empty"].mkdir()
+    paths["bad_csv"].write_text("study,positive\ncase_001,1\n")
+    filled = [a.format(**paths) for a in args]
+    code, stdout, stderr = _cli(tmp_path / "home", "evaluate", *filled, "--out", str(tmp_path / "report"))
+    assert code == 2, stdout + stderr
+    assert message in stderr

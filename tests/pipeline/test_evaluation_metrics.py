@@ -152,3 +152,25 @@ def test_the_report_renders_with_plots_and_lists_refusals() -> None:
     for heading in ("Study level", "Confusion matrix", "Reliability diagram", "Failures and refusals"):
         assert heading in text
     assert "no usable series <MR>" in text  # escaped in the page, intact once parsed
+
+
+def test_a_third_party_seg_as_truth_lands_where_highdicom_puts_it() -> None:
+    """dcmqi's liver SEG (another writer's, frames by source instance) on the CT grid [i, j, k]."""
+    import highdicom as hd
+    import pydicom
+
+    from pipeline.evaluation.masks import mask_from_seg
+    from tests.paths import TESTDATA
+    from tests.support.dicom_validators import read_headers, volume_from_headers
+
+    folder = TESTDATA / "sr_examples" / "dcmqi_liver_seg"
+    volume = volume_from_headers(read_headers(sorted(folder.glob("ct_0*.dcm"))))
+    uids = [ref.sop_instance_uid for ref in volume.source_instances]
+    reference = hd.seg.segread(folder / "liver_seg.dcm")
+    expected = reference.get_pixels_by_source_instance(
+        uids, segment_numbers=[1], ignore_spatial_locations=True
+    )
+    expected = np.transpose(expected[..., 0], (2, 1, 0))  # (frames, rows, columns) -> [i, j, k]
+    mask = mask_from_seg(pydicom.dcmread(folder / "liver_seg.dcm"), volume)
+    assert expected.any()
+    np.testing.assert_array_equal(mask > 0, expected > 0)
