@@ -1,5 +1,6 @@
-"""A real PACS in the loop: Orthanc pushes a phantom study to pacs-triage; the SR and SEG come back
-into the same study in Orthanc, with the lesion volume and priority the ground truth calls for.
+"""A real PACS in the loop: Orthanc pushes a phantom study to pacs-triage; the SR, SEG, key images
+and their KOS come back into the same study in Orthanc, with the lesion volume and priority the
+ground truth calls for.
 
 Orthanc (Debian package ``orthanc``) runs from a generated configuration on loopback ports with
 temporary storage; the test talks to it only through its REST API and DICOM, as a hospital would.
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 
 from pipeline.demo.phantom import write_phantom_series
+from tests.support.dicom_validators import assert_dciodvfy_clean
 from tests.support.e2e import (
     RESULT_DEADLINE_S,
     SEG_MODALITY,
@@ -34,13 +36,15 @@ pytestmark = [pytest.mark.peer, pytest.mark.slow]
 SEED, LESIONS, SLICES = 11, 1, 40
 MODALITY_NAME = "pacs-triage"  # Orthanc's name for our node (its DicomModalities key)
 TOLERANCE = 0.15
+KOS_MODALITY, KEY_IMAGE_MODALITY = "KO", "OT"  # highdicom's secondary captures are "other"
+RESULT_MODALITIES = (SR_MODALITY, SEG_MODALITY, KEY_IMAGE_MODALITY, KOS_MODALITY)
 
 
 def _series_by_modality(orthanc: Orthanc, study_id: str) -> dict[str, dict[str, Any]]:
     return {s["MainDicomTags"].get("Modality", ""): s for s in orthanc.get(f"/studies/{study_id}/series")}
 
 
-def test_orthanc_pushes_a_study_and_gets_the_sr_and_seg_back_in_the_same_study(
+def test_orthanc_pushes_a_study_and_gets_the_sr_seg_key_images_and_kos_back_in_the_same_study(
     tmp_path: Path, demo_bundles: DemoBundles, orthanc_factory: list[Orthanc], services: ServiceFactory
 ) -> None:
     our_port = free_port()
@@ -75,10 +79,13 @@ def test_orthanc_pushes_a_study_and_gets_the_sr_and_seg_back_in_the_same_study(
     def results_back() -> dict[str, dict[str, Any]] | None:
         assert service.alive(), "pacs-triage serve died:\n" + service.log_text()[-3000:]
         series = _series_by_modality(orthanc, study_id)
-        return series if SR_MODALITY in series and SEG_MODALITY in series else None
+        return series if all(m in series for m in RESULT_MODALITIES) else None
 
     series = wait_until(
-        results_back, timeout=RESULT_DEADLINE_S, what="the SR and SEG in Orthanc", interval=1.0
+        results_back,
+        timeout=RESULT_DEADLINE_S,
+        what="the SR, SEG, key images and KOS in Orthanc",
+        interval=1.0,
     )
 
     # Same study: Orthanc keys studies by StudyInstanceUID, and it still holds exactly one.
@@ -104,3 +111,20 @@ def test_orthanc_pushes_a_study_and_gets_the_sr_and_seg_back_in_the_same_study(
     )
     assert report.priority is not None and report.priority >= Priority.URGENT, report.summary
     assert report.evidence >= {str(s.SOPInstanceUID) for s in sources}
+
+    # One key image per reported lesion, and a KOS that points at exactly them and the SR.
+    key_images = [orthanc.file(i) for i in series[KEY_IMAGE_MODALITY]["Instances"]]
+    (kos_id,) = series[KOS_MODALITY]["Instances"]
+    kos = orthanc.file(kos_id)
+    assert len(key_images) == len(report.findings) >= LESIONS
+    for image in key_images:
+        assert image.StudyInstanceUID == kos.StudyInstanceUID == truth.study_instance_uid
+        assert image.BurnedInAnnotation == "YES"
+        assert_dciodvfy_clean(image, "key image from Orthanc")
+    referenced = {
+        str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+        for item in kos.ContentSequence
+        if item.ValueType in ("IMAGE", "COMPOSITE")
+    }
+    assert referenced == {str(ds.SOPInstanceUID) for ds in key_images} | {tags["SOPInstanceUID"]}
+    assert_dciodvfy_clean(kos, "KOS from Orthanc")
