@@ -32,26 +32,19 @@ import logging
 import os
 import re
 import shutil
-import socket
-import struct
-import threading
-import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from storage.errors import SpoolUnavailable
+from storage.slots import HOST, SlotPool, fsync_dir, is_abandoned, meta_sop_instance_uid
 
 log = logging.getLogger(__name__)
 
 TMP_DIR = "tmp"
 SLOTS_DIR = "slots"
-SLOT_BATCH = 32  # empty slot files made at once: one directory fsync for this many instances
-STALE_TMP_SECONDS = 3600
-_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64] or "host"
 OBJECTS_DIR = "objects"
-UID_CHARS = re.compile(r"[0-9.]+")
 _OBJECT_PATH = re.compile(rf"{OBJECTS_DIR}/[0-9a-f]{{2}}/[0-9a-f]{{2}}/[0-9a-f]{{64}}-[0-9a-f]{{64}}\.dcm")
 
 
@@ -88,8 +81,7 @@ class Spool:
         self.objects = self.root / OBJECTS_DIR
         self.slots = self.root / SLOTS_DIR
         self._root = str(self.root)
-        self._free_slots: list[str] = []  # this process's empty, durably named slot files
-        self._slot_lock = threading.Lock()
+        self._slots = SlotPool(self.slots)  # this process's empty, durably named slot files
         # objects/ab and objects/ab/cd directories known to exist durably (see _make_durable_dir).
         self._durable_l1 = bytearray(256)
         self._durable_l2 = bytearray(65536)
@@ -103,11 +95,11 @@ class Spool:
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.objects.mkdir(parents=True, exist_ok=True)
         self.slots.mkdir(parents=True, exist_ok=True)
-        _fsync_dir(self.root)  # so that tmp/, objects/ and slots/ themselves survive a crash
+        fsync_dir(self.root)  # so that tmp/, objects/ and slots/ themselves survive a crash
         self._make_top_dirs()
         removed = 0
         for leftover in self.tmp.iterdir():
-            if _is_abandoned(leftover):
+            if is_abandoned(leftover):
                 leftover.unlink(missing_ok=True)
                 removed += 1
         if removed:
@@ -122,10 +114,10 @@ class Spool:
         """
         moved = 0
         for slot in self.slots.iterdir():
-            if not _is_abandoned(slot):
+            if not is_abandoned(slot):
                 continue
             data = slot.read_bytes()
-            uid = _meta_sop_instance_uid(data) if data else None
+            uid = meta_sop_instance_uid(data) if data else None
             if uid is None:
                 slot.unlink(missing_ok=True)
                 continue
@@ -135,10 +127,10 @@ class Spool:
                 continue
             self._make_durable_dir(rel)
             os.replace(slot, os.path.join(self._root, rel))
-            _fsync_dir(os.path.dirname(os.path.join(self._root, rel)))
+            fsync_dir(os.path.dirname(os.path.join(self._root, rel)))
             moved += 1
         if moved:
-            _fsync_dir(self.slots)
+            fsync_dir(self.slots)
             log.warning("moved %d instances left in slots by an interrupted receiver into place", moved)
         return moved
 
@@ -161,7 +153,7 @@ class Spool:
         """Write ``chunks`` to a fresh temp file and fsync it; hash while writing."""
         total = sum(len(c) for c in chunks)
         self.check_space(total)
-        tmp_path = self.tmp / f"{_HOST}.{os.getpid()}.{uuid.uuid4().hex}.part"
+        tmp_path = self.tmp / f"{HOST}.{os.getpid()}.{uuid.uuid4().hex}.part"
         digest = hashlib.sha256()
         try:
             fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
@@ -197,7 +189,7 @@ class Spool:
         if self.has(rel):
             return stored, False
         self.check_space(total)
-        slot = self._take_slot()
+        slot = self._slots.take()
         try:
             fd = os.open(slot, os.O_WRONLY)
             try:
@@ -215,40 +207,6 @@ class Spool:
             raise _spool_error(exc, "writing an instance") from exc
         return stored, True
 
-    def _take_slot(self) -> str:
-        with self._slot_lock:
-            if not self._free_slots:
-                self._make_slots()
-            return self._free_slots.pop()
-
-    def _make_slots(self) -> None:
-        """Create up to SLOT_BATCH empty slots, named durably by one fsync of ``slots/``."""
-        made = []
-        prefix = os.path.join(self.slots, f"{_HOST}.{os.getpid()}.")
-        try:
-            for _ in range(SLOT_BATCH):
-                path = f"{prefix}{uuid.uuid4().hex}.slot"
-                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640))
-                made.append(path)
-        except FileNotFoundError:
-            self.slots.mkdir(parents=True, exist_ok=True)  # removed behind our back: next time
-            if not made:
-                raise
-        except OSError:
-            if not made:  # out of inodes: refuse this store; any slot made is used first
-                raise
-        _fsync_dir(self.slots)
-        self._free_slots.extend(made)
-
-    def _drop_spare_slots(self) -> bool:
-        """Give the inodes of unused slots back (the disk is full); True if there were any."""
-        with self._slot_lock:
-            spare, self._free_slots = self._free_slots, []
-        for path in spare:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-        return bool(spare)
-
     def _move_into_place(self, slot: str, rel: str) -> None:
         """Rename a flushed slot to ``rel``: no fsync (see the module docstring)."""
         final = os.path.join(self._root, rel)
@@ -265,7 +223,7 @@ class Spool:
                     os.mkdir(os.path.dirname(final))
                 break
             except OSError as exc:
-                if attempt or exc.errno not in (errno.ENOSPC, errno.EDQUOT) or not self._drop_spare_slots():
+                if attempt or exc.errno not in (errno.ENOSPC, errno.EDQUOT) or not self._slots.drop_spares():
                     raise
         os.replace(slot, final)
 
@@ -287,7 +245,7 @@ class Spool:
                 self._forget_dir(rel)
                 self._make_durable_dir(rel)
                 os.replace(pending.tmp_path, final)
-            _fsync_dir(directory)
+            fsync_dir(directory)
         except OSError as exc:
             pending.tmp_path.unlink(missing_ok=True)
             raise _spool_error(exc, f"moving {pending.tmp_path.name} into place") from exc
@@ -309,11 +267,11 @@ class Spool:
             self.objects.mkdir(parents=True, exist_ok=True)
             with contextlib.suppress(FileExistsError):  # made before, or by another receiver
                 os.mkdir(top)
-            _fsync_dir(self.objects)
+            fsync_dir(self.objects)
             self._durable_l1[first] = 1
         with contextlib.suppress(FileExistsError):
             os.mkdir(os.path.join(self._root, rel[: len(OBJECTS_DIR) + 6]))
-        _fsync_dir(top)
+        fsync_dir(top)
         self._durable_l2[second] = 1
 
     def _make_top_dirs(self) -> None:
@@ -332,7 +290,7 @@ class Spool:
                 continue
             made.append(first)
         if made:
-            _fsync_dir(self.objects)
+            fsync_dir(self.objects)
             for first in made:
                 self._durable_l1[first] = 1
 
@@ -354,7 +312,7 @@ class Spool:
         path = self.path_of(relative_path)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
 
     def path_of(self, relative_path: str) -> Path:
         if _OBJECT_PATH.fullmatch(relative_path):
@@ -366,65 +324,10 @@ class Spool:
         return path
 
 
-def _is_abandoned(path: Path) -> bool:
-    host, _, rest = path.name.partition(".")
-    pid_text = rest.partition(".")[0]
-    if host == _HOST and pid_text.isdigit():
-        pid = int(pid_text)
-        if pid == os.getpid():
-            return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
-    try:
-        return time.time() - path.stat().st_mtime > STALE_TMP_SECONDS
-    except FileNotFoundError:
-        return False
-
-
-def _meta_sop_instance_uid(data: bytes) -> str | None:
-    """Media Storage SOP Instance UID (0002,0003) from a Part 10 file's meta group, or None.
-
-    Only what this service writes (``daemon/dicom/file_meta.py``: preamble, DICM, explicit VR
-    little endian group 0002) is recognised.
-    """
-    if data[128:132] != b"DICM":
-        return None
-    pos = 132
-    while pos + 8 <= len(data):
-        group, element = struct.unpack_from("<HH", data, pos)
-        if group != 0x0002:
-            return None
-        vr = data[pos + 4 : pos + 6]
-        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
-            (length,) = struct.unpack_from("<L", data, pos + 8)
-            pos += 12
-        else:
-            (length,) = struct.unpack_from("<H", data, pos + 6)
-            pos += 8
-        if element == 0x0003:
-            uid = data[pos : pos + length].rstrip(b"\0 ").decode("ascii", "replace")
-            return uid if 0 < len(uid) <= 64 and UID_CHARS.fullmatch(uid) else None
-        pos += length
-    return None
-
-
 def _dir_indexes(rel: str) -> tuple[int, int]:
     """``objects/ab/cd/...`` -> (0xab, 0xabcd): where the directories are in the bitmaps."""
     n = len(OBJECTS_DIR)
     return int(rel[n + 1 : n + 3], 16), int(rel[n + 1 : n + 3] + rel[n + 4 : n + 6], 16)
-
-
-def _fsync_dir(directory: Path | str) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _spool_error(exc: OSError, what: str) -> SpoolUnavailable:

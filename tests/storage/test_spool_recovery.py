@@ -41,7 +41,7 @@ spool = Spool(Path(sys.argv[1]))
 spool.open()
 data = Path(sys.argv[3]).read_bytes()
 if sys.argv[2] == "slot":
-    slot = spool._take_slot()
+    slot = spool._slots.take()
     fd = os.open(slot, os.O_WRONLY)
     os.write(fd, data)
     os.fdatasync(fd)
