@@ -4,7 +4,8 @@ no second report.
 
 Orthanc runs a Lua ``OnStoredInstance`` that routes every instance it receives over DICOM back to
 pacs-triage (the worst auto-route a site can configure). pacs-triage runs the ``echo`` stand-in
-here; ``test_demo_report_does_not_loop`` runs the real demo MONAI pipeline (SR and SEG).
+here; ``test_demo_report_does_not_loop`` runs the real demo MONAI pipeline (SR, SEG, a key image
+per lesion and their KOS).
 """
 
 from __future__ import annotations
@@ -158,6 +159,6 @@ def test_our_report_routed_back_and_a_whole_study_resend_make_no_second_report(
 def test_demo_report_does_not_loop(
     tmp_path: Path, services: ServiceFactory, demo_bundles: DemoBundles
 ) -> None:
-    """The same with the real demo MONAI pipeline: exactly one SR and one SEG stay in Orthanc."""
+    """The same with the real demo MONAI pipeline: one SR, SEG, key image (one lesion) and KOS stay in Orthanc."""
     config = service_config(tmp_path / "pacs-triage.toml", demo_bundles, [("ct-demo", "CT")])
-    _run_loop(tmp_path, services, slices=40, expected={"SR", "SEG"}, config=config)
+    _run_loop(tmp_path, services, slices=40, expected={"SR", "SEG", "OT", "KO"}, config=config)
