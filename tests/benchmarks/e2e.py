@@ -49,6 +49,7 @@ class Run:
     send_seconds: float
     rows: list[tuple[str, float]]
     total: float
+    peak_rss_mib: float | None = None  # the worker's peak resident memory during the job
 
     @property
     def pipeline_seconds(self) -> float:
@@ -145,10 +146,9 @@ class Bench:
                 f"no SR for the {slices}-slice study within {DEADLINE_S:.0f} s; see {self.log.name}"
             )
         job = self._job(uid)
-        rows = breakdown(
-            job_timeline(self.queue, self.outbox, job), last_ack=last_ack, report_received=sr.received_at
-        )
-        return Run(slices, last_ack - start, rows, sr.received_at - last_ack)
+        timeline = job_timeline(self.queue, self.outbox, job)
+        rows = breakdown(timeline, last_ack=last_ack, report_received=sr.received_at)
+        return Run(slices, last_ack - start, rows, sr.received_at - last_ack, timeline.peak_rss_mib)
 
     def _job(self, uid: str) -> JobView:
         job = next((j for j in self.queue.recent(limit=50) if j.study_instance_uid == uid), None)
@@ -181,12 +181,23 @@ def table(runs: list[Run], warmup: Run) -> str:
     lines.append(
         "| (before: sending the study, C-STORE) | " + " | ".join(f"{r.send_seconds:.1f}" for r in runs) + " |"
     )
+    lines.append(
+        "| worker peak RSS during the job (MiB) | "
+        + " | ".join("?" if r.peak_rss_mib is None else f"{r.peak_rss_mib:.0f}" for r in runs)
+        + " |"
+    )
+    lines.append(
+        "| float32 source volume (MiB) | "
+        + " | ".join(f"{512 * 512 * r.slices * 4 / 2**20:.0f}" for r in runs)
+        + " |"
+    )
     cold = dict(warmup.rows)
     lines.append("")
     lines.append(
-        f"Cold start (the {warmup.slices}-slice warm-up study, the worker's first job): loading the two bundles "
-        f"{cold[LOAD_MODELS]:.1f} s, importing torch/MONAI (worker overhead) "
-        f"{cold[WORKER_OVERHEAD]:.1f} s; total {warmup.total:.1f} s."
+        f"Cold start (the {warmup.slices}-slice warm-up study, sent as soon as serve answers C-ECHO, while the "
+        f"worker is still importing torch/MONAI and loading the bundles at its start): total {warmup.total:.1f} s, "
+        f"of which waiting for the worker {dict(warmup.rows)['queue wait (until a worker claimed the job)']:.1f} s, "
+        f"loading models in the job {cold[LOAD_MODELS]:.1f} s, worker overhead {cold[WORKER_OVERHEAD]:.1f} s."
     )
     return "\n".join(lines)
 
@@ -210,7 +221,13 @@ def main(argv: list[str] | None = None) -> None:
                 runs.append(bench.run(slices, seed=SEED + index, lesions=1))
         finally:
             bench.close()
-    print(f"quiet period {args.quiet:g} s, sweep 0.5 s, worker/dispatch poll 0.5 s, torch threads: default")
+    import torch
+
+    print(
+        f"quiet period {args.quiet:g} s, sweep 0.5 s, worker/dispatch poll 0.5 s, torch threads "
+        f"{torch.get_num_threads()} (default), load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} "
+        f"(1, 5, 15 min, at the end)"
+    )
     print()
     print(table(runs, warmup))
 
