@@ -1,6 +1,6 @@
 """``pacs-triage demo``: the whole product once, on this machine, in a throw-away data directory.
 
-    mock PACS (pynetdicom SCP) ◀──SR, SEG── dispatcher
+    mock PACS (pynetdicom SCP) ◀──SR, SEG, key images, KOS── dispatcher
          ▲                                    │
          │                                    │
     phantom CT ──C-STORE──▶ receiver ──▶ completion ──▶ job ──▶ worker (demo pipeline)
@@ -47,6 +47,7 @@ PROGRESS_SECONDS = 5.0
 CALLING_AE = "DEMO_CT"
 SR_MODALITY = "SR"
 SEG_MODALITY = "SEG"
+KOS_MODALITY = "KO"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -266,6 +267,28 @@ def judge(report: SrReport, truth: GroundTruth, sent: frozenset[str], tolerance:
     return Verdict(ok, tuple(lines))
 
 
+def _arrival(pacs: MockPacs, sop_instance_uid: str) -> Received | None:
+    return pacs.wait_for(lambda r: r.sop_instance_uid == sop_instance_uid, timeout=SEG_GRACE_SECONDS)
+
+
+def _key_objects(pacs: MockPacs, study_uid: str) -> list[str]:
+    """What arrived of the KOS and the key images it points at (each a delivery of its own)."""
+    kos = pacs.wait_for(
+        lambda r: r.modality == KOS_MODALITY and r.study_instance_uid == study_uid, timeout=SEG_GRACE_SECONDS
+    )
+    if kos is None:
+        return ["KOS did not arrive"]
+    wanted = [
+        str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+        for item in kos.dataset.get("ContentSequence", [])
+        if item.get("ValueType") == "IMAGE"
+    ]
+    images = [r for uid in wanted if (r := _arrival(pacs, uid)) is not None]
+    lines = [f"KOS arrived: {kos.sop_instance_uid} (key images and the SR)"]
+    lines.append(f"key images arrived: {len(images)} of {len(wanted)} (not for diagnostic use, outlined)")
+    return lines
+
+
 def run_demo(options: DemoOptions, echo: Echo = print) -> int:
     """Run the demo; returns the exit status (0: the SR arrived and matches)."""
     problem = check_bundles(options.bundle_dir)
@@ -349,6 +372,8 @@ def _scenario(
     echo("")
     echo(f"SR arrived at the mock PACS: {sr.sop_instance_uid} (series {report.series_instance_uid})")
     echo(f"SEG {'arrived: ' + seg.sop_instance_uid if seg else 'did not arrive'}")
+    for line in _key_objects(pacs, truth.study_instance_uid):
+        echo(line)
     echo(f"summary: {report.summary}")
     echo("")
     for line in verdict.lines:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,10 @@ def test_the_demo_sends_a_phantom_and_gets_a_matching_sr_back(
     out = done.stdout + done.stderr
     assert "SR arrived at the mock PACS" in out, out
     assert "where the time went" in out and "inference" in out, out
+    # Every DICOM result kind reaches the mock PACS: the KOS and each key image it points at.
+    assert "KOS arrived" in out, out
+    arrived = re.search(r"key images arrived: (\d+) of (\d+)", out)
+    assert arrived is not None and arrived[1] == arrived[2] != "0", out
     assert done.returncode == 0 and "RESULT: the SR arrived and matches the ground truth" in out, out
     assert (tmp_path / "demo" / "pacs-triage.db").exists()  # --home kept the demo's own database
 
