@@ -186,7 +186,14 @@ def evaluate(
                 for task, key in pending
             }
             for future in as_completed(futures):
-                record = future.result()
+                try:
+                    record = future.result()
+                except Exception as exc:  # noqa: BLE001 - the case boundary: one broken case is recorded, the rest go on
+                    record = {
+                        "case": futures[future],
+                        "status": "failed",
+                        "reason": f"{type(exc).__name__}: {exc}",
+                    }
                 _write_json(out / "cases" / f"{futures[future]}.json", record)
                 records[futures[future]] = record
                 next(bar)

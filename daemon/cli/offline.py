@@ -7,7 +7,7 @@ import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -15,7 +15,10 @@ from daemon.cli.common import ConfigOption
 from daemon.cli.common import fail as _fail
 from daemon.cli.common import load as _config
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from daemon.config import Config
+    from daemon.pipelines.base import Pipeline
+
 
 RUN_HELP = """Analyse DICOM files or folders offline with PIPELINE, as the service would.
 
@@ -50,7 +53,7 @@ def progress(description: str) -> Iterator[None]:
         yield
 
 
-def load_pipeline(config_path: Path | None, name: str) -> tuple[object, Callable[[], object]]:
+def load_pipeline(config_path: Path | None, name: str) -> tuple[Config, Callable[[], Pipeline]]:
     """The configuration and a factory of the pipeline ``name`` (exit 2 naming the known ones)."""
     from daemon.pipelines.registry import Pipelines
 
@@ -83,7 +86,7 @@ def run(
     try:
         with progress(f"{pipeline}: analysing {len(study.files)} DICOM files"):
             instance = factory()
-            result = analyse(instance, study, analysis_started=started)  # type: ignore[arg-type]
+            result = analyse(instance, study, analysis_started=started)
     except (PermanentError, BundleError) as exc:
         (out / "refused.txt").write_text(f"{exc}\n", encoding="utf-8")
         _fail(f"refused: {exc}", code=1)
@@ -107,7 +110,8 @@ def run(
     typer.echo(f"priority {result.priority.name}: {result.summary}")
     for path in written:
         typer.echo(f"  wrote {path}")
-    typer.echo("  stages: " + ", ".join(f"{k} {v:.2f} s" for k, v in result.stage_seconds.items()))
+    if result.stage_seconds:
+        typer.echo("  stages: " + ", ".join(f"{k} {v:.2f} s" for k, v in result.stage_seconds.items()))
 
 
 def register(app: typer.Typer) -> None:

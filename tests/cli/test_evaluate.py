@@ -21,6 +21,7 @@ import pytest
 from sklearn import metrics as skm
 
 from pipeline.demo.phantom import write_phantom_series
+from pipeline.evaluation.masks import write_nifti_mask
 from tests.support.peers import need_peer
 from tests.support.process import clean_env, run_cli
 
@@ -42,6 +43,9 @@ def evaluated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str
     )
     assert code == 0, stdout + stderr
     write_phantom_series(data / "cases" / "too_short", seed=99, lesions=0, slices=8)  # refused: < 16 slices
+    # analysed, but its truth mask is on another grid: a failed case, with the reason
+    write_phantom_series(data / "cases" / "wrong_grid", seed=98, lesions=0, slices=32)
+    write_nifti_mask(data / "truth" / "wrong_grid.nii.gz", np.zeros((10, 10, 10), np.uint8), np.eye(4))
     args = ("evaluate", "demo", str(data / "cases"), "--truth", str(data / "truth"), "--out", str(report))
     code, stdout, stderr = _cli(home, *args, "--jobs", "2", "--bootstrap", "500")
     assert code == 0, stdout + stderr
@@ -67,10 +71,10 @@ def test_report_metrics_equal_an_independent_computation(evaluated: tuple[Path, 
     report = json.loads((report_dir / "report.json").read_text())
     cases = {c["case"]: c for c in report["cases"]}
     assert report["counts"] == {
-        "cases": 4,
+        "cases": 5,
         "ok": 3,
         "refused": 1,
-        "failed": 0,
+        "failed": 1,
         "with_mask": 3,
         "study_level": 3,
     }
@@ -117,10 +121,12 @@ def test_report_metrics_equal_an_independent_computation(evaluated: tuple[Path, 
 def test_refusals_are_listed_with_their_reason(evaluated: tuple[Path, Path, str]) -> None:
     _, report_dir, stdout = evaluated
     report = json.loads((report_dir / "report.json").read_text())
-    [failure] = report["failures"]
-    assert failure["case"] == "too_short" and failure["status"] == "refused"
-    assert "8 slices, fewer than 16" in failure["reason"]
+    refused, failed = sorted(report["failures"], key=lambda f: f["case"])
+    assert refused["case"] == "too_short" and refused["status"] == "refused"
+    assert "8 slices, fewer than 16" in refused["reason"]
     assert "too_short: refused" in stdout
+    assert failed["case"] == "wrong_grid" and failed["status"] == "failed"
+    assert "not on the grid" in failed["reason"] and "resample it onto the series" in failed["reason"]
 
 
 class _Page(HTMLParser):
@@ -173,17 +179,20 @@ def test_the_html_report_renders(evaluated: tuple[Path, Path, str]) -> None:
 @pytest.mark.slow
 def test_a_rerun_skips_the_cases_already_done(evaluated: tuple[Path, Path, str]) -> None:
     data, report_dir, _ = evaluated
-    cached = {p.name: p.stat().st_mtime_ns for p in (report_dir / "cases").glob("case_*.json")}
-    assert len(cached) == 3
+    cached = {p.name: p.stat().st_mtime_ns for p in (report_dir / "cases").glob("*.json")}
+    assert len(cached) == 5
     (report_dir / "cases" / "case_002.json").unlink()
     args = ("evaluate", "demo", str(data / "cases"), "--truth", str(data / "truth"), "--out", str(report_dir))
     code, stdout, stderr = _cli(data.parent / "home", *args, "--jobs", "2", "--bootstrap", "500")
     assert code == 0, stdout + stderr
-    assert "3 case(s) unchanged since the last run" in stderr  # case_001, case_003 and the refused one
-    after = {p.name: p.stat().st_mtime_ns for p in (report_dir / "cases").glob("case_*.json")}
+    # case_001, case_003 and the refused one; the failed one is tried again
+    assert "3 case(s) unchanged since the last run" in stderr
+    after = {p.name: p.stat().st_mtime_ns for p in (report_dir / "cases").glob("*.json")}
     assert after["case_001.json"] == cached["case_001.json"]
     assert after["case_003.json"] == cached["case_003.json"]
     assert json.loads((report_dir / "cases" / "case_002.json").read_text())["status"] == "ok"
+    assert after["too_short.json"] == cached["too_short.json"]
+    assert after["wrong_grid.json"] > cached["wrong_grid.json"]
 
 
 @pytest.mark.parametrize(
