@@ -42,6 +42,7 @@ from pipeline.writers.key_images import (
 from pipeline.writers.kos import write_kos
 from pipeline.writers.seg import write_seg
 from pipeline.writers.sr import write_sr
+from tests.paths import TESTDATA
 from tests.support.dicom_validators import ALGORITHM, assert_dciodvfy_clean, assert_dsrdump_ok, roundtrip
 from vocabulary import Priority
 
@@ -271,3 +272,35 @@ def test_the_runner_sends_a_key_image_per_reported_lesion_and_their_kos(phantom_
     assert len({int(ds.SeriesNumber) for ds in result.datasets}) == len(
         {ds.Modality for ds in result.datasets}
     )
+
+
+def test_patient_orientation_of_a_sagittal_slice_follows_its_direction_cosines() -> None:
+    """PS3.3 C.7.6.1.1.1 from the real sagittal MR's Image Orientation (0\\1\\0\\0\\0\\-1): rows run P, columns F."""
+    path = sorted((TESTDATA / "mr_series" / "sag_t1_fl2d_HFS").glob("*.dcm"))[0]
+    iop = [float(v) for v in dcmread(path, stop_before_pixels=True).ImageOrientationPatient]
+    affine = np.eye(4)
+    affine[:3, 0], affine[:3, 1] = np.multiply(iop[:3], 0.9), np.multiply(iop[3:], 0.9)
+    assert patient_orientation(affine) == ("P", "F")
+    oblique = np.eye(4)
+    oblique[:3, 0] = (0.8, 0.6, 0.0)
+    assert patient_orientation(oblique)[0] == "LP"  # major axis first
+
+
+def test_inputs_that_do_not_line_up_are_refused_and_a_lesion_without_voxels_gets_no_image(case: Case) -> None:
+    def write(lesion_map: np.ndarray, headers: Sequence[Dataset] = case.headers) -> tuple[Dataset, ...]:
+        return write_key_images(
+            lesion_map,
+            case.volume,
+            headers,
+            case.findings,
+            input_fingerprint=FINGERPRINT,
+            content_datetime=WHEN,
+        )
+
+    with pytest.raises(ValueError, match="lesion map shape"):
+        write(case.lesion_map[:, :, 1:])
+    with pytest.raises(ValueError, match="volume order"):
+        write(case.lesion_map, case.headers[::-1])
+    (image,) = write(np.where(case.lesion_map == 1, 1, 0).astype(case.lesion_map.dtype))
+    assert image.SOPInstanceUID == case.key_images[0].SOPInstanceUID  # the same lesion, the same UID
+    assert write(np.zeros_like(case.lesion_map)) == ()
