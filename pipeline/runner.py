@@ -31,6 +31,7 @@ from types import MappingProxyType
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import KeyObjectSelectionDocumentStorage, SecondaryCaptureImageStorage, SegmentationStorage
 
 from pipeline.bundle_runtime import BundleKind, BundleRuntime, Prediction, load_bundle
 from pipeline.errors import BundleError, GeometryError, NoUsableSeries, PermanentError, TransientError
@@ -40,6 +41,8 @@ from pipeline.measure import Measured, classifications, findings_from_prediction
 from pipeline.series_select import SelectedSeries, select_series
 from pipeline.spec import BundleSpec, PipelineSpec
 from pipeline.volume import Volume
+from pipeline.writers.key_images import write_key_images
+from pipeline.writers.kos import write_kos
 from pipeline.writers.seg import write_seg
 from pipeline.writers.sr import write_sr
 
@@ -51,10 +54,10 @@ STAGES: tuple[str, ...] = ("select", "load", "headers", "bundles", "inference", 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
 class PipelineResult:
-    """What one run produced: findings, result datasets (SR first, then SEG), and how it went."""
+    """What one run produced: findings, result datasets (SR first, then SEG, key images, KOS), and how it went."""
 
     findings: Findings
-    datasets: tuple[Dataset, ...]  # (SR,) or (SR, SEG)
+    datasets: tuple[Dataset, ...]  # SR, then the SEG, the key images and their KOS when made
     study_instance_uid: str
     series_instance_uid: str  # the series the findings are about
     selection_reason: str  # why that series (select_series' reason, plus any fallback)
@@ -75,7 +78,17 @@ class PipelineResult:
     @property
     def seg(self) -> Dataset | None:
         """The DICOM SEG, when one was written."""
-        return self.datasets[1] if len(self.datasets) > 1 else None
+        return next((ds for ds in self.datasets if ds.SOPClassUID == SegmentationStorage), None)
+
+    @property
+    def key_images(self) -> tuple[Dataset, ...]:
+        """The key images (secondary captures), one per lesion, in findings order."""
+        return tuple(ds for ds in self.datasets if ds.SOPClassUID == SecondaryCaptureImageStorage)
+
+    @property
+    def kos(self) -> Dataset | None:
+        """The Key Object Selection document that references the key images and the SR."""
+        return next((ds for ds in self.datasets if ds.SOPClassUID == KeyObjectSelectionDocumentStorage), None)
 
 
 class _Timer:
@@ -200,6 +213,8 @@ def _runtime(bundle: BundleSpec) -> BundleRuntime:
         device=bundle.device,
         overrides=bundle.overrides,
         amp=bundle.amp,
+        invert_labels=bundle.invert_labels,
+        cpu_bf16=bundle.cpu_bf16,
     )
 
 
@@ -291,7 +306,44 @@ def _write(
         raise PermanentError(
             f"pipeline {spec.name!r}: no valid SR/SEG can be written for series {volume.series_instance_uid}: {exc}"
         ) from exc
-    return ((sr,) if seg is None else (sr, seg)), tuple(notes)
+    try:
+        shown = _key_objects(measured, volume, per_slice, sr, fingerprint, content_datetime, notes)
+    except ValueError as exc:  # the writers check that the sources can carry a valid object
+        raise PermanentError(
+            f"pipeline {spec.name!r}: no valid key images or KOS can be written for series "
+            f"{volume.series_instance_uid}: {exc}"
+        ) from exc
+    return ((sr,) if seg is None else (sr, seg)) + shown, tuple(notes)
+
+
+def _key_objects(
+    measured: Measured,
+    volume: Volume,
+    per_slice: list[Dataset],
+    sr: Dataset,
+    fingerprint: str,
+    content_datetime: datetime.datetime,
+    notes: list[str],
+) -> tuple[Dataset, ...]:
+    """One key image per lesion (its largest cross-section, outlined) and the KOS over them and the SR."""
+    if measured.lesion_map is None or not measured.findings.findings:
+        notes.append("no key images: nothing was segmented")
+        return ()
+    key_images = write_key_images(
+        measured.lesion_map,
+        volume,
+        per_slice,
+        measured.findings,
+        input_fingerprint=fingerprint,
+        content_datetime=content_datetime,
+    )
+    if not key_images:
+        notes.append("no key images: no lesion has a voxel in the lesion map")
+        return ()
+    kos = write_kos(
+        key_images, sr, measured.findings, input_fingerprint=fingerprint, content_datetime=content_datetime
+    )
+    return (*key_images, kos)
 
 
 # --- the pipeline --------------------------------------------------------------------------------

@@ -202,7 +202,9 @@ def test_phantom_study_gives_an_sr_and_a_seg_on_every_source_instance(
 ) -> None:
     files, truth = phantom
     result = phantom_result
-    assert [str(ds.SOPClassUID) for ds in result.datasets] == [Comprehensive3DSRStorage, SegmentationStorage]
+    classes = [str(ds.SOPClassUID) for ds in result.datasets]
+    assert classes[:2] == [Comprehensive3DSRStorage, SegmentationStorage]  # then key images, KOS
+    assert len(result.key_images) == len(result.findings.findings) and result.kos is not None
     sr, seg = result.sr, result.seg
     assert seg is not None
     assert (result.study_instance_uid, result.series_instance_uid) == (
