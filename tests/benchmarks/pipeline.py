@@ -212,10 +212,10 @@ def random_weights(bundle: Path) -> None:
     torch.save(parser.get_parsed_content("network_def").state_dict(), bundle / "models" / "model.pt")
 
 
-def demo_bundle(root: Path) -> tuple[Path, str]:
+def demo_bundle(root: Path, source: Path = DEMO_BUNDLE) -> tuple[Path, str]:
     """The trained demo bundle when present, else its architecture with random weights."""
-    if (DEMO_BUNDLE / "models").is_dir():
-        shutil.copytree(DEMO_BUNDLE, root / "lesion_seg")
+    if (source / "models").is_dir():
+        shutil.copytree(source, root / "lesion_seg")
         return root / "lesion_seg", "demo `lesion_seg` (trained weights)"
     import json
 
@@ -314,6 +314,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds of each decode measurement (median)")
     parser.add_argument("--skip-spleen", action="store_true")
     parser.add_argument("--skip-demo", action="store_true")
+    parser.add_argument("--demo-bundle", type=Path, default=DEMO_BUNDLE, help="the lesion_seg bundle to time")
     args = parser.parse_args()
 
     sampler = RssSampler()
@@ -365,7 +366,7 @@ def main() -> None:
         bundles_dir.mkdir()
         chosen = []
         if not args.skip_demo:
-            chosen.append(demo_bundle(bundles_dir))
+            chosen.append(demo_bundle(bundles_dir, args.demo_bundle))
         if not args.skip_spleen:
             chosen.append(spleen_bundle(bundles_dir))
         for bundle, title in chosen:
