@@ -178,7 +178,9 @@ def test_a_configured_monai_pipeline_succeeds_with_an_sr_and_records_its_stage_t
 ) -> None:
     truth = write_phantom_series(tmp_path / "phantom", seed=5, lesions=0, slices=16)
     files = sorted((tmp_path / "phantom").glob("*.dcm"))
+    before = dt.datetime.now().replace(microsecond=0)  # DICOM dates are local time
     job = node.receive_and_run(files)
+    after = dt.datetime.now()
 
     assert (job.state, job.pipeline, job.attempts) == ("succeeded", "ct-threshold", 1), job.last_error
     with node.sessions() as session:
@@ -197,6 +199,12 @@ def test_a_configured_monai_pipeline_succeeds_with_an_sr_and_records_its_stage_t
     )
     report = read_sr(sr)
     assert report.study_instance_uid == truth.study_instance_uid
+    # IHE AIR: the report's Content and Instance Creation Date/Time are when this analysis began (the
+    # worker's clock, passed into pipeline/), not the study's acquisition time (issue 13 item 5).
+    content = dt.datetime.strptime(f"{sr.ContentDate}{str(sr.ContentTime)[:6]}", "%Y%m%d%H%M%S")
+    assert before <= content <= after, (content, before, after)
+    assert (sr.InstanceCreationDate, sr.InstanceCreationTime) == (sr.ContentDate, sr.ContentTime)
+    assert (sr.ContentDate, sr.ContentTime) != (sr.StudyDate, sr.StudyTime)
     assert report.evidence >= {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
     assert report.priority is not None and int(report.priority) == results[0].priority
     assert "series " in results[0].summary  # the summary says which series was analysed and why
