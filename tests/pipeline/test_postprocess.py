@@ -186,3 +186,25 @@ def test_invert_labels_is_a_no_op_where_the_bundle_inverts_labels_already(tmp_pa
     bundle = _copy_with_weights(WHOLEBODY, tmp_path, LOWRES, name="model_lowres.pt")
     runtime = _load(bundle, tmp_path, overrides=LOWRES, invert_labels=True)
     assert not runtime.inverts_labels
+
+
+# --- resampling in float32 (a bundle override, documented in README "Speed options") ---------------
+
+SPACING_FLOAT32 = {"preprocessing#transforms#2#dtype": "$torch.float32"}  # the demo's Spacingd
+
+
+@pytest.mark.slow
+def test_demo_spacing_in_float32_gives_the_same_labels() -> None:
+    """MONAI's Spacingd resamples in float64 by default; float32 halves its memory (and Invertd's)."""
+    from monai.transforms import Spacingd
+
+    reference = _load(DEMO / "lesion_seg", DEMO)
+    lighter = _load(DEMO / "lesion_seg", DEMO, overrides=SPACING_FLOAT32)
+    assert isinstance(lighter.preprocessing.transforms[2], Spacingd)
+    assert lighter.preprocessing.transforms[2].dtype == (torch.float32,)
+    volume = _phantom(seed=1003)
+
+    expected, got = reference.predict(volume), lighter.predict(volume)
+
+    assert expected.labels is not None and got.labels is not None and expected.labels.any()
+    np.testing.assert_array_equal(got.labels, expected.labels)
