@@ -197,6 +197,9 @@ def check(
     except PipelineError as exc:
         problems.append(f"inference: {exc}")
         _finish(out, summary, pin_report, hashes, None, problems)
+    except Exception as exc:  # noqa: BLE001 - the check's boundary: whatever the bundle raises is its finding
+        problems.append(f"inference raised {type(exc).__name__}: {exc}")
+        _finish(out, summary, pin_report, hashes, None, problems)
     seconds = time.perf_counter() - before
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     run: dict[str, Any] = {"seconds": seconds, "peak_rss_mib": peak, "stage_seconds": dict(result.stage_seconds),
