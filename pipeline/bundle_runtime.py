@@ -82,13 +82,17 @@ class Prediction:
     labels: np.ndarray | None = None
     probabilities: np.ndarray | None = None
     class_probabilities: tuple[float, ...] | None = None
+    # Multi-label (sigmoid) bundles: bool [C, i, j, k], channel c is label_names[c]; channels may overlap.
+    masks: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        if self.kind is BundleKind.SEGMENTATION and self.labels is None:
-            raise ValueError("a segmentation Prediction needs labels")
+        if self.kind is BundleKind.SEGMENTATION and self.labels is None and self.masks is None:
+            raise ValueError("a segmentation Prediction needs labels or masks")
         if self.kind is BundleKind.CLASSIFICATION and self.class_probabilities is None:
             raise ValueError("a classification Prediction needs class_probabilities")
-        for array in (self.labels, self.probabilities):
+        if self.masks is not None and self.masks.shape[0] != len(self.label_names):
+            raise ValueError(f"{self.masks.shape[0]} mask channels for {len(self.label_names)} label names")
+        for array in (self.labels, self.probabilities, self.masks):
             if array is not None:
                 array.flags.writeable = False
 
@@ -282,10 +286,15 @@ class BundleRuntime:
 
         # Step through postprocessing to keep the last multi-channel map already on the source grid
         # (spleen inverts the softmax, then takes the argmax: that map is the probabilities).
+        # A multi-label bundle thresholds its sigmoids (brats: AsDiscreted(threshold=0.5)); the binary
+        # channels right after that step are its overlapping masks, whatever a later Lambdad merges.
         for step in self.postprocessing_steps:
             if source_grid_probabilities(data["pred"]):
                 probabilities = data["pred"]
             data = step(data)
+            pred = data["pred"]
+            if _thresholds(step) and isinstance(pred, torch.Tensor) and tuple(pred.shape[1:]) == shape:
+                return self._multilabel(data["pred"], probabilities, pipeline)
         pred = torch.as_tensor(data["pred"]).detach()
         if source_grid_probabilities(pred):
             probabilities = pred
@@ -305,6 +314,32 @@ class BundleRuntime:
             labels=labels,
             probabilities=probs_np,
         )
+
+    def _multilabel(
+        self, masks: torch.Tensor, probabilities: torch.Tensor | None, pipeline: str
+    ) -> Prediction:
+        if masks.shape[0] != len(self.label_names):
+            raise BundleError(
+                f"bundle {self.name}: {masks.shape[0]} thresholded channels but {len(self.label_names)} "
+                "labels in channel_def"
+            )
+        probs_np = None if probabilities is None else probabilities.float().cpu().numpy().astype(np.float32)
+        return Prediction(
+            kind=BundleKind.SEGMENTATION,
+            label_names=self.label_names,
+            algorithm=self.algorithm(pipeline),
+            masks=masks.detach().cpu().numpy() > 0,
+            probabilities=probs_np,
+        )
+
+
+def _thresholds(step: Any) -> bool:
+    """Whether ``step`` is an ``AsDiscreted`` that thresholds (multi-label sigmoid), not an argmax."""
+    from monai.transforms import AsDiscreted
+
+    if not isinstance(step, AsDiscreted):
+        return False
+    return any(t is not None for t in step.threshold) and not any(step.argmax)
 
 
 # --- per-process cache ---------------------------------------------------------------------------

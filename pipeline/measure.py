@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -183,6 +183,42 @@ def measure_lesions(
     return tuple(found), lesion_map
 
 
+def measure_overlapping(
+    masks: np.ndarray,
+    volume: Volume,
+    label_names: Sequence[str],
+    *,
+    probabilities: np.ndarray | None = None,
+    min_volume_ml: float = 0.0,
+    reported: frozenset[str] = frozenset(),
+) -> tuple[tuple[Finding, ...], np.ndarray]:
+    """Multi-label (sigmoid) outputs: lesions per channel of ``masks`` (bool [C, i, j, k]), which may overlap.
+
+    Channel ``c`` is ``label_names[c]`` (no channel is background). Lesions are measured per channel
+    as by :func:`measure_lesions`; findings come in channel order. The lesion map is int32
+    [C, i, j, k]: layer ``c`` holds the finding numbers (1-based, over all layers) of channel ``c``.
+    """
+    if masks.ndim != 4 or masks.shape[0] != len(label_names) or masks.shape[1:] != volume.array.shape:
+        raise ValueError(f"masks shape {masks.shape}, expected {(len(label_names), *volume.array.shape)}")
+    found: list[Finding] = []
+    layers = np.zeros(masks.shape, dtype=np.int32)
+    for c, name in enumerate(label_names):
+        probs = None
+        if probabilities is not None:
+            probs = np.stack([1.0 - probabilities[c], probabilities[c]])
+        channel, local = measure_lesions(
+            masks[c].astype(np.uint8),
+            volume,
+            ("background", name),
+            probabilities=probs,
+            min_volume_ml=min_volume_ml,
+            reported=reported,
+        )
+        layers[c][local > 0] = local[local > 0] + len(found)
+        found += [replace(f, label=c) for f in channel]
+    return tuple(found), layers
+
+
 def classifications(
     label_names: Sequence[str],
     probabilities: Sequence[float],
@@ -250,7 +286,9 @@ class Measured:
     """Findings and the lesion map they were measured on (value ``n``: ``findings.findings[n - 1]``)."""
 
     findings: Findings
-    lesion_map: np.ndarray | None  # None when the prediction has no label volume
+    lesion_map: (
+        np.ndarray | None
+    )  # None when the prediction has no label volume; [C, i, j, k] when multi-label
 
 
 def findings_from_prediction(
@@ -269,7 +307,16 @@ def findings_from_prediction(
     """
     found: tuple[Finding, ...] = ()
     lesion_map = None
-    if prediction.labels is not None:
+    if prediction.masks is not None:
+        found, lesion_map = measure_overlapping(
+            prediction.masks,
+            volume,
+            prediction.label_names,
+            probabilities=prediction.probabilities,
+            min_volume_ml=min_volume_ml,
+            reported=reported,
+        )
+    elif prediction.labels is not None:
         found, lesion_map = measure_lesions(
             prediction.labels,
             volume,

@@ -85,11 +85,13 @@ def write_key_images(
 ) -> tuple[Dataset, ...]:
     """One key image per finding that has voxels in ``lesion_map`` (value n: ``findings.findings[n - 1]``).
 
+    A multi-label lesion map is ``[C, i, j, k]``; finding n is in layer ``finding.label``.
+
     ``source_datasets`` are the headers of the volume's slices in volume order (pixels not needed:
     they come from ``volume``). ``content_datetime`` is when the analysis began. Raises
     ``ValueError`` when the inputs do not line up.
     """
-    if lesion_map.shape != volume.array.shape:
+    if lesion_map.shape[-3:] != volume.array.shape or lesion_map.ndim not in (3, 4):
         raise ValueError(
             f"lesion map shape {lesion_map.shape} differs from the volume's {volume.array.shape} "
             f"(series {volume.series_instance_uid})"
@@ -105,9 +107,10 @@ def write_key_images(
     for value, finding in enumerate(findings.findings, start=1):
         if value not in present:
             continue
-        k = largest_cross_section(lesion_map, value)
+        layer = lesion_map[finding.label] if lesion_map.ndim == 4 else lesion_map  # multi-label: [C, i, j, k]
+        k = largest_cross_section(layer, value)
         image = _key_image(
-            lesion_map[:, :, k] == value,
+            layer[:, :, k] == value,
             k,
             finding,
             volume,

@@ -62,6 +62,9 @@ def write_seg(
 ) -> Dataset:
     """Build the binary SEG of the lesion map ``label_volume`` (value n: ``findings.findings[n - 1]``).
 
+    A multi-label lesion map is ``[C, i, j, k]`` (:func:`pipeline.measure.measure_overlapping`): its
+    segments may overlap, and the SEG carries them so (one frame per slice and segment).
+
     ``label_volume`` is ``[i, j, k]`` on ``volume``'s grid; ``source_datasets`` are the headers of
     the single-frame source images in volume order. ``content_datetime`` is when the analysis began
     (Content and Instance Creation Date/Time). Raises ``ValueError`` when the inputs do not
@@ -75,10 +78,14 @@ def write_seg(
             f"{volume.series_instance_uid}: there is nothing to segment, write no SEG"
         )
 
-    frames_ijk = np.zeros(label_volume.shape, dtype=np.uint8 if len(segmented) < 256 else np.uint16)
-    for number, (value, _) in enumerate(segmented, start=1):
-        frames_ijk[label_volume == value] = number
-    frames = np.ascontiguousarray(np.transpose(frames_ijk, (2, 1, 0)))  # [k, j, i] = (frame, row, col)
+    if label_volume.ndim == 4:  # multi-label: [C, i, j, k] layers whose segments may overlap
+        stacked = np.stack([(label_volume == value).any(axis=0) for value, _ in segmented], axis=-1)
+        frames = np.ascontiguousarray(np.transpose(stacked, (2, 1, 0, 3)))  # (frame, row, col, segment)
+    else:
+        frames_ijk = np.zeros(label_volume.shape, dtype=np.uint8 if len(segmented) < 256 else np.uint16)
+        for number, (value, _) in enumerate(segmented, start=1):
+            frames_ijk[label_volume == value] = number
+        frames = np.ascontiguousarray(np.transpose(frames_ijk, (2, 1, 0)))  # [k, j, i] = (frame, row, col)
 
     algorithm = findings.algorithm
     descriptions = [
@@ -120,7 +127,7 @@ def write_seg(
 
 
 def _check_inputs(label_volume: np.ndarray, volume: Volume, source_datasets: Sequence[Dataset]) -> None:
-    if label_volume.shape != volume.array.shape:
+    if label_volume.shape[-3:] != volume.array.shape or label_volume.ndim not in (3, 4):
         raise ValueError(
             f"label volume shape {label_volume.shape} differs from the volume's {volume.array.shape} "
             f"(series {volume.series_instance_uid}); the SEG must be on the source grid"
@@ -132,7 +139,7 @@ def _check_inputs(label_volume: np.ndarray, volume: Volume, source_datasets: Seq
             f"{len(source_datasets)} source datasets for {len(volume.source_instances)} slices of series "
             f"{volume.series_instance_uid}; write_seg needs one single-frame source image per slice"
         )
-    n_columns, n_rows = label_volume.shape[0], label_volume.shape[1]
+    n_columns, n_rows = label_volume.shape[-3], label_volume.shape[-2]
     for k, (ds, ref) in enumerate(zip(source_datasets, volume.source_instances, strict=True)):
         if ref.frame_number is not None:
             raise ValueError(
