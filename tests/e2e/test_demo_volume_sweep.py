@@ -28,6 +28,27 @@ from pipeline.spec import PipelineSpec
 from pipeline.writers.sr_reader import read_sr
 
 CASES = [(seed, 1) for seed in range(20)] + [(seed, n) for n in (2, 3) for seed in range(10)]
+# Still outside the gate after the window fix, measured 2026-12-03 (README, "Demo volumes across seeds").
+# The network's probabilities themselves are wrong there (the probability sum errs like the voxel
+# count): small lesions grown by a partial-volume rim (+16 to +21 %), seed 13 under-segmented (-41.5 %),
+# false-positive components (seeds 7: 4.4 mL, also before the fix; 18: 0.67 mL). Retraining is the fix;
+# strict: a case that passes after retraining fails here until its mark is removed.
+MODEL_ERRORS = {
+    (3, 1): "+18.9 %", (7, 1): "FP 4.4 mL", (13, 1): "-41.5 %", (18, 1): "FP 0.67 mL",
+    (3, 2): "+19.6 %", (7, 2): "+15.9 %, FP 4.4 mL", (8, 2): "+21.2 %",
+    (1, 3): "+17.0 %, +16.0 %", (3, 3): "-18.1 %", (7, 3): "-19.2 %, FP 4.4 mL",
+}  # fmt: skip
+PARAMS = [
+    pytest.param(
+        seed,
+        n,
+        id=f"seed{seed}-lesions{n}",
+        marks=[pytest.mark.xfail(strict=True, reason=f"demo model error {MODEL_ERRORS[seed, n]}")]
+        if (seed, n) in MODEL_ERRORS
+        else [],
+    )
+    for seed, n in CASES
+]
 STARTED = datetime.datetime(2026, 1, 1, 12, 0, 0)
 
 
@@ -43,7 +64,7 @@ def test_the_sweep_runs_the_demos_defaults() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("seed", "lesions"), CASES, ids=[f"seed{s}-lesions{n}" for s, n in CASES])
+@pytest.mark.parametrize(("seed", "lesions"), PARAMS)
 def test_demo_gate_holds(spec: PipelineSpec, tmp_path: Path, seed: int, lesions: int) -> None:
     options = DemoOptions(seed=seed, lesions=lesions)
     truth = write_phantom_series(tmp_path, seed=seed, lesions=lesions, slices=options.slices)
