@@ -10,6 +10,7 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from pipeline.bundle_code import BUNDLE_CODE_DIRS
 from pipeline.errors import BundleError
 from vocabulary import is_sha256_hex
 
@@ -30,6 +31,7 @@ def read_bundle_files(bundle_dir: Path, roots: Sequence[Path] = ()) -> dict[str,
     """The covered files (see :func:`bundle_sha256`) by relative POSIX path, each read once."""
     paths = [p for p in (bundle_dir / "configs").glob("*.json") if p.is_file()]
     paths += [p for p in (bundle_dir / "models").rglob("*") if p.is_file()]
+    paths += [p for d in BUNDLE_CODE_DIRS for p in (bundle_dir / d).rglob("*.py") if p.is_file()]
     files: dict[str, bytes] = {}
     for path in sorted(paths):
         real = path.resolve()
@@ -42,12 +44,13 @@ def read_bundle_files(bundle_dir: Path, roots: Sequence[Path] = ()) -> dict[str,
 
 
 def bundle_sha256(bundle_dir: str | Path) -> str:
-    """Hex sha256 pinning a bundle: every file of ``configs/*.json`` and ``models/**`` (recursive).
+    """Hex sha256 pinning a bundle: every file of ``configs/*.json``, ``models/**`` and ``scripts/**/*.py``.
 
     Files are taken in sorted order of their POSIX path relative to the bundle directory; for each,
     the digest is fed ``len(path) || path || len(content) || content`` (lengths as 8-byte big-endian,
-    path in UTF-8). Nothing else is covered: ``docs/``, ``LICENSE``, ``configs/*.yaml`` and
-    ``scripts/`` are not read by this runtime (the bundle directory is never put on ``sys.path``).
+    path in UTF-8). Nothing else is covered: ``docs/``, ``LICENSE`` and ``configs/*.yaml`` are not
+    read by this runtime. The bundle's own code (``scripts/``, :mod:`pipeline.bundle_code`) is
+    imported from the pinned bytes, never from disk (the bundle directory is never on ``sys.path``).
     """
     return digest(read_bundle_files(Path(bundle_dir)))
 

@@ -22,6 +22,8 @@ What is taken from ``inference.json`` (see ``shared/bundles/README.md``):
 - computed faster, same values: every ``AsDiscreted(argmax)`` by :func:`pipeline.postprocess.channel_argmax`.
 - opt-in per pipeline (they change results a little, so they are part of its identity):
   ``invert_labels`` (:mod:`pipeline.postprocess`) and ``cpu_bf16`` (bfloat16 autocast on CPU).
+- bundle-local code (``scripts/``): importable for this bundle only, from the pinned bytes, while it
+  is built and run (:mod:`pipeline.bundle_code`).
 - removed before parsing, so never resolved: :data:`NEVER_RESOLVED` (data loading, handlers,
   evaluator, checkpoint loader, ``initialize``, ``run``). Weights are loaded here, pinned.
 
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import enum
 import json
+import pydoc
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -44,6 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.bundle_code import BundleCode
 from pipeline.bundle_config import INFERENCE, NEVER_RESOLVED, build_parser, channel_names, load_network
 from pipeline.bundle_pins import bundle_sha256, read_pinned
 from pipeline.errors import BundleError, TransientError
@@ -132,7 +136,9 @@ class BundleRuntime:
         network: torch.nn.Module,
         invert_labels: bool = False,
         cpu_bf16: bool = False,
+        code: BundleCode | None = None,
     ) -> None:
+        self.code = code or BundleCode({}, str(path))  # bundle-local scripts/, active while built and run
         self.path = path
         self.sha256 = sha256
         self.device = device
@@ -182,23 +188,48 @@ class BundleRuntime:
             raise BundleError(f"bundle directory {path} does not exist")
         files, actual = read_pinned(path, sha256, roots)
         device_ = _resolve_device(device)
+        code = BundleCode(files, str(path))
         try:
-            parser = build_parser(files, overrides or {}, device_)
-            network = load_network(parser, files, device_)
-            return cls(
-                path=path,
-                sha256=actual,
-                device=device_,
-                amp=amp,
-                parser=parser,
-                network=network,
-                invert_labels=invert_labels,
-                cpu_bf16=cpu_bf16,
-            )
+            with code.active():
+                return cls._build(files, path, actual, device_, overrides, amp, invert_labels, cpu_bf16, code)
         except BundleError:
             raise
+        except pydoc.ErrorDuringImport as exc:  # how MONAI's locate() reports a module that fails to import
+            hint = ""
+            if isinstance(exc.value, ModuleNotFoundError):
+                hint = f"; install the package {exc.value.name!r} (an optional extra) or fix the bundle"
+            raise BundleError(
+                f"bundle {path}: importing {exc.filename} failed: {type(exc.value).__name__}: {exc.value}{hint}"
+            ) from exc
         except _BUILD_ERRORS as exc:
             raise BundleError(f"bundle {path} ({INFERENCE}) could not be built: {exc}") from exc
+
+    @classmethod
+    def _build(
+        cls,
+        files: Mapping[str, bytes],
+        path: Path,
+        actual: str,
+        device_: torch.device,
+        overrides: Mapping[str, Any] | None,
+        amp: bool,
+        invert_labels: bool,
+        cpu_bf16: bool,
+        code: BundleCode,
+    ) -> BundleRuntime:
+        parser = build_parser(files, overrides or {}, device_)
+        network = load_network(parser, files, device_)
+        return cls(
+            path=path,
+            sha256=actual,
+            device=device_,
+            amp=amp,
+            parser=parser,
+            network=network,
+            invert_labels=invert_labels,
+            cpu_bf16=cpu_bf16,
+            code=code,
+        )
 
     def algorithm(self, pipeline: str) -> AlgorithmInfo:
         """The TID 4019 algorithm identification of this bundle for ``pipeline``."""
@@ -223,7 +254,7 @@ class BundleRuntime:
     def predict(self, volume: Volume, pipeline: str = "") -> Prediction:
         """Run preprocessing, inferer and postprocessing on ``volume``; outputs on its grid."""
         try:
-            with self._lock, torch.no_grad():
+            with self._lock, self.code.active(), torch.no_grad():
                 data = self.preprocessing({self.image_key: self._image(volume)})
                 # Postprocessing runs on the inference device, as in the bundle's own evaluator.
                 image = data[self.image_key] = data[self.image_key].to(self.device)
