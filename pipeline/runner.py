@@ -230,9 +230,14 @@ def _predict(runtime: BundleRuntime, volume: Volume, spec: PipelineSpec, expecte
 
 
 def _findings(
-    segmentation: Prediction, classification: Prediction | None, volume: Volume, spec: PipelineSpec
+    segmentation: Prediction | None, classification: Prediction | None, volume: Volume, spec: PipelineSpec
 ) -> Measured:
     """Measure the segmentation (one finding per lesion), add the classification, and triage on both."""
+    if segmentation is None:  # classification only: study-level probabilities -> priority
+        assert classification is not None  # PipelineSpec needs one of the two
+        return findings_from_prediction(
+            classification, volume, spec.thresholds, reported=spec.reported, volume_method=spec.volume_method
+        )
     measured = findings_from_prediction(
         segmentation,
         volume,
@@ -326,7 +331,9 @@ def _key_objects(
     notes: list[str],
 ) -> tuple[Dataset, ...]:
     """One key image per lesion (its largest cross-section, outlined) and the KOS over them and the SR."""
-    if measured.lesion_map is None or not measured.findings.findings:
+    if measured.lesion_map is None:
+        return ()  # a classification-only pipeline segments nothing
+    if not measured.findings.findings:
         notes.append("no key images: nothing was segmented")
         return ()
     key_images = write_key_images(
@@ -372,10 +379,12 @@ def run(
     with timer.stage("headers"):
         headers = _source_headers(selected, volume)
     with timer.stage("bundles"):
-        seg_runtime = _runtime(spec.segmentation)
+        seg_runtime = None if spec.segmentation is None else _runtime(spec.segmentation)
         cls_runtime = None if spec.classification is None else _runtime(spec.classification)
     with timer.stage("inference"):
-        segmentation = _predict(seg_runtime, volume, spec, BundleKind.SEGMENTATION)
+        segmentation = (
+            None if seg_runtime is None else _predict(seg_runtime, volume, spec, BundleKind.SEGMENTATION)
+        )
         classification = (
             None if cls_runtime is None else _predict(cls_runtime, volume, spec, BundleKind.CLASSIFICATION)
         )

@@ -111,7 +111,7 @@ class PipelineSpec:
     name: str  # the pipeline name of the routing config; TID 4019 parameter of every result
     version: str  # bumped by whoever changes the pipeline; part of the result UIDs
     selection: SelectionRule
-    segmentation: BundleSpec
+    segmentation: BundleSpec | None  # None: a classification-only pipeline (study-level probability)
     classification: BundleSpec | None = None
     thresholds: PriorityThresholds = field(default_factory=PriorityThresholds)
     make_seg: bool = True
@@ -126,6 +126,10 @@ class PipelineSpec:
         if not self.version.strip():
             raise ValueError(f"PipelineSpec.version of pipeline {self.name!r} must be a non-empty string")
         object.__setattr__(self, "reported", frozenset(self.reported))
+        if self.segmentation is None and self.classification is None:
+            raise ValueError(
+                f"pipeline {self.name!r} needs a segmentation or a classification bundle (or both)"
+            )
         if not (math.isfinite(self.min_lesion_ml) and self.min_lesion_ml >= 0):
             raise ValueError(
                 f"PipelineSpec.min_lesion_ml of pipeline {self.name!r} must be a finite number >= 0, "
@@ -145,7 +149,7 @@ class PipelineSpec:
                 "slice_thickness_mm": [low, high if math.isfinite(high) else "inf"],
                 "require_original_primary": self.selection.require_original_primary,
             },
-            "segmentation": self.segmentation.identity(),
+            "segmentation": None if self.segmentation is None else self.segmentation.identity(),
             "classification": None if self.classification is None else self.classification.identity(),
             "thresholds": {
                 "urgent_volume_ml": self.thresholds.urgent_volume_ml,

@@ -52,7 +52,9 @@ class MonaiPipelineConfig(_Section):
 
     name: Name
     version: str = Field(default="1", min_length=1, max_length=16)  # bump when you change the pipeline
-    segmentation: BundleConfig
+    # At least one of the two: segmentation only, classification only (a study-level probability
+    # sets the priority; no SEG, no key images), or both.
+    segmentation: BundleConfig | None = None
     classification: BundleConfig | None = None
     allowed_dirs: tuple[Path, ...] = Field(min_length=1)  # bundles load only from inside these
     modalities: tuple[str, ...] = ("CT",)
@@ -84,6 +86,10 @@ class MonaiPipelineConfig(_Section):
     def _checks(self) -> MonaiPipelineConfig:
         if self.name in BUILTIN_PIPELINES:
             raise ValueError(f"pipeline name {self.name!r} is built in; choose another")
+        if self.segmentation is None and self.classification is None:
+            raise ValueError(
+                f"pipeline {self.name!r}: give a segmentation bundle, a classification bundle, or both"
+            )
         if self.max_slice_thickness is not None and self.max_slice_thickness < self.min_slice_thickness:
             raise ValueError(
                 f"pipeline {self.name!r}: max_slice_thickness ({self.max_slice_thickness}) is below "

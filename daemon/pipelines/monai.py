@@ -123,13 +123,17 @@ def spec_from_config(entry: MonaiPipelineConfig) -> PipelineSpec:
         name=entry.name,
         version=entry.version,
         selection=selection,
-        segmentation=_bundle(
-            entry.segmentation,
-            entry.allowed_dirs,
-            entry.device,
-            entry.amp,
-            invert_labels=entry.invert_labels,
-            cpu_bf16=entry.cpu_bf16,
+        segmentation=(
+            None
+            if entry.segmentation is None
+            else _bundle(
+                entry.segmentation,
+                entry.allowed_dirs,
+                entry.device,
+                entry.amp,
+                invert_labels=entry.invert_labels,
+                cpu_bf16=entry.cpu_bf16,
+            )
         ),
         classification=(
             None
