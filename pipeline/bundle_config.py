@@ -7,6 +7,7 @@ files on disk. What is honoured, replaced and removed is listed in :mod:`pipelin
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import re
@@ -100,9 +101,32 @@ def build_parser(files: Mapping[str, bytes], overrides: Mapping[str, Any], devic
         parser["inferer#device"] = device
     if isinstance(parser.get("network_def"), dict) and "pretrained" in parser["network_def"]:
         parser["network_def#pretrained"] = False
+    _drop_removed_arguments(parser)
     _replace_io(parser, "preprocessing", ("LoadImaged", "LoadImage"))
     _replace_io(parser, "postprocessing", (), prefix="Save")
     return parser
+
+
+#: Network arguments that MONAI deprecated as unused and later removed: (class name, argument).
+#: Bundles written for older MONAI still pass them (swin_unetr_btcv: ``SwinUNETR(img_size=96)``,
+#: unused since MONAI 1.3, removed in 1.5); they are dropped when the installed class has no such
+#: parameter, so the bundle runs unchanged and computes the same.
+REMOVED_UNUSED_ARGUMENTS: tuple[tuple[str, str], ...] = (("SwinUNETR", "img_size"),)
+
+
+def _drop_removed_arguments(parser: Any) -> None:
+    network_def = parser.get("network_def")
+    name = _target_name(network_def)
+    if not isinstance(network_def, dict):
+        return
+    for cls_name, argument in REMOVED_UNUSED_ARGUMENTS:
+        if name != cls_name or argument not in network_def:
+            continue
+        from monai.utils import optional_import
+
+        target, found = optional_import("monai.networks.nets", name=cls_name)
+        if found and argument not in inspect.signature(target).parameters:
+            parser["network_def"] = {k: v for k, v in network_def.items() if k != argument}
 
 
 def load_network(parser: Any, files: Mapping[str, bytes], device: torch.device) -> torch.nn.Module:
