@@ -45,6 +45,7 @@ __all__ = [
     "BANNER_TEXT",
     "KEY_IMAGES_SERIES_NUMBER",
     "OUTLINE_RGB",
+    "SALIENCY_THRESHOLD",
     "TEXT_RGB",
     "KeyImageLayout",
     "largest_cross_section",
@@ -60,6 +61,10 @@ TEXT_RGB = (255, 220, 0)
 CAPTION_LINES = 2  # lesion and measurements; slice and model
 MIN_SIZE = 512  # pixels across: room for legible burned-in text on a 128-pixel source
 OUTLINE_PIXELS = 3  # outline thickness in output pixels
+# Optional saliency overlay (Grad-CAM, pipeline.saliency): tinted only where saliency > the threshold,
+# from yellow (at the threshold) to orange (at 1), semi-transparent, under the outline.
+SALIENCY_THRESHOLD = 0.5
+SALIENCY_ALPHA = 0.4
 # Display window when the source has none: soft tissue for CT (PS3.3 C.11.2.1.2 window center/width).
 CT_WINDOW = (40.0, 400.0)
 _ORIENTATION_LETTERS = (("L", "R"), ("P", "A"), ("H", "F"))  # +x, -x; +y, -y; +z, -z (LPS)
@@ -82,6 +87,7 @@ def write_key_images(
     input_fingerprint: str,
     content_datetime: datetime.datetime,
     series_number: int = KEY_IMAGES_SERIES_NUMBER,
+    saliency: np.ndarray | None = None,
 ) -> tuple[Dataset, ...]:
     """One key image per finding that has voxels in ``lesion_map`` (value n: ``findings.findings[n - 1]``).
 
@@ -89,7 +95,8 @@ def write_key_images(
 
     ``source_datasets`` are the headers of the volume's slices in volume order (pixels not needed:
     they come from ``volume``). ``content_datetime`` is when the analysis began. Raises
-    ``ValueError`` when the inputs do not line up.
+    ``ValueError`` when the inputs do not line up. ``saliency`` (``[i, j, k]`` on the volume's grid,
+    values in [0, 1], e.g. a classifier's Grad-CAM) is blended in where it exceeds ``SALIENCY_THRESHOLD``.
     """
     if lesion_map.shape[-3:] != volume.array.shape or lesion_map.ndim not in (3, 4):
         raise ValueError(
@@ -100,6 +107,10 @@ def write_key_images(
         raise ValueError(
             f"{len(source_datasets)} source headers for {len(volume.source_instances)} slices of series "
             f"{volume.series_instance_uid}: pass one header per slice, in volume order"
+        )
+    if saliency is not None and saliency.shape != volume.array.shape:
+        raise ValueError(
+            f"saliency map shape {saliency.shape} differs from the volume's {volume.array.shape}"
         )
     series_uid = result_uids(input_fingerprint, findings.algorithm, "key_images").series_instance_uid
     present = set(np.unique(lesion_map).tolist())
@@ -121,6 +132,7 @@ def write_key_images(
             instance_number=len(images) + 1,
             input_fingerprint=input_fingerprint,
             content_datetime=content_datetime,
+            saliency_ij=None if saliency is None else saliency[:, :, k],
         )
         images.append(image)
     return tuple(images)
@@ -139,6 +151,7 @@ def _key_image(
     instance_number: int,
     input_fingerprint: str,
     content_datetime: datetime.datetime,
+    saliency_ij: np.ndarray | None = None,
 ) -> Dataset:
     ref = volume.source_instances[k]
     if str(source.get("SOPInstanceUID", "")) != ref.sop_instance_uid:
@@ -153,7 +166,8 @@ def _key_image(
         f"slice {source.get('InstanceNumber', k + 1)}; {findings.algorithm.name} {findings.algorithm.version}",
     )
     window = _window(source, volume.modality)
-    pixels = render(volume.array[:, :, k].T, mask_ij.T, window, layout, caption)
+    saliency_rc = None if saliency_ij is None else saliency_ij.T
+    pixels = render(volume.array[:, :, k].T, mask_ij.T, window, layout, caption, saliency_rc=saliency_rc)
     tracking_uid = finding_tracking_uid(input_fingerprint, findings.algorithm, finding)
     uids = result_uids(input_fingerprint, findings.algorithm, f"key_image/{tracking_uid}")
     column_mm, row_mm, _ = volume.spacing  # i runs along a row (column spacing), j down a column
@@ -189,6 +203,11 @@ def _key_image(
         f"slice through the largest cross-section of {finding.tracking_identifier}, outlined; "
         f"window {window[0]:g}/{window[1]:g}; "
         f"scaled x{layout.scale} (nearest neighbour)"
+        + (
+            ""
+            if saliency_ij is None
+            else f"; classifier Grad-CAM saliency > {SALIENCY_THRESHOLD:g} tinted (not a measurement)"
+        )
     )[:1024]
     source_item = Dataset()
     source_item.ReferencedSOPClassUID = ref.sop_class_uid
@@ -246,8 +265,14 @@ def render(
     window: tuple[float, float],
     layout: KeyImageLayout,
     caption: Sequence[str],
+    *,
+    saliency_rc: np.ndarray | None = None,
 ) -> np.ndarray:
-    """The key image's RGB pixels (uint8, rows x columns x 3) of one slice ([row, column]) and lesion mask."""
+    """The key image's RGB pixels (uint8, rows x columns x 3) of one slice ([row, column]) and lesion mask.
+
+    ``saliency_rc`` ([row, column], values in [0, 1]): tinted where above ``SALIENCY_THRESHOLD``,
+    under the outline (which stays visible); None leaves the pixels exactly as without it.
+    """
     center, width = window
     if not (math.isfinite(center) and math.isfinite(width)):
         low, high = (float(v) for v in np.percentile(slice_rc, (1, 99)))
@@ -262,6 +287,8 @@ def render(
     canvas = np.zeros((layout.rows, layout.columns, 3), dtype=np.uint8)
     rows, columns = layout.image_box()
     canvas[rows, columns] = big[:, :, None]
+    if saliency_rc is not None:
+        _tint(canvas[rows, columns], np.repeat(np.repeat(saliency_rc, scale, axis=0), scale, axis=1))
     canvas[rows, columns][outline] = OUTLINE_RGB
     picture = Image.fromarray(canvas, mode="RGB")
     draw = ImageDraw.Draw(picture)
@@ -271,6 +298,17 @@ def render(
         top = caption_rows.start + n * layout.band
         _text(draw, line, (slice(top, top + layout.band), slice(0, layout.columns)), layout.columns)
     return np.asarray(picture, dtype=np.uint8).copy()
+
+
+def _tint(pixels: np.ndarray, saliency: np.ndarray) -> None:
+    """Blend a heat colour into ``pixels`` (in place) where ``saliency`` exceeds ``SALIENCY_THRESHOLD``."""
+    hot = saliency > SALIENCY_THRESHOLD
+    if not hot.any():
+        return
+    level = (np.clip(saliency[hot], 0.0, 1.0) - SALIENCY_THRESHOLD) / (1.0 - SALIENCY_THRESHOLD)
+    heat = np.stack([np.full_like(level, 255.0), 230.0 - 130.0 * level, np.zeros_like(level)], axis=-1)
+    blended = (1.0 - SALIENCY_ALPHA) * pixels[hot].astype(np.float64) + SALIENCY_ALPHA * heat
+    pixels[hot] = np.rint(blended).astype(np.uint8)
 
 
 def _text(draw: ImageDraw.ImageDraw, text: str, box: tuple[slice, slice], columns: int) -> None:
