@@ -37,6 +37,7 @@ from __future__ import annotations
 import enum
 import json
 import pydoc
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -59,6 +60,8 @@ __all__ = ["NEVER_RESOLVED", "BundleKind", "BundleRuntime", "Prediction"]
 __all__ += ["bundle_sha256", "clear_bundle_cache", "load_bundle"]
 
 _CACHE_SIZE = 4
+# How MONAI transforms say an optional package is missing ("Skimage.measure required.").
+_MONAI_REQUIRED = re.compile(r"\b[A-Za-z_][\w.]* required\b")
 # What MONAI's ConfigParser raises for a config that does not build (bad id, import, expression).
 _BUILD_ERRORS = (KeyError, ValueError, TypeError, AttributeError, ImportError, RuntimeError, SyntaxError)
 
@@ -277,6 +280,12 @@ class BundleRuntime:
             raise TransientError(f"bundle {self.name}: out of GPU memory on {self.device}: {exc}") from exc
         except (ImportError, RuntimeError) as exc:  # MONAI wraps a transform's errors in RuntimeError
             missing = _import_error(exc)
+            needed = _MONAI_REQUIRED.search(str(exc)) if missing is None else None
+            if needed is not None:  # MONAI's own words for a missing optional package, e.g. scikit-image
+                raise BundleError(
+                    f"bundle {self.name} needs a package that is not installed: {needed.group(0)} "
+                    "(install the bundle's optional extras, e.g. pip install 'pacs-triage[zoo]')"
+                ) from exc
             if missing is None:
                 raise
             # e.g. Orientationd needs nibabel: a deployment fault, the same on every retry

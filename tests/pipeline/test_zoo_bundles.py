@@ -1,4 +1,7 @@
-"""Model Zoo CT bundles run unchanged (random weights) through the runner to dciodvfy-clean results.
+"""Model Zoo bundles run unchanged (random weights) through the runner to dciodvfy-clean results.
+
+CT: wholeBody (3 mm) and swin_unetr_btcv on small phantoms; MR: prostate_mri_anatomy on a crop of
+the real sagittal MR of testdata. They need the `zoo` extra (einops, pandas, scikit-image).
 
 The configs in ``shared/bundles`` are copied unchanged; the tests add only ``models/``, a random
 initialisation of the bundle's own ``network_def``. wholeBody runs at 3 mm (``highres=false``, as
@@ -21,6 +24,7 @@ from pipeline.bundle_pins import read_bundle_files
 from pipeline.bundle_runtime import bundle_sha256, clear_bundle_cache
 from pipeline.demo.phantom import PhantomOptions, write_phantom_series
 from pipeline.measure import PriorityThresholds
+from pipeline.orientation import Orientation
 from pipeline.runner import PipelineResult, run
 from pipeline.series_select import SelectionRule
 from pipeline.spec import BundleSpec, PipelineSpec
@@ -50,7 +54,9 @@ def _zoo_run(
     overrides: dict[str, Any],
     weights: str,
     reported: frozenset[str],
-    options: PhantomOptions,
+    options: PhantomOptions | None,
+    files: list[Path] | None = None,
+    modality: str = "CT",
 ) -> tuple[list[Path], PipelineResult]:
     clear_bundle_cache()
     bundle = Path(shutil.copytree(ZOO / name, tmp_path / "bundles" / name))
@@ -58,7 +64,9 @@ def _zoo_run(
     spec = PipelineSpec(
         name=f"zoo-{name}",
         version="1",
-        selection=SelectionRule(modalities=frozenset({"CT"}), min_slices=16),
+        selection=SelectionRule(
+            modalities=frozenset({modality}), orientations=frozenset(Orientation), min_slices=16
+        ),
         segmentation=BundleSpec(
             path=bundle,
             sha256=bundle_sha256(bundle),
@@ -70,8 +78,9 @@ def _zoo_run(
         reported=reported,
         min_lesion_ml=1.0,
     )
-    write_phantom_series(tmp_path / "study", seed=5, lesions=1, slices=24, options=options)
-    files = sorted((tmp_path / "study").glob("*.dcm"))
+    if files is None:
+        write_phantom_series(tmp_path / "study", seed=5, lesions=1, slices=24, options=options)
+        files = sorted((tmp_path / "study").glob("*.dcm"))
     return files, run(files, spec, input_fingerprint=f"zoo-{name}", analysis_started=WHEN)
 
 
@@ -119,3 +128,63 @@ def test_swin_unetr_btcv_runs_unchanged(tmp_path: Path) -> None:
     )
     assert {f.name for f in result.findings.findings} <= {"spleen", "Liver"}
     _validate(files, result, "swin_unetr_btcv")
+
+
+# --- MR: prostate_mri_anatomy on a crop of the real MR series ------------------------------------
+
+
+def _cropped_mr(out: Path, size: int = 64) -> list[Path]:
+    """The real sagittal MR of testdata, each slice cropped to its central ``size`` x ``size`` pixels.
+
+    A derived series (new UIDs, ImagePositionPatient moved to the crop's first pixel): the prostate
+    bundle resamples to 0.5 mm, which the full 256 x 256 field of view makes too slow for a test.
+    """
+    import numpy as np
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    out.mkdir(parents=True)
+    series_uid = generate_uid()
+    paths = []
+    for n, path in enumerate(
+        sorted((ZOO.parent / "testdata" / "mr_series" / "sag_t1_fl2d_HFS").glob("*.dcm"))
+    ):
+        ds = pydicom.dcmread(path)
+        r0, c0 = (int(ds.Rows) - size) // 2, (int(ds.Columns) - size) // 2
+        pixels = ds.pixel_array[r0 : r0 + size, c0 : c0 + size]
+        row_dir, col_dir = (
+            np.array(ds.ImageOrientationPatient[:3], float),
+            np.array(ds.ImageOrientationPatient[3:], float),
+        )
+        spacing_row, spacing_col = (float(v) for v in ds.PixelSpacing)
+        origin = (
+            np.array(ds.ImagePositionPatient, float) + c0 * spacing_col * row_dir + r0 * spacing_row * col_dir
+        )
+        ds.ImagePositionPatient = [f"{v:.6f}" for v in origin]
+        ds.Rows, ds.Columns = size, size
+        ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.ImageType = ["DERIVED", "SECONDARY"]
+        target = out / f"{n:03d}.dcm"
+        ds.save_as(target, enforce_file_format=True)
+        paths.append(target)
+    return paths
+
+
+@pytest.mark.peer
+def test_prostate_mri_anatomy_runs_unchanged_on_real_mr(tmp_path: Path) -> None:
+    # its imports name pandas (the `zoo` extra); KeepLargestConnectedComponentd runs on scipy
+    files, result = _zoo_run(
+        tmp_path,
+        "prostate_mri_anatomy",
+        {},
+        "model.pt",
+        frozenset(),
+        None,
+        files=_cropped_mr(tmp_path / "mr"),
+        modality="MR",
+    )
+    assert {f.name for f in result.findings.findings} <= {"central gland", "peripheral zone"}
+    _validate(files, result, "prostate_mri_anatomy")
