@@ -188,3 +188,17 @@ def test_prostate_mri_anatomy_runs_unchanged_on_real_mr(tmp_path: Path) -> None:
     )
     assert {f.name for f in result.findings.findings} <= {"central gland", "peripheral zone"}
     _validate(files, result, "prostate_mri_anatomy")
+
+
+@pytest.mark.peer
+def test_spleen_runs_unchanged(tmp_path: Path) -> None:
+    files, result = _zoo_run(
+        tmp_path,
+        "spleen_ct_segmentation",
+        {},
+        "model.pt",
+        frozenset(),
+        PhantomOptions(matrix=96, pixel_spacing_mm=3.0, slice_thickness_mm=5.0),
+    )
+    assert {f.name for f in result.findings.findings} <= {"spleen"}
+    _validate(files, result, "spleen_ct_segmentation")
