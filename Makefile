@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: run serve test lint typecheck contracts pytest venv clean
+.PHONY: run serve test test-sweep lint typecheck contracts pytest venv clean
 
 venv: $(STAMP)
 
@@ -42,7 +42,11 @@ contracts: $(STAMP)
 	$(BIN)/lint-imports --no-logo
 
 pytest: $(STAMP)
-	$(BIN)/pytest
+	$(BIN)/pytest -m 'not sweep'
+
+# The demo's volume sweep (issue 13 item 8): 40 phantoms through the demo pipeline, ~20 min on 2 cores.
+test-sweep: $(STAMP)
+	$(BIN)/pytest -m sweep
 
 test: lint typecheck contracts pytest
 

@@ -64,6 +64,7 @@ def test_the_sweep_runs_the_demos_defaults() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.sweep
 @pytest.mark.parametrize(("seed", "lesions"), PARAMS)
 def test_demo_gate_holds(spec: PipelineSpec, tmp_path: Path, seed: int, lesions: int) -> None:
     options = DemoOptions(seed=seed, lesions=lesions)
