@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
+import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
@@ -38,6 +39,7 @@ from pipeline.errors import BundleError, GeometryError, NoUsableSeries, Permanen
 from pipeline.findings import Findings, VolumeMethod
 from pipeline.geometry import load_volume
 from pipeline.measure import Measured, classifications, findings_from_prediction, summary_line, triage
+from pipeline.saliency import saliency_map
 from pipeline.series_select import SelectedSeries, select_series
 from pipeline.spec import BundleSpec, PipelineSpec
 from pipeline.volume import Volume
@@ -279,6 +281,7 @@ def _write(
     headers: tuple[list[Dataset], list[Dataset]],
     fingerprint: str,
     content_datetime: datetime.datetime,
+    saliency: np.ndarray | None = None,
 ) -> tuple[tuple[Dataset, ...], tuple[str, ...]]:
     per_slice, distinct = headers
     findings = measured.findings
@@ -312,7 +315,7 @@ def _write(
             f"pipeline {spec.name!r}: no valid SR/SEG can be written for series {volume.series_instance_uid}: {exc}"
         ) from exc
     try:
-        shown = _key_objects(measured, volume, per_slice, sr, fingerprint, content_datetime, notes)
+        shown = _key_objects(measured, volume, per_slice, sr, fingerprint, content_datetime, notes, saliency)
     except ValueError as exc:  # the writers check that the sources can carry a valid object
         raise PermanentError(
             f"pipeline {spec.name!r}: no valid key images or KOS can be written for series "
@@ -329,6 +332,7 @@ def _key_objects(
     fingerprint: str,
     content_datetime: datetime.datetime,
     notes: list[str],
+    saliency: np.ndarray | None = None,
 ) -> tuple[Dataset, ...]:
     """One key image per lesion (its largest cross-section, outlined) and the KOS over them and the SR."""
     if measured.lesion_map is None:
@@ -343,6 +347,7 @@ def _key_objects(
         measured.findings,
         input_fingerprint=fingerprint,
         content_datetime=content_datetime,
+        saliency=saliency,
     )
     if not key_images:
         notes.append("no key images: no lesion has a voxel in the lesion map")
@@ -390,8 +395,20 @@ def run(
         )
     with timer.stage("measure"), _resources(f"measuring series {volume.series_instance_uid}"):
         measured = _findings(segmentation, classification, volume, spec)
+    saliency = None
+    if (
+        spec.saliency
+        and cls_runtime is not None
+        and measured.lesion_map is not None
+        and measured.findings.findings
+    ):
+        with (
+            timer.stage("inference"),
+            _resources(f"saliency of bundle {cls_runtime.name} on series {volume.series_instance_uid}"),
+        ):
+            saliency = saliency_map(cls_runtime, volume)
     with timer.stage("write"), _resources(f"writing the results of series {volume.series_instance_uid}"):
-        datasets, notes = _write(spec, measured, volume, headers, fingerprint, analysis_started)
+        datasets, notes = _write(spec, measured, volume, headers, fingerprint, analysis_started, saliency)
 
     reason = selected.reason
     if refused:

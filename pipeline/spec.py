@@ -119,6 +119,8 @@ class PipelineSpec:
     # The labels and classes that are findings (empty: every non-background one); others are not reported.
     reported: frozenset[str] = frozenset()
     min_lesion_ml: float = 0.0  # smaller connected components are not lesions (not reported, not in the SEG)
+    # Tint the key images where the classifier looked (Grad-CAM, pipeline.saliency); needs both bundles.
+    saliency: bool = False
 
     def __post_init__(self) -> None:
         if not self.name.strip():
@@ -129,6 +131,11 @@ class PipelineSpec:
         if self.segmentation is None and self.classification is None:
             raise ValueError(
                 f"pipeline {self.name!r} needs a segmentation or a classification bundle (or both)"
+            )
+        if self.saliency and (self.segmentation is None or self.classification is None):
+            raise ValueError(
+                f"pipeline {self.name!r}: saliency overlays the classifier's Grad-CAM on the key images, "
+                "so it needs both a segmentation and a classification bundle; set saliency = false or add the missing one"
             )
         if not (math.isfinite(self.min_lesion_ml) and self.min_lesion_ml >= 0):
             raise ValueError(
@@ -163,6 +170,8 @@ class PipelineSpec:
             "reported": sorted(self.reported),
             "min_lesion_ml": self.min_lesion_ml,
         }
+        if self.saliency:  # only when on: the UIDs of pipelines without it stay as they were
+            content["saliency"] = True
         return hashlib.sha256(f"{_IDENTITY_NAMESPACE}\n{_canonical_json(content)}".encode()).hexdigest()
 
     def result_fingerprint(self, input_fingerprint: str) -> str:

@@ -74,6 +74,8 @@ class MonaiPipelineConfig(_Section):
     # wholeBody's bundle does; no "probability sum" volume then. cpu_bf16: bfloat16 autocast on CPU.
     invert_labels: bool = False
     cpu_bf16: bool = False
+    # Key images: tint where the classification bundle looked (Grad-CAM); needs both bundles. Off by default.
+    saliency: bool = False
 
     @field_validator("modalities")
     @classmethod

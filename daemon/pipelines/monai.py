@@ -145,6 +145,7 @@ def spec_from_config(entry: MonaiPipelineConfig) -> PipelineSpec:
         thresholds=thresholds,
         make_seg=entry.make_seg,
         volume_method=entry.volume_method,
+        saliency=entry.saliency,
     )
 
 

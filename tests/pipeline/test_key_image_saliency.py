@@ -10,6 +10,7 @@ a key image without the option.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 from pathlib import Path
 
@@ -18,12 +19,15 @@ import pytest
 from pydicom import dcmread
 from scipy import ndimage
 
+from daemon.config import MonaiPipelineConfig
+from daemon.pipelines.monai import spec_from_config
 from pipeline.bundle_runtime import load_bundle
 from pipeline.demo.bundle import demo_spec
 from pipeline.demo.phantom import GroundTruth, lesion_label_map, write_phantom_series
 from pipeline.findings import Findings
 from pipeline.geometry import load_volume
 from pipeline.measure import measure_lesions
+from pipeline.runner import run
 from pipeline.saliency import saliency_map
 from pipeline.writers.key_images import KeyImageLayout, render, write_key_images
 from tests.support.dicom_validators import ALGORITHM, assert_dciodvfy_clean
@@ -113,3 +117,30 @@ def test_without_saliency_the_pixels_are_unchanged() -> None:
     hot = render(slice_rc, mask, (40.0, 400.0), layout, ("a", "b"), saliency_rc=np.ones((64, 64)))
     outline = (plain == (255, 40, 40)).all(axis=-1)
     assert outline.any() and (hot[outline] == plain[outline]).all()  # the outline is drawn over the tint
+
+
+def test_the_option_is_off_by_default_enters_the_identity_only_when_on_and_needs_both_bundles() -> None:
+    spec = demo_spec(device="cpu")
+    assert spec.saliency is False
+    on = dataclasses.replace(spec, saliency=True)
+    assert on.identity() != spec.identity()
+    assert dataclasses.replace(on, saliency=False).identity() == spec.identity()
+    with pytest.raises(ValueError, match="saliency .* needs both a segmentation and a classification bundle"):
+        dataclasses.replace(spec, classification=None, saliency=True)
+    base = {"name": "ct", "allowed_dirs": ["/opt/bundles"]}
+    bundles = {"segmentation": {"path": "/opt/bundles/seg", "sha256": "0" * 64}}
+    bundles["classification"] = {"path": "/opt/bundles/cls", "sha256": "1" * 64}
+    assert MonaiPipelineConfig.model_validate({**base, **bundles}).saliency is False
+    assert spec_from_config(
+        MonaiPipelineConfig.model_validate({**base, **bundles, "saliency": True})
+    ).saliency
+
+
+def test_the_runner_draws_the_overlay_when_the_pipeline_asks(tmp_path: Path) -> None:
+    write_phantom_series(tmp_path, seed=5, lesions=2, slices=48)
+    files = sorted(tmp_path.glob("*.dcm"))
+    spec = dataclasses.replace(demo_spec(device="cpu"), saliency=True)
+    result = run(files, spec, input_fingerprint="saliency-run", analysis_started=WHEN)
+    assert result.key_images, result.notes
+    for image in result.key_images:
+        assert "Grad-CAM" in image.DerivationDescription and image.BurnedInAnnotation == "YES"
