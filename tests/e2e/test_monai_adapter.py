@@ -191,7 +191,11 @@ def test_a_configured_monai_pipeline_succeeds_with_an_sr_and_records_its_stage_t
             )
         ).one()
     modalities = sorted(dcmread(node.results.path_of(r.path)).Modality for r in results if r.path)
-    assert modalities in (["SR"], ["SEG", "SR"])
+    # SR always; SEG when something was segmented; then one key image (OT) per lesion and one KOS (KO)
+    assert set(modalities) <= {"SR", "SEG", "OT", "KO"} and modalities.count("SR") == 1, modalities
+    assert modalities.count("SEG") <= 1 and modalities.count("KO") == (1 if "OT" in modalities else 0), (
+        modalities
+    )
     sr = next(
         dcmread(node.results.path_of(r.path))
         for r in results
