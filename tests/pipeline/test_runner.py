@@ -313,12 +313,17 @@ def test_what_changes_a_result_changes_its_uids(bundles: dict[str, BundleSpec]) 
         assert changed.result_fingerprint("fingerprint-A") != same
 
 
-def test_without_seg_only_the_sr_comes_back(bundles: dict[str, BundleSpec]) -> None:
+def test_without_seg_no_seg_comes_back(bundles: dict[str, BundleSpec]) -> None:
+    """``make_seg = false`` leaves out the SEG only: the SR comes first, and key images with their KOS
+    follow when lesions were found (which destinations receive them is the route's choice)."""
     result = run(
         ABDOMEN, _spec(bundles, make_seg=False), input_fingerprint="fingerprint-A", analysis_started=WHEN
     )
-    assert [str(ds.SOPClassUID) for ds in result.datasets] == [Comprehensive3DSRStorage]
-    assert result.seg is None
+    classes = [str(ds.SOPClassUID) for ds in result.datasets]
+    assert classes[0] == Comprehensive3DSRStorage and result.seg is None
+    assert SegmentationStorage not in classes
+    assert len(result.key_images) <= len(result.findings.findings)  # one per lesion with voxels
+    assert (result.kos is not None) == bool(result.key_images)
     assert evidence_uids(result.sr) == _instance_uids(ABDOMEN)
 
 
