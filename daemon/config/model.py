@@ -33,9 +33,7 @@ class StorageConfig(_Section):
     min_free_bytes: ByteSize = 1 * 2**30  # refuse stores (A700) below this much free space
 
 
-DATABASE_URL_FORMS = (
-    "sqlite:////absolute/path/pacs-triage.db or postgresql://USER:PASSWORD@HOST:5432/DBNAME"
-)
+DATABASE_URL_FORMS = "sqlite:////absolute/path/pacs-triage.db or postgresql://USER:PASSWORD@HOST:5432/DBNAME"
 
 
 def _check_database_url(value: str) -> None:

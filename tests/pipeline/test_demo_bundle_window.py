@@ -49,7 +49,9 @@ def test_the_committed_config_is_the_generated_one() -> None:
 
 
 def test_every_voxel_has_a_window_that_holds_the_largest_lesion() -> None:
-    inferer = json.loads((DEMO_BUNDLE_DIR / "lesion_seg" / "configs" / "inference.json").read_text())["inferer"]
+    inferer = json.loads((DEMO_BUNDLE_DIR / "lesion_seg" / "configs" / "inference.json").read_text())[
+        "inferer"
+    ]
     need_mm = _largest_semi_axis_mm()
     assert 29 < need_mm < 31  # 30 mL, stretched
     for axis, (roi, spacing) in enumerate(zip(inferer["roi_size"], SEG_SPACING, strict=True)):
