@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import json
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict
 
@@ -14,11 +15,23 @@ from storage.operations import BulkOutcome, DeliveryOutcome, JobOutcome
 from storage.outbox import DeliveryView
 from storage.queue import JobView
 from storage.studies import StudyDetail, StudySummary, TimelineEntry
-from vocabulary import PriorityName
+from vocabulary import Priority, PriorityName
 
 
 class _Out(BaseModel):
     model_config = ConfigDict(frozen=True)
+
+    @classmethod
+    def _copied(cls, view: object) -> Self:
+        """This model's fields, read by name from a storage view: a priority by its lower-case name
+        (``PriorityName``), any other enum by its value."""
+        return cls(**{name: _public(getattr(view, name)) for name in cls.model_fields})
+
+
+def _public(value: object) -> object:
+    if isinstance(value, Priority):
+        return value.name.lower()
+    return value.value if isinstance(value, enum.Enum) else value
 
 
 def _detail(text: str) -> dict[str, Any]:
@@ -49,22 +62,7 @@ class Job(_Out):
 
     @classmethod
     def of(cls, j: JobView) -> Job:
-        return cls(
-            id=j.id,
-            study_id=j.study_id,
-            study_instance_uid=j.study_instance_uid,
-            pipeline=j.pipeline,
-            rule=j.rule,
-            priority=j.priority.name.lower(),
-            state=j.state.value,
-            attempts=j.attempts,
-            max_attempts=j.max_attempts,
-            run_after=j.run_after,
-            last_error=j.last_error,
-            created_at=j.created_at,
-            updated_at=j.updated_at,
-            finished_at=j.finished_at,
-        )
+        return cls._copied(j)
 
 
 class Delivery(_Out):
@@ -86,23 +84,7 @@ class Delivery(_Out):
 
     @classmethod
     def of(cls, d: DeliveryView) -> Delivery:
-        return cls(
-            id=d.id,
-            job_id=d.job_id,
-            result_id=d.result_id,
-            sop_instance_uid=d.sop_instance_uid,
-            destination=d.destination,
-            peer=d.peer,
-            content=d.content,
-            state=d.state.value,
-            attempts=d.attempts,
-            max_attempts=d.max_attempts,
-            run_after=d.run_after,
-            last_status=d.last_status,
-            last_error=d.last_error,
-            created_at=d.created_at,
-            delivered_at=d.delivered_at,
-        )
+        return cls._copied(d)
 
 
 class Study(_Out):
@@ -125,24 +107,7 @@ class Study(_Out):
 
     @classmethod
     def of(cls, s: StudySummary) -> Study:
-        return cls(
-            id=s.id,
-            study_instance_uid=s.study_instance_uid,
-            accession_number=s.accession_number,
-            state=s.state.value,
-            first_received_at=s.first_received_at,
-            last_received_at=s.last_received_at,
-            completed_at=s.completed_at,
-            route_rule=s.route_rule,
-            series_count=s.series_count,
-            instance_count=s.instance_count,
-            job_id=s.job_id,
-            job_state=None if s.job_state is None else s.job_state.value,
-            pipeline=s.pipeline,
-            priority=None if s.priority is None else s.priority.name.lower(),
-            main_finding=s.main_finding,
-            time_to_result_seconds=s.time_to_result_seconds,
-        )
+        return cls._copied(s)
 
 
 class Series(_Out):
@@ -301,7 +266,7 @@ class ThroughputOut(_Out):
 
     @classmethod
     def of(cls, t: Throughput) -> ThroughputOut:
-        return cls(**{k: getattr(t, k) for k in cls.model_fields})
+        return cls._copied(t)
 
 
 class Error(_Out):
