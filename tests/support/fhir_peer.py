@@ -7,11 +7,9 @@ to refuse (``refuse = 400`` or ``503``...) or be stopped and started again on th
 
 from __future__ import annotations
 
-import contextlib
 import json
 import ssl
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -20,6 +18,7 @@ from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
 from tests.support.peers import free_port
+from tests.support.threaded_server import ThreadedPeer
 
 TOKEN = "test-fhir-token-0123456789abcdef"
 # Value sets the models do not check (they take any code): the ones our Bundle must get right.
@@ -57,15 +56,13 @@ def problems_of(bundle: Any) -> list[str]:
 
 
 @dataclass
-class FhirPeer:
+class FhirPeer(ThreadedPeer):
     port: int = field(default_factory=free_port)
     refuse: int | None = None  # answer this HTTP status to every POST
     tls: ssl.SSLContext | None = None  # a server context: HTTPS
     posts: list[dict[str, Any]] = field(default_factory=list)  # every Bundle received
     problems: list[str] = field(default_factory=list)
     stored: dict[str, dict[str, Any]] = field(default_factory=dict)  # conditional URL -> resource
-    _server: ThreadingHTTPServer | None = None
-    _thread: threading.Thread | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -118,27 +115,7 @@ class FhirPeer:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        if self.tls is not None:
-            self._server.socket = self.tls.wrap_socket(self._server.socket, server_side=True)
-        self._thread = threading.Thread(target=self._server.serve_forever, name="fhir-peer", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            assert self._thread is not None
-            self._thread.join()
-            self._server = None
-
-    @contextlib.contextmanager
-    def running(self) -> Iterator[FhirPeer]:
-        self.start()
-        try:
-            yield self
-        finally:
-            self.stop()
+        self._serve(ThreadingHTTPServer(("127.0.0.1", self.port), Handler), "fhir-peer", self.tls)
 
     def resources(self, kind: str) -> list[dict[str, Any]]:
         with self._lock:

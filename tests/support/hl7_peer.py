@@ -8,11 +8,9 @@ again on the same port ("down and back").
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import ssl
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from hl7apy.consts import VALIDATION_LEVEL
@@ -20,6 +18,7 @@ from hl7apy.mllp import AbstractHandler, MLLPServer
 from hl7apy.parser import parse_message
 
 from tests.support.peers import free_port
+from tests.support.threaded_server import ThreadedPeer
 
 MESSAGE_TYPES = ("ORU^R01^ORU_R01", "OMI^O23^OMI_O23", "ORM^O01^ORM_O01")
 
@@ -56,15 +55,13 @@ def validate_v25(text: str) -> str:
 
 
 @dataclass
-class MllpPeer:
+class MllpPeer(ThreadedPeer):
     """The RIS. ``answer``: (MSA-1, ERR-3 code or None)."""
 
     port: int = field(default_factory=free_port)
     answer: tuple[str, int | None] = ("AA", None)
     tls: ssl.SSLContext | None = None  # a server context: MLLP over TLS
     received: list[Received] = field(default_factory=list)
-    _server: MLLPServer | None = None
-    _thread: threading.Thread | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def reply(self, text: str) -> str:
@@ -89,27 +86,11 @@ class MllpPeer:
             def reply(self) -> str:
                 return peer.reply(self.incoming_message)
 
-        self._server = MLLPServer("127.0.0.1", self.port, {t: (Handler,) for t in MESSAGE_TYPES}, timeout=5)
-        if self.tls is not None:
-            self._server.socket = self.tls.wrap_socket(self._server.socket, server_side=True)
-        self._thread = threading.Thread(target=self._server.serve_forever, name="mllp-peer", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            assert self._thread is not None
-            self._thread.join()
-            self._server = None
-
-    @contextlib.contextmanager
-    def running(self) -> Iterator[MllpPeer]:
-        self.start()
-        try:
-            yield self
-        finally:
-            self.stop()
+        self._serve(
+            MLLPServer("127.0.0.1", self.port, {t: (Handler,) for t in MESSAGE_TYPES}, timeout=5),
+            "mllp-peer",
+            self.tls,
+        )
 
     def messages(self, prefix: str = "") -> list[Received]:
         with self._lock:
