@@ -49,10 +49,18 @@ import numpy as np
 import torch
 
 from pipeline.bundle_code import BundleCode
-from pipeline.bundle_config import INFERENCE, NEVER_RESOLVED, build_parser, channel_names, load_network
+from pipeline.bundle_config import INFERENCE, NEVER_RESOLVED, build_parser, load_network
 from pipeline.bundle_pins import bundle_sha256, read_pinned
+from pipeline.detection import (
+    detection_build,
+    detection_prediction,
+    is_detector_output,
+    label_names,
+    run_required,
+)
 from pipeline.errors import BundleError, TransientError
-from pipeline.findings import AlgorithmInfo
+from pipeline.findings import AlgorithmInfo, Detection
+from pipeline.multiseries import MultiChannelVolume
 from pipeline.postprocess import channel_argmax, faster_postprocessing
 from pipeline.volume import Volume
 
@@ -71,6 +79,7 @@ class BundleKind(enum.Enum):
 
     SEGMENTATION = "segmentation"  # one value per voxel: (B, C, *spatial)
     CLASSIFICATION = "classification"  # one value per class: (B, C)
+    DETECTION = "detection"  # boxes, labels and scores per image (pipeline.detection)
 
 
 @dataclass(frozen=True, eq=False)
@@ -91,8 +100,12 @@ class Prediction:
     class_probabilities: tuple[float, ...] | None = None
     # Multi-label (sigmoid) bundles: bool [C, i, j, k], channel c is label_names[c]; channels may overlap.
     masks: np.ndarray | None = None
+    # Detection bundles: every box the bundle returned, in LPS, highest score first (pipeline.detection).
+    boxes: tuple[Detection, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.kind is BundleKind.DETECTION and self.boxes is None:
+            raise ValueError("a detection Prediction needs boxes (possibly none)")
         if self.kind is BundleKind.SEGMENTATION and self.labels is None and self.masks is None:
             raise ValueError("a segmentation Prediction needs labels or masks")
         if self.kind is BundleKind.CLASSIFICATION and self.class_probabilities is None:
@@ -152,7 +165,7 @@ class BundleRuntime:
         self.parser = parser
         self.network = network
         meta = parser.get("_meta_", {})
-        self.label_names = channel_names(meta)
+        self.label_names = label_names(parser, meta)  # channel_def; a detector may have none
         self.name = str(meta.get("name") or path.name)
         self.version = str(meta.get("version") or "unknown")
         self.image_key = str(parser.get_parsed_content("image_key")) if "image_key" in parser else "image"
@@ -221,7 +234,9 @@ class BundleRuntime:
         code: BundleCode,
     ) -> BundleRuntime:
         parser = build_parser(files, overrides or {}, device_)
-        network = load_network(parser, files, device_)
+        with detection_build(files):  # pipeline.detection: torchvision stand-ins, evaluator#_requires_
+            network = load_network(parser, files, device_)
+            run_required(parser, files)
         return cls(
             path=path,
             sha256=actual,
@@ -242,11 +257,15 @@ class BundleRuntime:
         from monai.data import MetaTensor
         from monai.utils import MetaKeys, SpaceKeys
 
-        array = np.ascontiguousarray(volume.array, dtype=np.float32)
+        # Several series stacked as channels (pipeline.multiseries): channel-first, as LoadImaged
+        # makes of a list of files (original_channel_dim 0).
+        stacked = isinstance(volume, MultiChannelVolume)
+        pixels = volume.channels if isinstance(volume, MultiChannelVolume) else volume.array
+        array = np.ascontiguousarray(pixels, dtype=np.float32)
         meta = {
             MetaKeys.SPACE: SpaceKeys.LPS,  # DICOM patient space; without it MONAI assumes RAS, silently
-            MetaKeys.ORIGINAL_CHANNEL_DIM: "no_channel",
-            MetaKeys.SPATIAL_SHAPE: np.asarray(array.shape),
+            MetaKeys.ORIGINAL_CHANNEL_DIM: 0 if stacked else "no_channel",
+            MetaKeys.SPATIAL_SHAPE: np.asarray(volume.array.shape),
             MetaKeys.ORIGINAL_AFFINE: volume.affine.astype(np.float64),
             "filename_or_obj": volume.series_instance_uid,
         }
@@ -267,6 +286,8 @@ class BundleRuntime:
                     torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cpu_bf16),
                 ):
                     output = self.inferer(batch, self.network)
+                if is_detector_output(output):  # boxes, labels, scores (pipeline.detection)
+                    return detection_prediction(self, data, output, pipeline)
                 if not isinstance(output, torch.Tensor):
                     raise BundleError(
                         f"bundle {self.name}: the network returned {type(output).__name__}, not one tensor"

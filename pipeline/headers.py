@@ -53,6 +53,10 @@ class InstanceHeader:
     modality: str
     series_number: int | None
     series_description: str
+    # Sequence attributes for selection rules: SequenceName (0018,0024), or PulseSequenceName (0018,9005)
+    # of enhanced MR; ContrastBolusAgent (0018,0010). '' when absent.
+    sequence_name: str
+    contrast_agent: str
     instance_number: int | None  # a label for messages only: never used to order slices
     image_type: tuple[str, ...]
     rows: int | None
@@ -212,6 +216,8 @@ def read_header(path: str | os.PathLike[str]) -> InstanceHeader:
         modality=_text(ds, "Modality").upper(),
         series_number=_int(ds.get("SeriesNumber")),
         series_description=_text(ds, "SeriesDescription"),
+        sequence_name=_text(ds, "SequenceName") or _text(ds, "PulseSequenceName"),
+        contrast_agent=_text(ds, "ContrastBolusAgent"),
         instance_number=_int(ds.get("InstanceNumber")),
         image_type=tuple(str(v).strip().upper() for v in (image_type or ())),
         rows=_int(ds.get("Rows")),

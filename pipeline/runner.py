@@ -39,6 +39,7 @@ from pipeline.errors import BundleError, GeometryError, NoUsableSeries, Permanen
 from pipeline.findings import Findings, VolumeMethod
 from pipeline.geometry import load_volume
 from pipeline.measure import Measured, classifications, findings_from_prediction, summary_line, triage
+from pipeline.multiseries import select_channels, stack_channels
 from pipeline.saliency import saliency_map
 from pipeline.series_select import SelectedSeries, select_series
 from pipeline.spec import BundleSpec, PipelineSpec
@@ -172,6 +173,21 @@ def _select_and_load(
                 raise _no_usable_series(spec, refused, rejected) from exc
             continue
         return selected, volume, tuple(refused)
+
+
+def _select_and_stack(
+    study_files: Sequence[Path], spec: PipelineSpec, timer: _Timer
+) -> tuple[SelectedSeries, Volume, tuple[tuple[SelectedSeries, GeometryError], ...]]:
+    """A multi-series pipeline's channels (pipeline.multiseries): the reference series, the stack."""
+    assert spec.multiseries is not None
+    with timer.stage("select"):
+        chosen = select_channels(study_files, spec.multiseries, pipeline=spec.name)
+    with (
+        timer.stage("load"),
+        _resources(f"loading the {len(chosen.series)} series of pipeline {spec.name!r}"),
+    ):
+        volume = stack_channels(chosen, spec.multiseries, pipeline=spec.name)
+    return chosen.reference, volume, ()
 
 
 def _source_headers(selected: SelectedSeries, volume: Volume) -> tuple[list[Dataset], list[Dataset]]:
@@ -380,7 +396,10 @@ def run(
     fingerprint = spec.result_fingerprint(input_fingerprint)
     timer = _Timer()
 
-    selected, volume, refused = _select_and_load([Path(p) for p in study_files], spec, timer)
+    if spec.multiseries is None:
+        selected, volume, refused = _select_and_load([Path(p) for p in study_files], spec, timer)
+    else:  # several series stacked as channels on the first one's grid
+        selected, volume, refused = _select_and_stack([Path(p) for p in study_files], spec, timer)
     with timer.stage("headers"):
         headers = _source_headers(selected, volume)
     with timer.stage("bundles"):

@@ -1,7 +1,8 @@
 """Which series of a study a pipeline runs on: rules, a deterministic choice, and reasons.
 
 Only headers are read (``stop_before_pixels=True``). A series qualifies when it passes every test
-of the :class:`SelectionRule`; when several qualify the choice is deterministic (ORIGINAL\\PRIMARY
+of the :class:`SelectionRule` (geometry, and for multi-series pipelines Series Description and
+sequence attributes: :mod:`pipeline.multiseries`); when several qualify the choice is deterministic (ORIGINAL\\PRIMARY
 first, then most slices, thinnest, lowest SeriesNumber, lowest UID), and when none does,
 NoUsableSeries lists every series with the reason it was rejected.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -90,8 +92,24 @@ class SelectionRule:
     min_slices: int = 1  # distinct slice positions
     slice_thickness_mm: tuple[float, float] = (0.0, math.inf)  # inclusive range of SliceThickness
     require_original_primary: bool = False  # False: ORIGINAL\PRIMARY only preferred, DERIVED allowed
+    # Which acquisition (the channels of a multi-series pipeline): regular expressions searched
+    # (re.search; "(?i)" for case-insensitive) in SeriesDescription and in SequenceName (or
+    # PulseSequenceName); contrast True/False: ContrastBolusAgent present/absent. None: any.
+    series_description: str | None = None
+    sequence_name: str | None = None
+    contrast: bool | None = None
 
     def __post_init__(self) -> None:
+        for name in ("series_description", "sequence_name"):
+            pattern = getattr(self, name)
+            if pattern is None:
+                continue
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(
+                    f"SelectionRule.{name} {pattern!r} is not a regular expression: {exc}"
+                ) from exc
         if not isinstance(self.modalities, frozenset) or not self.modalities:
             raise ValueError(
                 f"SelectionRule.modalities must be a non-empty frozenset, got {self.modalities!r}"
@@ -127,7 +145,29 @@ class SelectionRule:
             parts.append(f"SliceThickness {low:g}-{high:g} mm")
         if self.require_original_primary:
             parts.append("ImageType ORIGINAL\\PRIMARY")
+        if self.series_description is not None:
+            parts.append(f"SeriesDescription ~ {self.series_description!r}")
+        if self.sequence_name is not None:
+            parts.append(f"SequenceName ~ {self.sequence_name!r}")
+        if self.contrast is not None:
+            parts.append("ContrastBolusAgent " + ("present" if self.contrast else "absent"))
         return ", ".join(parts)
+
+    def identity(self) -> dict[str, object]:
+        """What of the rule can change a result, as JSON values (pipeline.spec); the acquisition
+        tests only when set, so that the identity of a rule without them stays what it was."""
+        low, high = self.slice_thickness_mm
+        content: dict[str, object] = {
+            "modalities": sorted(self.modalities),
+            "orientations": sorted(o.value for o in self.orientations),
+            "min_slices": self.min_slices,
+            "slice_thickness_mm": [low, high if math.isfinite(high) else "inf"],
+            "require_original_primary": self.require_original_primary,
+        }
+        for name in ("series_description", "sequence_name", "contrast"):
+            if getattr(self, name) is not None:
+                content[name] = getattr(self, name)
+        return content
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -172,6 +212,26 @@ class _Candidate:
         )
 
 
+def _acquisition(hs: Sequence[InstanceHeader], rule: SelectionRule) -> str | None:
+    """Why the series is not the acquisition the rule names (description, sequence, contrast), or None."""
+    for pattern, what, values in (
+        (rule.series_description, "SeriesDescription", {h.series_description for h in hs}),
+        (rule.sequence_name, "SequenceName", {h.sequence_name for h in hs}),
+    ):
+        if pattern is None:
+            continue
+        missed = sorted(v for v in values if not re.search(pattern, v))
+        if missed:
+            return f"{what} {missed[0]!r} does not match {pattern!r}"
+    if rule.contrast is not None:
+        agents = sorted({h.contrast_agent for h in hs})
+        if rule.contrast and "" in agents:
+            return "no ContrastBolusAgent (a contrast-enhanced series is wanted)"
+        if not rule.contrast and agents != [""]:
+            return f"ContrastBolusAgent {[a for a in agents if a]} (a series without contrast is wanted)"
+    return None
+
+
 def _evaluate(c: _Candidate, rule: SelectionRule) -> str | None:
     """Fill in the candidate's facts; return why it is rejected, or None when it qualifies."""
     hs = c.headers
@@ -189,6 +249,9 @@ def _evaluate(c: _Candidate, rule: SelectionRule) -> str | None:
         for value, what in SKIPPED_IMAGE_TYPES.items():
             if value in h.image_type:
                 return f"{what}: ImageType {_joined(h.image_type)}"
+    acquisition = _acquisition(hs, rule)
+    if acquisition is not None:
+        return acquisition
     c.original_primary = all(h.image_type[:2] == ("ORIGINAL", "PRIMARY") for h in hs)
     if rule.require_original_primary and not c.original_primary:
         types = sorted({_joined(h.image_type[:2]) for h in hs})

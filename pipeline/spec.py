@@ -21,6 +21,7 @@ from typing import Any
 
 from pipeline.findings import VolumeMethod
 from pipeline.measure import PriorityThresholds
+from pipeline.multiseries import MultiSeriesInput
 from pipeline.series_select import SelectionRule
 from vocabulary import is_sha256_hex
 
@@ -110,7 +111,7 @@ class PipelineSpec:
 
     name: str  # the pipeline name of the routing config; TID 4019 parameter of every result
     version: str  # bumped by whoever changes the pipeline; part of the result UIDs
-    selection: SelectionRule
+    selection: SelectionRule  # multi-series: the reference (first) channel's rule
     segmentation: BundleSpec | None  # None: a classification-only pipeline (study-level probability)
     classification: BundleSpec | None = None
     thresholds: PriorityThresholds = field(default_factory=PriorityThresholds)
@@ -121,6 +122,8 @@ class PipelineSpec:
     min_lesion_ml: float = 0.0  # smaller connected components are not lesions (not reported, not in the SEG)
     # Tint the key images where the classifier looked (Grad-CAM, pipeline.saliency); needs both bundles.
     saliency: bool = False
+    # Several series of the study stacked as channels (pipeline.multiseries); None: one series.
+    multiseries: MultiSeriesInput | None = None
 
     def __post_init__(self) -> None:
         if not self.name.strip():
@@ -137,6 +140,11 @@ class PipelineSpec:
                 f"pipeline {self.name!r}: saliency overlays the classifier's Grad-CAM on the key images, "
                 "so it needs both a segmentation and a classification bundle; set saliency = false or add the missing one"
             )
+        if self.multiseries is not None and self.selection != self.multiseries.reference.rule:
+            raise ValueError(
+                f"pipeline {self.name!r}: selection must be the rule of the reference channel "
+                f"{self.multiseries.reference.name!r} (the first declared), which gives the grid"
+            )
         if not (math.isfinite(self.min_lesion_ml) and self.min_lesion_ml >= 0):
             raise ValueError(
                 f"PipelineSpec.min_lesion_ml of pipeline {self.name!r} must be a finite number >= 0, "
@@ -145,17 +153,10 @@ class PipelineSpec:
 
     def identity(self) -> str:
         """Hex sha256 of everything in the spec that can change a result (not device or AMP)."""
-        low, high = self.selection.slice_thickness_mm
         content = {
             "name": self.name,
             "version": self.version,
-            "selection": {
-                "modalities": sorted(self.selection.modalities),
-                "orientations": sorted(o.value for o in self.selection.orientations),
-                "min_slices": self.selection.min_slices,
-                "slice_thickness_mm": [low, high if math.isfinite(high) else "inf"],
-                "require_original_primary": self.selection.require_original_primary,
-            },
+            "selection": self.selection.identity(),
             "segmentation": None if self.segmentation is None else self.segmentation.identity(),
             "classification": None if self.classification is None else self.classification.identity(),
             "thresholds": {
@@ -172,6 +173,8 @@ class PipelineSpec:
         }
         if self.saliency:  # only when on: the UIDs of pipelines without it stay as they were
             content["saliency"] = True
+        if self.multiseries is not None:  # likewise: single-series identities stay as they were
+            content["multiseries"] = self.multiseries.identity()
         return hashlib.sha256(f"{_IDENTITY_NAMESPACE}\n{_canonical_json(content)}".encode()).hexdigest()
 
     def result_fingerprint(self, input_fingerprint: str) -> str:

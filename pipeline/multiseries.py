@@ -1,0 +1,263 @@
+"""Multi-series inputs: several series of one study, each picked by its own rule, stacked as channels.
+
+A bundle such as brats_mri_segmentation takes four MR series of one study as the channels of one
+image (0 T1c, 1 T1, 2 T2, 3 FLAIR). A :class:`MultiSeriesInput` declares them in the bundle's channel
+order, each with a :class:`~pipeline.series_select.SelectionRule` (Series Description, sequence name,
+contrast, and the usual geometry tests). Then:
+
+1. :func:`select_channels` picks one series per channel, in the declared order, each from the series
+   not taken by an earlier channel; a channel that finds none is missing, and NoUsableSeries names
+   every missing channel with the reason each series of the study was rejected.
+2. :func:`stack_channels` builds each series' volume, refuses series of different frames of reference
+   (their coordinates are not comparable) unless the pipeline declares them registered
+   (``assume_registered``), resamples every channel onto the **reference grid, the first declared
+   channel's series** (MONAI ``ResampleToMatch``, bilinear, zero outside a series' field of view), and
+   stacks them as a :class:`MultiChannelVolume`: the reference volume (its geometry, its source
+   instances: the SEG and SR are about it) plus ``channels`` ``[C, i, j, k]``.
+
+The bundle runtime feeds ``channels`` as one channel-first MetaTensor (``original_channel_dim = 0``),
+what the bundle's ``LoadImaged`` makes of a list of files.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import GeometryError, NoUsableSeries
+from pipeline.geometry import load_volume
+from pipeline.series_select import SelectedSeries, SelectionRule, select_series
+from pipeline.volume import Volume
+
+__all__ = [
+    "Channel",
+    "ChannelSelection",
+    "MultiChannelVolume",
+    "MultiSeriesInput",
+    "UnregisteredSeries",
+    "select_channels",
+    "stack_channels",
+]
+
+# Two grids closer than this (mm, in every affine entry) are the same grid: no resampling.
+_SAME_GRID_TOL_MM = 1e-3
+
+
+class UnregisteredSeries(GeometryError):
+    """The channels' series have different frames of reference and no registration is declared."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Channel:
+    """One input channel: its name (the bundle's ``channel_def``, e.g. "FLAIR") and the rule that picks it."""
+
+    name: str
+    rule: SelectionRule
+
+    def __post_init__(self) -> None:
+        if not self.name.strip():
+            raise ValueError("Channel.name must be a non-empty string, e.g. 'T1c'")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MultiSeriesInput:
+    """The channels of a multi-series pipeline, in the bundle's input channel order.
+
+    ``channels[0]`` is the reference: every other series is resampled onto its grid, and the
+    findings, the SEG and the SR are about it. ``assume_registered``: the operator declares the
+    series co-registered although their FrameOfReferenceUIDs differ (e.g. registered upstream);
+    without it such a study is refused.
+    """
+
+    channels: tuple[Channel, ...]
+    assume_registered: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "channels", tuple(self.channels))
+        if not self.channels:
+            raise ValueError("MultiSeriesInput.channels is empty: declare one channel per input series")
+        names = [c.name for c in self.channels]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"MultiSeriesInput: channel names must be unique; repeated: {repeated}")
+
+    @property
+    def reference(self) -> Channel:
+        """The channel whose series gives the grid."""
+        return self.channels[0]
+
+    def identity(self) -> dict[str, object]:
+        """What can change a result, as JSON values (pipeline.spec.PipelineSpec.identity)."""
+        return {
+            "channels": [{"name": c.name, "rule": c.rule.identity()} for c in self.channels],
+            "assume_registered": self.assume_registered,
+        }
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class MultiChannelVolume(Volume):
+    """The reference channel's volume plus every channel resampled onto its grid.
+
+    ``array``, ``affine``, the UIDs and ``source_instances`` are the reference series' (what the
+    findings, SEG and SR describe); ``channels[c]`` is channel ``c`` (``channel_names[c]``, from
+    series ``channel_series[c]``), float32 ``[i, j, k]`` on that grid.
+    """
+
+    channels: np.ndarray
+    channel_names: tuple[str, ...]
+    channel_series: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.channels.ndim != 4 or tuple(self.channels.shape[1:]) != tuple(self.array.shape):
+            raise ValueError(
+                f"MultiChannelVolume.channels must be [C, {', '.join(map(str, self.array.shape))}], "
+                f"got {self.channels.shape}"
+            )
+        if not len(self.channel_names) == len(self.channel_series) == self.channels.shape[0]:
+            raise ValueError(
+                f"{self.channels.shape[0]} channels, {len(self.channel_names)} names, "
+                f"{len(self.channel_series)} series: one of each per channel"
+            )
+        self.channels.flags.writeable = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChannelSelection:
+    """The series chosen for each channel, in channel order, and the reasons."""
+
+    series: tuple[SelectedSeries, ...]
+    names: tuple[str, ...]
+
+    @property
+    def reason(self) -> str:
+        """One line per channel: which series, and why."""
+        return "; ".join(
+            f"channel {i} {n!r}: {s.reason}"
+            for i, (n, s) in enumerate(zip(self.names, self.series, strict=True))
+        )
+
+    @property
+    def reference(self) -> SelectedSeries:
+        """The reference channel's series, its reason the whole selection's (the runner reports it)."""
+        return replace(self.series[0], reason=self.reason)
+
+
+def select_channels(
+    paths: Iterable[str | os.PathLike[str]], inputs: MultiSeriesInput, *, pipeline: str = ""
+) -> ChannelSelection:
+    """One series per channel, in the declared order; NoUsableSeries names every missing channel."""
+    remaining = sorted({Path(p) for p in paths})
+    chosen: list[SelectedSeries] = []
+    missing: list[str] = []
+    lost: list[str] = []
+    for index, channel in enumerate(inputs.channels):
+        try:
+            selected = select_series(remaining, channel.rule)
+        except NoUsableSeries as exc:
+            missing.append(f"channel {index} {channel.name!r} is missing: {exc}")
+            lost.append(channel.name)
+            continue
+        chosen.append(selected)
+        taken = set(selected.paths)  # a series feeds one channel only
+        remaining = [p for p in remaining if p not in taken]
+    if missing:
+        prefix = f"pipeline {pipeline!r}: " if pipeline else ""
+        raise NoUsableSeries(
+            f"{prefix}missing input series {', '.join(lost)} (the bundle takes "
+            f"{', '.join(c.name for c in inputs.channels)}): " + "; ".join(missing)
+        )
+    return ChannelSelection(series=tuple(chosen), names=tuple(c.name for c in inputs.channels))
+
+
+def _same_grid(a: Volume, b: Volume) -> bool:
+    return a.array.shape == b.array.shape and bool(np.allclose(a.affine, b.affine, atol=_SAME_GRID_TOL_MM))
+
+
+def _resampled(volume: Volume, reference: Volume) -> np.ndarray:
+    """``volume`` on ``reference``'s grid (both affines LPS mm): bilinear, zero outside its field of view."""
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import ResampleToMatch
+
+    def meta_tensor(v: Volume, values: np.ndarray) -> MetaTensor:
+        return MetaTensor(
+            torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))[None],
+            affine=torch.as_tensor(v.affine, dtype=torch.float64),
+        )
+
+    target = meta_tensor(reference, np.zeros(reference.array.shape, dtype=np.float32))
+    out = ResampleToMatch(mode="bilinear", padding_mode="zeros", dtype=np.float32)(
+        meta_tensor(volume, volume.array), target
+    )
+    return np.asarray(torch.as_tensor(out).detach().cpu().numpy()[0], dtype=np.float32)
+
+
+def _grid(v: Volume) -> str:
+    return f"{'x'.join(map(str, v.array.shape))} at {'x'.join(f'{s:.3g}' for s in v.spacing)} mm"
+
+
+def stack_channels(
+    selection: ChannelSelection, inputs: MultiSeriesInput, *, pipeline: str = ""
+) -> MultiChannelVolume:
+    """Every channel's series on the reference grid, stacked; GeometryError names the channel that failed."""
+    prefix = f"pipeline {pipeline!r}: " if pipeline else ""
+    volumes: list[Volume] = []
+    for index, (name, selected) in enumerate(zip(selection.names, selection.series, strict=True)):
+        try:
+            volumes.append(load_volume(selected.paths))
+        except GeometryError as exc:
+            raise type(exc)(
+                f"{prefix}channel {index} {name!r}, series {selected.series_instance_uid}: {exc}"
+            ) from exc
+    reference = volumes[0]
+    ref_name = selection.names[0]
+    studies = sorted({v.study_instance_uid for v in volumes})
+    if len(studies) > 1:
+        raise GeometryError(
+            f"{prefix}the channels' series belong to {len(studies)} studies {studies}; give one study"
+        )
+    frames = [(n, v) for n, v in zip(selection.names, volumes, strict=True)]
+    differ = [(n, v) for n, v in frames if v.frame_of_reference_uid != reference.frame_of_reference_uid]
+    notes: list[str] = list(reference.warnings)
+    if differ:
+        listed = "; ".join(
+            f"{n!r} series {v.series_instance_uid} FrameOfReferenceUID {v.frame_of_reference_uid}"
+            for n, v in frames
+        )
+        if not inputs.assume_registered:
+            raise UnregisteredSeries(
+                f"{prefix}the channels' series have different frames of reference and no registration is "
+                f"declared, so their voxels cannot be stacked on one grid ({listed}); register them "
+                "upstream into one frame of reference, or declare assume_registered = true if they are"
+            )
+        notes.append(
+            f"frames of reference differ, stacked as declared registered (assume_registered): {listed}"
+        )
+    channels = []
+    for name, volume in frames:
+        if volume is reference or _same_grid(volume, reference):
+            channels.append(np.asarray(volume.array, dtype=np.float32))
+            continue
+        channels.append(_resampled(volume, reference))
+        notes.append(
+            f"channel {name!r}: series {volume.series_instance_uid} resampled from {_grid(volume)} onto the "
+            f"reference grid of {ref_name!r} ({_grid(reference)})"
+        )
+    return MultiChannelVolume(
+        array=reference.array,
+        affine=reference.affine,
+        study_instance_uid=reference.study_instance_uid,
+        series_instance_uid=reference.series_instance_uid,
+        frame_of_reference_uid=reference.frame_of_reference_uid,
+        modality=reference.modality,
+        source_instances=reference.source_instances,
+        warnings=tuple(notes),
+        channels=np.stack(channels),
+        channel_names=selection.names,
+        channel_series=tuple(v.series_instance_uid for v in volumes),
+    )
