@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from vocabulary import Priority
 
-__all__ = ["AlgorithmInfo", "Classification", "Code", "Finding", "Findings", "VolumeMethod"]
+__all__ = ["AlgorithmInfo", "Classification", "Code", "Detection", "Finding", "Findings", "VolumeMethod"]
 
 
 class VolumeMethod(enum.Enum):
@@ -82,6 +82,54 @@ class Finding:
         return self.volume_ml
 
 
+@dataclass(frozen=True, kw_only=True)
+class Detection:
+    """One box of a detection bundle (RetinaNet): an axis-aligned box in LPS patient coordinates, its score.
+
+    ``box_lps`` is ``(x0, y0, z0, x1, y1, z1)`` in mm with ``x0 <= x1`` etc.: the box's extent along the
+    patient's L, P and S axes (:mod:`pipeline.detection`). ``index`` numbers the boxes of one label,
+    highest score first.
+    """
+
+    label: int  # class index of the detector
+    name: str  # the class name, e.g. "nodule" (or "lesion" when the bundle names none)
+    score: float  # the detector's class score for this box, in [0, 1]
+    box_lps: tuple[float, float, float, float, float, float]
+    index: int = 1
+    category: Code | None = None
+    type: Code | None = None
+    finding_site: Code | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.score <= 1.0:
+            raise ValueError(f"Detection {self.name!r}: score {self.score} not in [0, 1]")
+        if len(self.box_lps) != 6 or any(
+            not lo <= hi for lo, hi in zip(self.box_lps[:3], self.box_lps[3:], strict=True)
+        ):
+            raise ValueError(
+                f"Detection {self.name!r}: box {self.box_lps} is not (x0, y0, z0, x1, y1, z1), x0 <= x1"
+            )
+        if self.index < 1:
+            raise ValueError(f"Detection {self.name!r}: indices start at 1, got {self.index}")
+
+    @property
+    def centre_lps(self) -> tuple[float, float, float]:
+        """The box centre, mm (LPS)."""
+        lo, hi = self.box_lps[:3], self.box_lps[3:]
+        return ((lo[0] + hi[0]) / 2, (lo[1] + hi[1]) / 2, (lo[2] + hi[2]) / 2)
+
+    @property
+    def size_mm(self) -> tuple[float, float, float]:
+        """The box's extent along the left-right, anterior-posterior and head-foot axes, mm."""
+        lo, hi = self.box_lps[:3], self.box_lps[3:]
+        return (hi[0] - lo[0], hi[1] - lo[1], hi[2] - lo[2])
+
+    @property
+    def tracking_identifier(self) -> str:
+        """How people and the SR name this box, e.g. ``"nodule box 2"`` (TID 4108)."""
+        return f"{self.name} box {self.index}"
+
+
 @dataclass(frozen=True)
 class Classification:
     """A classification output: the probability that ``name`` is present, and the model that said so."""
@@ -99,9 +147,10 @@ class Classification:
 class Findings:
     """Everything the pipeline concluded about one study."""
 
-    algorithm: AlgorithmInfo  # the segmentation model (TID 4019 of every lesion group)
+    algorithm: AlgorithmInfo  # the segmentation (or detection) model (TID 4019 of every lesion/box group)
     findings: tuple[Finding, ...] = field(default_factory=tuple)
     classifications: tuple[Classification, ...] = field(default_factory=tuple)
+    detections: tuple[Detection, ...] = field(default_factory=tuple)  # boxes of a detection bundle
     priority: Priority = Priority.ROUTINE
     summary: str = ""  # one plain-text line for viewers that only show text
 
