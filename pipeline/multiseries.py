@@ -147,11 +147,25 @@ class ChannelSelection:
         return replace(self.series[0], reason=self.reason)
 
 
+def _why_missing(
+    everything: list[Path], channel: Channel, chosen: list[SelectedSeries], exc: NoUsableSeries
+) -> str:
+    """Why no series is left for ``channel``: every series of the study with its reason, or (when the
+    ones it accepts feed earlier channels) which channel took them."""
+    try:
+        select_series(everything, channel.rule)
+    except NoUsableSeries as full:
+        return str(full)
+    taken = ", ".join(s.series_instance_uid for s in chosen)
+    return f"{exc}; the series it accepts ({taken}) feed earlier channels already"
+
+
 def select_channels(
     paths: Iterable[str | os.PathLike[str]], inputs: MultiSeriesInput, *, pipeline: str = ""
 ) -> ChannelSelection:
     """One series per channel, in the declared order; NoUsableSeries names every missing channel."""
-    remaining = sorted({Path(p) for p in paths})
+    everything = sorted({Path(p) for p in paths})
+    remaining = everything
     chosen: list[SelectedSeries] = []
     missing: list[str] = []
     lost: list[str] = []
@@ -159,7 +173,9 @@ def select_channels(
         try:
             selected = select_series(remaining, channel.rule)
         except NoUsableSeries as exc:
-            missing.append(f"channel {index} {channel.name!r} is missing: {exc}")
+            missing.append(
+                f"channel {index} {channel.name!r} is missing: {_why_missing(everything, channel, chosen, exc)}"
+            )
             lost.append(channel.name)
             continue
         chosen.append(selected)

@@ -41,6 +41,7 @@ from daemon.config.model import Config, LoggingConfig, StorageConfig, default_ho
 from daemon.config.pipelines import (
     BUILTIN_PIPELINES,
     BundleConfig,
+    ChannelConfig,
     MonaiPipelineConfig,
     Orientation,
     PipelinesConfig,
@@ -73,6 +74,7 @@ __all__ = [
     "BackoffConfig",
     "BundleConfig",
     "ByteSize",
+    "ChannelConfig",
     "CompletionConfig",
     "Config",
     "ConfigError",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,26 @@ class ThresholdsConfig(_Section):
     labels: tuple[str, ...] = ()  # labels/classes that count; empty: every non-background one
 
 
+class ChannelConfig(_Section):
+    """One input series of a multi-series pipeline ([[pipelines.monai.channels]]), in the bundle's
+    channel order; the pipeline's modalities, orientations, slice and ImageType tests apply to each."""
+
+    name: str = Field(min_length=1, max_length=64)  # the bundle's channel_def name, e.g. "FLAIR"
+    series_description: str | None = None  # regular expression searched in SeriesDescription
+    sequence_name: str | None = None  # regular expression searched in SequenceName / PulseSequenceName
+    contrast: bool | None = None  # true: ContrastBolusAgent present; false: absent; unset: either
+
+    @field_validator("series_description", "sequence_name")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"{value!r} is not a regular expression: {exc}") from exc
+        return value
+
+
 class MonaiPipelineConfig(_Section):
     """A named MONAI pipeline: which series it takes, the pinned bundles it runs, how it triages.
 
@@ -76,6 +97,12 @@ class MonaiPipelineConfig(_Section):
     cpu_bf16: bool = False
     # Key images: tint where the classification bundle looked (Grad-CAM); needs both bundles. Off by default.
     saliency: bool = False
+    # Multi-series input (e.g. brats: T1c, T1, T2, FLAIR): one series per channel, stacked in this
+    # order on the first channel's grid. Empty: one series, chosen by the tests above.
+    channels: tuple[ChannelConfig, ...] = ()
+    # The channels' series are co-registered although their FrameOfReferenceUIDs differ; without
+    # it such a study is refused.
+    assume_registered: bool = False
 
     @field_validator("modalities")
     @classmethod
@@ -92,6 +119,12 @@ class MonaiPipelineConfig(_Section):
             raise ValueError(
                 f"pipeline {self.name!r}: give a segmentation bundle, a classification bundle, or both"
             )
+        names = [c.name for c in self.channels]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"pipeline {self.name!r}: channel names must be unique; repeated: {repeated}")
+        if self.assume_registered and not self.channels:
+            raise ValueError(f"pipeline {self.name!r}: assume_registered needs [[pipelines.monai.channels]]")
         if self.max_slice_thickness is not None and self.max_slice_thickness < self.min_slice_thickness:
             raise ValueError(
                 f"pipeline {self.name!r}: max_slice_thickness ({self.max_slice_thickness}) is below "

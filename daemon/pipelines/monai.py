@@ -19,10 +19,11 @@ import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from daemon.config import BundleConfig, Config, MonaiPipelineConfig
+from daemon.config import BundleConfig, ChannelConfig, Config, MonaiPipelineConfig
 from daemon.pipelines.base import AnalysisOutcome, Pipeline
 from pipeline.errors import PipelineError
 from pipeline.measure import PriorityThresholds
+from pipeline.multiseries import Channel, MultiSeriesInput
 from pipeline.series_select import SelectionRule
 from pipeline.spec import BundleSpec, PipelineSpec
 
@@ -99,9 +100,9 @@ def _bundle(
     )
 
 
-def spec_from_config(entry: MonaiPipelineConfig) -> PipelineSpec:
-    """The pipeline spec of one ``[[pipelines.monai]]`` entry (ValueError names what is wrong)."""
-    selection = SelectionRule(
+def _rule(entry: MonaiPipelineConfig, channel: ChannelConfig | None = None) -> SelectionRule:
+    """The entry's series tests, and a channel's (description, sequence, contrast) when given."""
+    return SelectionRule(
         modalities=frozenset(entry.modalities),
         orientations=frozenset(entry.orientations),
         min_slices=entry.min_slices,
@@ -110,7 +111,22 @@ def spec_from_config(entry: MonaiPipelineConfig) -> PipelineSpec:
             math.inf if entry.max_slice_thickness is None else entry.max_slice_thickness,
         ),
         require_original_primary=entry.require_original_primary,
+        series_description=None if channel is None else channel.series_description,
+        sequence_name=None if channel is None else channel.sequence_name,
+        contrast=None if channel is None else channel.contrast,
     )
+
+
+def spec_from_config(entry: MonaiPipelineConfig) -> PipelineSpec:
+    """The pipeline spec of one ``[[pipelines.monai]]`` entry (ValueError names what is wrong)."""
+    selection = _rule(entry)
+    multiseries = None
+    if entry.channels:  # one series per channel: the pipeline's tests plus the channel's own
+        multiseries = MultiSeriesInput(
+            channels=tuple(Channel(name=c.name, rule=_rule(entry, c)) for c in entry.channels),
+            assume_registered=entry.assume_registered,
+        )
+        selection = multiseries.reference.rule
     t = entry.thresholds
     thresholds = PriorityThresholds(
         urgent_volume_ml=t.urgent_volume_ml,
@@ -146,6 +162,7 @@ def spec_from_config(entry: MonaiPipelineConfig) -> PipelineSpec:
         make_seg=entry.make_seg,
         volume_method=entry.volume_method,
         saliency=entry.saliency,
+        multiseries=multiseries,
     )
 
 
