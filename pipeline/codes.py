@@ -46,6 +46,12 @@ FINDING = Code("121071", "DCM", "Finding")
 UNIT_ML = Code("ml", "UCUM", "milliliter")
 UNIT_MM = Code("mm", "UCUM", "millimeter")
 UNIT_NONE = Code("1", "UCUM", "no units")  # a probability is dimensionless
+# A detection box's extent along the patient's L, P and S axes (pipeline.writers.sr_boxes); PS3.16 Annex D.
+BOX_AXES = (
+    Code("110860", "DCM", "Left-Right Axis"),
+    Code("110862", "DCM", "Anterior-Posterior Axis"),
+    Code("110861", "DCM", "Head-Foot Axis"),
+)
 
 # --- triage priority: a document-level qualitative evaluation (TID 1500 "Qualitative Evaluations") ---
 QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")  # TID 1500 container

@@ -35,6 +35,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import KeyObjectSelectionDocumentStorage, SecondaryCaptureImageStorage, SegmentationStorage
 
 from pipeline.bundle_runtime import BundleKind, BundleRuntime, Prediction, load_bundle
+from pipeline.detection_findings import findings_from_detections
 from pipeline.errors import BundleError, GeometryError, NoUsableSeries, PermanentError, TransientError
 from pipeline.findings import Findings, VolumeMethod
 from pipeline.geometry import load_volume
@@ -44,7 +45,7 @@ from pipeline.saliency import saliency_map
 from pipeline.series_select import SelectedSeries, select_series
 from pipeline.spec import BundleSpec, PipelineSpec
 from pipeline.volume import Volume
-from pipeline.writers.key_images import write_key_images
+from pipeline.writers.key_images import write_box_key_images, write_key_images
 from pipeline.writers.kos import write_kos
 from pipeline.writers.seg import write_seg
 from pipeline.writers.sr import write_sr
@@ -351,8 +352,20 @@ def _key_objects(
     saliency: np.ndarray | None = None,
 ) -> tuple[Dataset, ...]:
     """One key image per lesion (its largest cross-section, outlined) and the KOS over them and the SR."""
-    if measured.lesion_map is None:
-        return ()  # a classification-only pipeline segments nothing
+    if measured.lesion_map is None:  # a classification-only pipeline segments nothing; a detector has boxes
+        images = write_box_key_images(
+            volume,
+            per_slice,
+            measured.findings,
+            input_fingerprint=fingerprint,
+            content_datetime=content_datetime,
+        )
+        if not images:
+            return ()
+        kos = write_kos(
+            images, sr, measured.findings, input_fingerprint=fingerprint, content_datetime=content_datetime
+        )
+        return (*images, kos)
     if not measured.findings.findings:
         notes.append("no key images: nothing was segmented")
         return ()
@@ -405,6 +418,7 @@ def run(
     with timer.stage("bundles"):
         seg_runtime = None if spec.segmentation is None else _runtime(spec.segmentation)
         cls_runtime = None if spec.classification is None else _runtime(spec.classification)
+        det_runtime = None if spec.detection is None else _runtime(spec.detection)
     with timer.stage("inference"):
         segmentation = (
             None if seg_runtime is None else _predict(seg_runtime, volume, spec, BundleKind.SEGMENTATION)
@@ -412,8 +426,13 @@ def run(
         classification = (
             None if cls_runtime is None else _predict(cls_runtime, volume, spec, BundleKind.CLASSIFICATION)
         )
+        detection = None if det_runtime is None else _predict(det_runtime, volume, spec, BundleKind.DETECTION)
     with timer.stage("measure"), _resources(f"measuring series {volume.series_instance_uid}"):
-        measured = _findings(segmentation, classification, volume, spec)
+        if detection is None:
+            measured = _findings(segmentation, classification, volume, spec)
+        else:  # boxes (pipeline.detection_findings)
+            opts = spec.detection_options
+            measured = findings_from_detections(detection, spec.thresholds, opts, reported=spec.reported)
     saliency = None
     if (
         spec.saliency

@@ -19,6 +19,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from pipeline.detection_findings import DetectionOptions
 from pipeline.findings import VolumeMethod
 from pipeline.measure import PriorityThresholds
 from pipeline.multiseries import MultiSeriesInput
@@ -124,6 +125,9 @@ class PipelineSpec:
     saliency: bool = False
     # Several series of the study stacked as channels (pipeline.multiseries); None: one series.
     multiseries: MultiSeriesInput | None = None
+    # A detection bundle (boxes, pipeline.detection) instead of segmentation/classification, and which boxes to report.
+    detection: BundleSpec | None = None
+    detection_options: DetectionOptions = field(default_factory=DetectionOptions)
 
     def __post_init__(self) -> None:
         if not self.name.strip():
@@ -131,9 +135,15 @@ class PipelineSpec:
         if not self.version.strip():
             raise ValueError(f"PipelineSpec.version of pipeline {self.name!r} must be a non-empty string")
         object.__setattr__(self, "reported", frozenset(self.reported))
-        if self.segmentation is None and self.classification is None:
+        if self.detection is not None and (self.segmentation is not None or self.classification is not None):
             raise ValueError(
-                f"pipeline {self.name!r} needs a segmentation or a classification bundle (or both)"
+                f"pipeline {self.name!r}: a detection pipeline runs its detection bundle only; "
+                "declare the segmentation or classification bundle as a pipeline of its own"
+            )
+        if self.segmentation is None and self.classification is None and self.detection is None:
+            raise ValueError(
+                f"pipeline {self.name!r} needs a segmentation or a classification bundle (or both), "
+                "or a detection bundle"
             )
         if self.saliency and (self.segmentation is None or self.classification is None):
             raise ValueError(
@@ -175,6 +185,8 @@ class PipelineSpec:
             content["saliency"] = True
         if self.multiseries is not None:  # likewise: single-series identities stay as they were
             content["multiseries"] = self.multiseries.identity()
+        if self.detection is not None:  # likewise
+            content["detection"] = {**self.detection.identity(), **self.detection_options.identity()}
         return hashlib.sha256(f"{_IDENTITY_NAMESPACE}\n{_canonical_json(content)}".encode()).hexdigest()
 
     def result_fingerprint(self, input_fingerprint: str) -> str:

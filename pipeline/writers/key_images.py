@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import highdicom as hd
 import numpy as np
@@ -28,7 +29,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.valuerep import DA, TM
 from scipy import ndimage
 
-from pipeline.findings import Finding, Findings
+from pipeline.findings import Detection, Findings
 from pipeline.uids import (
     DEVICE_OBSERVER_UID,
     MANUFACTURER,
@@ -50,7 +51,9 @@ __all__ = [
     "KeyImageLayout",
     "largest_cross_section",
     "patient_orientation",
+    "box_mask",
     "render",
+    "write_box_key_images",
     "write_key_images",
 ]
 
@@ -123,7 +126,12 @@ def write_key_images(
         image = _key_image(
             layer[:, :, k] == value,
             k,
-            finding,
+            _Shown(
+                caption=f"{finding.tracking_identifier}: {finding.volume_ml:.3g} mL, longest diameter "
+                f"{finding.largest_diameter_mm:.3g} mm",
+                tracking_uid=finding_tracking_uid(input_fingerprint, findings.algorithm, finding),
+                derivation=f"slice through the largest cross-section of {finding.tracking_identifier}",
+            ),
             volume,
             source_datasets[k],
             findings,
@@ -138,10 +146,19 @@ def write_key_images(
     return tuple(images)
 
 
+@dataclass(frozen=True)
+class _Shown:
+    """What one key image shows: its caption's first line, the Tracking UID, how the slice was chosen."""
+
+    caption: str
+    tracking_uid: str
+    derivation: str
+
+
 def _key_image(
     mask_ij: np.ndarray,
     k: int,
-    finding: Finding,
+    shown: _Shown,
     volume: Volume,
     source: Dataset,
     findings: Findings,
@@ -161,15 +178,13 @@ def _key_image(
         )
     layout = KeyImageLayout(volume.array.shape[1], volume.array.shape[0])
     caption = (
-        f"{finding.tracking_identifier}: {finding.volume_ml:.3g} mL, longest diameter "
-        f"{finding.largest_diameter_mm:.3g} mm",
+        shown.caption,
         f"slice {source.get('InstanceNumber', k + 1)}; {findings.algorithm.name} {findings.algorithm.version}",
     )
     window = _window(source, volume.modality)
     saliency_rc = None if saliency_ij is None else saliency_ij.T
     pixels = render(volume.array[:, :, k].T, mask_ij.T, window, layout, caption, saliency_rc=saliency_rc)
-    tracking_uid = finding_tracking_uid(input_fingerprint, findings.algorithm, finding)
-    uids = result_uids(input_fingerprint, findings.algorithm, f"key_image/{tracking_uid}")
+    uids = result_uids(input_fingerprint, findings.algorithm, f"key_image/{shown.tracking_uid}")
     column_mm, row_mm, _ = volume.spacing  # i runs along a row (column spacing), j down a column
     image = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=patient_study_header(source),
@@ -200,7 +215,7 @@ def _key_image(
     image.TimeOfSecondaryCapture = TM(content_datetime.time())
     image.ImageComments = f"{'; '.join(caption)}. {BANNER_TEXT}."[:10240]
     image.DerivationDescription = (
-        f"slice through the largest cross-section of {finding.tracking_identifier}, outlined; "
+        f"{shown.derivation}, outlined; "
         f"window {window[0]:g}/{window[1]:g}; "
         f"scaled x{layout.scale} (nearest neighbour)"
         + (
@@ -217,6 +232,78 @@ def _key_image(
     image.SourceImageSequence = [source_item]
     finalize_output(image, content_datetime, findings.algorithms)
     return image
+
+
+# --- boxes of a detection bundle -------------------------------------------------------------------
+
+
+def box_mask(box: Detection, volume: Volume) -> tuple[int, np.ndarray]:
+    """The slice ``k`` through the box's centre, and the ``[i, j]`` pixels of that slice inside the box.
+
+    A pixel is inside when its centre, mapped to LPS through ``volume.affine``, lies within the box's
+    L and P extent (the slice is the one nearest to the box centre; an empty mask when the box misses
+    the slice's pixel centres).
+    """
+    inverse = np.linalg.inv(volume.affine)
+    centre = inverse @ np.append(np.asarray(box.centre_lps, dtype=float), 1.0)
+    k = int(np.clip(np.rint(centre[2]), 0, volume.array.shape[2] - 1))
+    ni, nj = volume.array.shape[:2]
+    i, j = np.meshgrid(np.arange(ni), np.arange(nj), indexing="ij")
+    points = np.stack([i, j, np.full_like(i, k), np.ones_like(i)], axis=-1).reshape(-1, 4) @ volume.affine.T
+    x0, y0, _, x1, y1, _ = box.box_lps
+    inside = (points[:, 0] >= x0) & (points[:, 0] <= x1) & (points[:, 1] >= y0) & (points[:, 1] <= y1)
+    return k, inside.reshape(ni, nj)
+
+
+def write_box_key_images(
+    volume: Volume,
+    source_datasets: Sequence[Dataset],
+    findings: Findings,
+    *,
+    input_fingerprint: str,
+    content_datetime: datetime.datetime,
+    series_number: int = KEY_IMAGES_SERIES_NUMBER,
+) -> tuple[Dataset, ...]:
+    """One key image per box of ``findings.detections``: the slice through its centre, the box outlined.
+
+    The outline is drawn just outside the pixels whose centres lie inside the box (:func:`box_mask`);
+    a box that covers no pixel centre of its slice gets no key image. Otherwise as
+    :func:`write_key_images` (same series, banner, caption, references).
+    """
+    from pipeline.writers.sr_boxes import box_uid
+
+    if len(source_datasets) != len(volume.source_instances):
+        raise ValueError(
+            f"{len(source_datasets)} source headers for {len(volume.source_instances)} slices of series "
+            f"{volume.series_instance_uid}: pass one header per slice, in volume order"
+        )
+    series_uid = result_uids(input_fingerprint, findings.algorithm, "key_images").series_instance_uid
+    images: list[Dataset] = []
+    for box in findings.detections:
+        k, mask = box_mask(box, volume)
+        if not mask.any():
+            continue
+        width, depth, height = box.size_mm
+        shown = _Shown(
+            caption=f"{box.tracking_identifier}: score {box.score:.2f}, {width:.3g} x {depth:.3g} x {height:.3g} mm",
+            tracking_uid=box_uid(input_fingerprint, findings.algorithm, box),
+            derivation=f"slice through the centre of {box.tracking_identifier}, its box",
+        )
+        image = _key_image(
+            mask,
+            k,
+            shown,
+            volume,
+            source_datasets[k],
+            findings,
+            series_uid=series_uid,
+            series_number=series_number,
+            instance_number=len(images) + 1,
+            input_fingerprint=input_fingerprint,
+            content_datetime=content_datetime,
+        )
+        images.append(image)
+    return tuple(images)
 
 
 # --- pixels ---------------------------------------------------------------------------------------

@@ -19,6 +19,9 @@ Document tree (one row per content item kind; template ids from PS3.16):
                        SCOORD3D POINT "Center of Mass" in the frame of reference
         per class      TID 1501 group: Finding = what the class is about (coded), TID 4019 of the
                        classification model, NUM Probability (UCUM "1")
+        per box        TID 1411 group of a detection bundle's box (``sr_boxes``): the box as the
+                       SCOORD3D ELLIPSOID inscribed in it, NUM Probability (its score), NUM extent
+                       along the L-R, A-P and H-F axes (mm)
       Qualitative Evaluations (C0034375, UMLS): CODE Priority = Routine / Urgent / Stat (SNOMED CT)
       TEXT (121111, DCM, "Summary"): findings.summary, for viewers that only render text (a row
                        added to TID 1500, which is an extensible template)
@@ -62,6 +65,7 @@ from pipeline.writers.output import (
     header_copies,
     ihe_scheme_identification,
 )
+from pipeline.writers.sr_boxes import box_group, box_type
 from pipeline.writers.sr_groups import (
     IMAGING_MEASUREMENTS,
     add_centroids,
@@ -106,6 +110,7 @@ def write_sr(
         hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations
     ] = [finding_group(f, volume, seg, input_fingerprint, findings.algorithm) for f in findings.findings]
     groups += [classification_group(c, input_fingerprint, findings) for c in findings.classifications]
+    groups += [box_group(b, volume, input_fingerprint, findings.algorithm) for b in findings.detections]
 
     observer = hd.sr.ObserverContext(
         observer_type=codes.coded(codes.OBSERVER_TYPE_DEVICE),
@@ -143,6 +148,7 @@ def write_sr(
     coded_items = [
         *(codes.finding_type(f) for f in findings.findings if f.type is None),
         *(codes.classification_subject(c.name) for c in findings.classifications),
+        *(box_type(b) for b in findings.detections),
         *([codes.coded(codes.VOLUME_METHOD_PROBABILITY_SUM)] if _has_probability_volumes(findings) else []),
     ]
     schemes = [ihe_scheme_identification()]

@@ -30,6 +30,7 @@ __all__ = [
     "MEASUREMENT_DIGITS",
     "PROBABILITY_DIGITS",
     "add_centroids",
+    "algorithm_identification",
     "classification_group",
     "concept_of",
     "finding_group",
@@ -49,7 +50,7 @@ def placeholder_group() -> hd.sr.MeasurementsAndQualitativeEvaluations:
     )
 
 
-def _algorithm_identification(algorithm: AlgorithmInfo) -> hd.sr.AlgorithmIdentification:
+def algorithm_identification(algorithm: AlgorithmInfo) -> hd.sr.AlgorithmIdentification:
     """TID 4019: model name, version, and the sha256 it is pinned by as a parameter (no family)."""
     return hd.sr.AlgorithmIdentification(
         name=algorithm.name,
@@ -117,7 +118,7 @@ def finding_group(
             if finding.finding_site is not None
             else None
         ),
-        "algorithm_id": _algorithm_identification(algorithm),
+        "algorithm_id": algorithm_identification(algorithm),
         "measurements": _measurements(finding),
     }
     segment_number = _segment_number(seg, uid) if seg is not None else None
@@ -222,7 +223,7 @@ def classification_group(
             uid=uid, identifier=f"{classification.name} (classification)"
         ),
         finding_type=codes.classification_subject(classification.name),
-        algorithm_id=_algorithm_identification(algorithm),
+        algorithm_id=algorithm_identification(algorithm),
         measurements=[
             hd.sr.Measurement(
                 name=codes.coded(codes.PROBABILITY),
