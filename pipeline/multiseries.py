@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+from pydicom.dataset import Dataset
 
 from pipeline.errors import GeometryError, NoUsableSeries
 from pipeline.geometry import load_volume
@@ -39,6 +40,7 @@ __all__ = [
     "MultiChannelVolume",
     "MultiSeriesInput",
     "UnregisteredSeries",
+    "other_channel_headers",
     "select_channels",
     "stack_channels",
 ]
@@ -110,6 +112,7 @@ class MultiChannelVolume(Volume):
     channels: np.ndarray
     channel_names: tuple[str, ...]
     channel_series: tuple[str, ...]
+    channel_paths: tuple[tuple[Path, ...], ...]  # the files of each channel's series (the results' evidence)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -118,10 +121,15 @@ class MultiChannelVolume(Volume):
                 f"MultiChannelVolume.channels must be [C, {', '.join(map(str, self.array.shape))}], "
                 f"got {self.channels.shape}"
             )
-        if not len(self.channel_names) == len(self.channel_series) == self.channels.shape[0]:
+        if not (
+            len(self.channel_names)
+            == len(self.channel_series)
+            == len(self.channel_paths)
+            == self.channels.shape[0]
+        ):
             raise ValueError(
                 f"{self.channels.shape[0]} channels, {len(self.channel_names)} names, "
-                f"{len(self.channel_series)} series: one of each per channel"
+                f"{len(self.channel_series)} series, {len(self.channel_paths)} file lists: one of each per channel"
             )
         self.channels.flags.writeable = False
 
@@ -276,4 +284,13 @@ def stack_channels(
         channels=np.stack(channels),
         channel_names=selection.names,
         channel_series=tuple(v.series_instance_uid for v in volumes),
+        channel_paths=tuple(s.paths for s in selection.series),
     )
+
+
+def other_channel_headers(volume: MultiChannelVolume) -> list[Dataset]:
+    """Headers of every channel's series but the reference's: evidence of the results too (the SR
+    lists every image the findings were derived from: Current Requested Procedure Evidence, PS3.3 C.17.2)."""
+    from pydicom import dcmread
+
+    return [dcmread(p, stop_before_pixels=True) for paths in volume.channel_paths[1:] for p in paths]

@@ -40,7 +40,7 @@ from pipeline.errors import BundleError, GeometryError, NoUsableSeries, Permanen
 from pipeline.findings import Findings, VolumeMethod
 from pipeline.geometry import load_volume
 from pipeline.measure import Measured, classifications, findings_from_prediction, summary_line, triage
-from pipeline.multiseries import select_channels, stack_channels
+from pipeline.multiseries import MultiChannelVolume, other_channel_headers, select_channels, stack_channels
 from pipeline.saliency import saliency_map
 from pipeline.series_select import SelectedSeries, select_series
 from pipeline.spec import BundleSpec, PipelineSpec
@@ -415,6 +415,8 @@ def run(
         selected, volume, refused = _select_and_stack([Path(p) for p in study_files], spec, timer)
     with timer.stage("headers"):
         headers = _source_headers(selected, volume)
+        if isinstance(volume, MultiChannelVolume):  # the SR's evidence: every channel's series
+            headers = (headers[0], headers[1] + other_channel_headers(volume))
     with timer.stage("bundles"):
         seg_runtime = None if spec.segmentation is None else _runtime(spec.segmentation)
         cls_runtime = None if spec.classification is None else _runtime(spec.classification)

@@ -48,7 +48,7 @@ from pipeline.spec import BundleSpec, PipelineSpec
 from tests.paths import BUNDLES
 from tests.pipeline.brats_study import CHANNELS, RULES, peak_value, transforms, write_brats_study
 from tests.support.dicom_validators import assert_dciodvfy_clean, read_headers, roundtrip
-from tests.support.tid1500_checks import check_pacs_triage_sr
+from tests.support.tid1500_checks import check_pacs_triage_sr, evidence_uids
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::FutureWarning"),
@@ -250,9 +250,12 @@ def test_brats_runs_unchanged_on_four_derived_mr_series(study: dict[str, list[Pa
         for i in s.ReferencedInstanceSequence
     }
     assert referenced == {str(h.SOPInstanceUID) for h in read_headers(reference)}
-    check_pacs_triage_sr(
-        roundtrip(result.sr), sources=read_headers(reference), findings=result.findings, seg=result.seg
-    )
+    sr = roundtrip(result.sr)
+    check_pacs_triage_sr(sr, sources=read_headers(files), findings=result.findings, seg=result.seg)
+    # The SR's evidence is every image the findings were derived from: all four series, and the SEG.
+    assert evidence_uids(sr) == {str(h.SOPInstanceUID) for h in read_headers(files)} | {
+        str(result.seg.SOPInstanceUID)
+    }
 
 
 # --- configuration -------------------------------------------------------------------------------
