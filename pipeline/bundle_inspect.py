@@ -53,6 +53,26 @@ class BundleSummary:
     input_modality: str
     intended_use: str
     items: tuple[BundleItem, ...]
+    kind: str = "segmentation"  # what it outputs (pipeline.bundle_runtime.BundleKind value): declared_kind
+
+
+def declared_kind(meta: Mapping[str, Any], config: Mapping[str, Any]) -> str:
+    """``"detection"``, ``"classification"`` or ``"segmentation"``, from what the bundle declares.
+
+    Detection: ``inference.json`` builds a MONAI detector (:func:`pipeline.detection.is_detection_bundle`)
+    or ``pred`` is an ``object``; classification: ``pred`` is ``probabilities`` or of format
+    ``classification``; else segmentation. The runtime still checks the kind of what the network returns.
+    """
+    from pipeline.detection import is_detection_bundle
+
+    outputs = meta.get("network_data_format", {}).get("outputs", {})
+    pred = outputs.get("pred") if isinstance(outputs, dict) else None
+    pred = pred if isinstance(pred, dict) else {}
+    if is_detection_bundle({INFERENCE: json.dumps(config).encode()}) or pred.get("type") == "object":
+        return "detection"
+    if pred.get("type") == "probabilities" or pred.get("format") == "classification":
+        return "classification"
+    return "segmentation"
 
 
 def _target(item: Any) -> str:
@@ -129,6 +149,10 @@ def describe_bundle(bundle: Path) -> BundleSummary:
             )
         elif key == "modelname":
             items.append(BundleItem(key, "honoured", "chooses the weights file in models/"))
+        elif f"@{key}" in _required(config):
+            items.append(
+                BundleItem(key, "honoured", "evaluated once the network is built (evaluator#_requires_)")
+            )
         else:
             items.append(BundleItem(key, "not used", "resolved only where an honoured part refers to it"))
     network = meta.get("network_data_format", {})
@@ -147,7 +171,15 @@ def describe_bundle(bundle: Path) -> BundleSummary:
         input_modality=str(image.get("modality", "")).upper() if isinstance(image, dict) else "",
         intended_use=str(meta.get("intended_use", "")),
         items=tuple(items),
+        kind=declared_kind(meta, config),
     )
+
+
+def _required(config: Mapping[str, Any]) -> list[str]:
+    """What the bundle's evaluator requires before it runs (``_requires_``), as ``@id`` references."""
+    evaluator = config.get("evaluator")
+    requires = evaluator.get("_requires_") if isinstance(evaluator, dict) else None
+    return [requires] if isinstance(requires, str) else [r for r in requires or [] if isinstance(r, str)]
 
 
 @dataclass(frozen=True)
@@ -201,6 +233,7 @@ def random_weights_copy(
     import torch
 
     from pipeline.bundle_config import build_parser
+    from pipeline.detection import detection_build
 
     if target.exists():
         shutil.rmtree(target)
@@ -212,7 +245,8 @@ def random_weights_copy(
     try:
         name = parser.get_parsed_content("modelname") if "modelname" in parser else "model.pt"
         torch.manual_seed(seed)
-        network = parser.get_parsed_content("network_def")
+        with detection_build(files):  # a detector's torchvision stand-ins (pipeline.detection_compat)
+            network = parser.get_parsed_content("network_def")
     except (KeyError, ValueError, TypeError, AttributeError, ImportError, RuntimeError, SyntaxError) as exc:
         raise BundleError(f"bundle {bundle}: network_def could not be built: {exc}") from exc
     if not isinstance(network, torch.nn.Module):

@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -41,14 +41,23 @@ from pipeline.bundle_config import INFERENCE, NEVER_RESOLVED, channel_names
 from pipeline.errors import BundleError
 from pipeline.findings import Detection
 
-if TYPE_CHECKING:
-    from pipeline.bundle_runtime import BundleRuntime, Prediction
+
+class DetectorRuntime(Protocol):
+    """What of :class:`~pipeline.bundle_runtime.BundleRuntime` the detection code uses."""
+
+    name: str
+    image_key: str
+    label_names: tuple[str, ...]
+    inferer: Any
+    postprocessing_steps: list[Any]
+
 
 __all__ = [
     "DEFAULT_BOX_KEYS",
     "boxes_lps",
     "detection_build",
-    "detection_prediction",
+    "DetectorRuntime",
+    "detection_boxes",
     "is_detection_bundle",
     "is_detector_output",
     "label_names",
@@ -171,16 +180,12 @@ def boxes_lps(
     return item, corners
 
 
-def detection_prediction(
-    runtime: BundleRuntime, data: dict[str, Any], output: Any, pipeline: str
-) -> Prediction:
-    """The :class:`~pipeline.bundle_runtime.Prediction` of a detector's ``output`` for one image.
+def detection_boxes(runtime: DetectorRuntime, data: dict[str, Any], output: Any) -> tuple[Detection, ...]:
+    """The boxes of a detector's ``output`` for one image, in LPS, highest score first.
 
-    ``data[runtime.image_key]`` is the preprocessed image the boxes refer to. Boxes come sorted by
-    score, highest first; none are dropped here (the pipeline's :class:`DetectionOptions` do that).
+    ``data[runtime.image_key]`` is the preprocessed image the boxes refer to. None are dropped here
+    (the pipeline's :class:`~pipeline.detection_findings.DetectionOptions` do that).
     """
-    from pipeline.bundle_runtime import BundleKind, Prediction
-
     if len(output) != 1:
         raise BundleError(f"bundle {runtime.name}: the detector returned {len(output)} results for one image")
     box_key, label_key, score_key = _keys(runtime.inferer)
@@ -213,15 +218,10 @@ def detection_prediction(
             )
         )
     boxes.sort(key=lambda d: -d.score)
-    return Prediction(
-        kind=BundleKind.DETECTION,
-        label_names=names,
-        algorithm=runtime.algorithm(pipeline),
-        boxes=tuple(boxes),
-    )
+    return tuple(boxes)
 
 
-def score_threshold(runtime: BundleRuntime) -> float | None:
+def score_threshold(runtime: DetectorRuntime) -> float | None:
     """The bundle's own score threshold (its box selector's ``score_thresh``), when it has one."""
     detector = getattr(runtime.inferer, "detector", None)
     selector = getattr(detector, "box_selector", None)

@@ -40,7 +40,7 @@ def _pins(config: Any, bundle: Path, given: str | None) -> list[tuple[str, str]]
     pins = [("--sha256", given.strip().lower())] if given else []
     resolved = bundle.resolve()
     for entry in config.pipelines.monai:
-        for role in ("segmentation", "classification"):
+        for role in ("segmentation", "classification", "detection"):
             item = getattr(entry, role, None)
             if item is not None and Path(item.path).resolve() == resolved:
                 pins.append((f"pipelines.monai {entry.name!r} {role}", item.sha256))
@@ -114,7 +114,7 @@ def check(
         summary = describe_bundle(bundle)
     except BundleError as exc:
         _fail(str(exc), code=2)
-    typer.echo(f"bundle {summary.name} {summary.version} (declares MONAI {summary.monai_version}); "
+    typer.echo(f"bundle {summary.name} {summary.version} (declares MONAI {summary.monai_version}); {summary.kind}; "
                f"input {summary.input_modality or 'unknown'}; labels {', '.join(summary.labels) or '?'}")  # fmt: skip
     if summary.declared_packages:
         typer.echo(
@@ -174,6 +174,8 @@ def check(
         study = collect_study(paths)
     except NoDicomInput as exc:
         _fail(str(exc), code=2)
+    under_test = BundleSpec(path=run_dir, sha256=bundle_sha256(run_dir), allowed_dirs=(run_dir.parent,),
+                            overrides=overrides, device=device)  # fmt: skip
     spec = PipelineSpec(
         name="bundle-check",
         version=summary.version,
@@ -181,13 +183,10 @@ def check(
             modalities=frozenset({summary.input_modality} if summary.input_modality else {"CT", "MR"}),
             orientations=ORIENTATIONS,
         ),  # fmt: skip
-        segmentation=BundleSpec(
-            path=run_dir,
-            sha256=bundle_sha256(run_dir),
-            allowed_dirs=(run_dir.parent,),
-            overrides=overrides,
-            device=device,
-        ),  # fmt: skip
+        # the bundle's own kind (pipeline.bundle_inspect.declared_kind) decides the pipeline's
+        segmentation=under_test if summary.kind == "segmentation" else None,
+        classification=under_test if summary.kind == "classification" else None,
+        detection=under_test if summary.kind == "detection" else None,
     )
     before = time.perf_counter()
     try:

@@ -77,6 +77,12 @@ class MonaiPipelineConfig(_Section):
     # sets the priority; no SEG, no key images), or both.
     segmentation: BundleConfig | None = None
     classification: BundleConfig | None = None
+    # Or, alone, a detection bundle (e.g. lung_nodule_ct_detection): one SR group and key image per box.
+    detection: BundleConfig | None = None
+    # Boxes reported: score at least min_score (None: every box the bundle returns, its own threshold
+    # decides), at most max_boxes of them, highest score first.
+    min_score: float | None = Field(default=None, ge=0, le=1)
+    max_boxes: int = Field(default=10, ge=1)
     allowed_dirs: tuple[Path, ...] = Field(min_length=1)  # bundles load only from inside these
     modalities: tuple[str, ...] = ("CT",)
     orientations: tuple[Orientation, ...] = (Orientation.AXIAL,)
@@ -115,9 +121,15 @@ class MonaiPipelineConfig(_Section):
     def _checks(self) -> MonaiPipelineConfig:
         if self.name in BUILTIN_PIPELINES:
             raise ValueError(f"pipeline name {self.name!r} is built in; choose another")
-        if self.segmentation is None and self.classification is None:
+        if self.detection is not None and (self.segmentation is not None or self.classification is not None):
             raise ValueError(
-                f"pipeline {self.name!r}: give a segmentation bundle, a classification bundle, or both"
+                f"pipeline {self.name!r}: a detection bundle runs alone; declare the segmentation or "
+                "classification bundle in a [[pipelines.monai]] entry of its own"
+            )
+        if self.segmentation is None and self.classification is None and self.detection is None:
+            raise ValueError(
+                f"pipeline {self.name!r}: give a segmentation bundle, a classification bundle, or both "
+                "(or a detection bundle)"
             )
         names = [c.name for c in self.channels]
         repeated = sorted({n for n in names if names.count(n) > 1})

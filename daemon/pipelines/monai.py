@@ -21,6 +21,7 @@ from pathlib import Path
 
 from daemon.config import BundleConfig, ChannelConfig, Config, MonaiPipelineConfig
 from daemon.pipelines.base import AnalysisOutcome, Pipeline
+from pipeline.detection_findings import DetectionOptions
 from pipeline.errors import PipelineError
 from pipeline.measure import PriorityThresholds
 from pipeline.multiseries import Channel, MultiSeriesInput
@@ -43,7 +44,7 @@ class MonaiPipeline:
         the first job; the runner then finds them in the per-process cache. BundleError when one fails."""
         from pipeline import runner
 
-        for bundle in (self.spec.segmentation, self.spec.classification):
+        for bundle in (self.spec.segmentation, self.spec.classification, self.spec.detection):
             if bundle is not None:
                 runner._runtime(bundle)  # the runner's own loader: the same cache key as a job's
 
@@ -163,6 +164,14 @@ def spec_from_config(entry: MonaiPipelineConfig) -> PipelineSpec:
         volume_method=entry.volume_method,
         saliency=entry.saliency,
         multiseries=multiseries,
+        detection=(
+            None
+            if entry.detection is None
+            else _bundle(
+                entry.detection, entry.allowed_dirs, entry.device, entry.amp, cpu_bf16=entry.cpu_bf16
+            )
+        ),
+        detection_options=DetectionOptions(min_score=entry.min_score, max_boxes=entry.max_boxes),
     )
 
 
@@ -200,7 +209,7 @@ def check_specs(config: Config, names: Sequence[str]) -> list[str]:
             elif name in entries:
                 spec = spec_from_config(entries[name])
                 # Only the paths: a receiver-only host may not hold the bundles its GPU workers load.
-                for bundle in (spec.segmentation, spec.classification):
+                for bundle in (spec.segmentation, spec.classification, spec.detection):
                     if bundle is not None and not any(
                         bundle.path.is_relative_to(d) for d in bundle.allowed_dirs
                     ):

@@ -126,6 +126,7 @@ def analyse(pipeline: Pipeline, study: OfflineInput, *, analysis_started: dateti
             "algorithms": jsonable(result.findings.algorithms),
             "findings": jsonable(result.findings.findings),
             "classifications": jsonable(result.findings.classifications),
+            "detections": jsonable(result.findings.detections),  # a detection pipeline's boxes (LPS mm)
             "refused_series": [{"series_instance_uid": u, "reason": r} for u, r in result.refused],
             "notes": list(result.notes),
         }

@@ -1,10 +1,9 @@
 """Detection kind (issue 14): lung_nodule_ct_detection runs unchanged (random weights) to a dciodvfy-clean SR.
 
-The bundle in ``shared/bundles`` is copied unchanged; the tests add only ``models/model.pt``, a random
-initialisation of its own ``network_def`` (built with the runtime's torchvision stand-ins) in which the
-classification head's bias is zero instead of RetinaNet's prior (-4.6, scores ~0.01, below the
-bundle's own threshold 0.02): so the untrained detector returns boxes (scores ~0.5-0.9) and the box
-path is exercised. The pipeline sets ``whether_raw_luna16 = true``, the bundle's own switch for
+The bundle in ``shared/bundles`` is copied unchanged; the tests add only ``models/model.pt``, a seeded
+random initialisation of its own ``network_def`` (built with the runtime's torchvision stand-ins). The
+untrained detector returns boxes above the bundle's own threshold (0.02; scores ~0.1 here), up to its
+300, so the pipeline's ``max_boxes`` keeps the report small. The pipeline sets ``whether_raw_luna16 = true``, the bundle's own switch for
 input that is not already resampled: its ``Spacingd`` then resamples to 0.703125 x 0.703125 x 1.25 mm,
 as a DICOM CT needs.
 
@@ -55,7 +54,7 @@ PHANTOM = PhantomOptions(matrix=64, pixel_spacing_mm=1.0, slice_thickness_mm=2.5
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The unchanged bundle with random weights (zero classification bias: module docstring)."""
+    """The unchanged bundle with seeded random weights."""
     root = tmp_path_factory.mktemp("bundles")
     path = Path(shutil.copytree(ZOO / NAME, root / NAME))
     files = read_bundle_files(path)
@@ -63,7 +62,6 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
         parser = build_parser(files, RAW_INPUT, torch.device("cpu"))
         torch.manual_seed(0)
         network = parser.get_parsed_content("network_def")
-    torch.nn.init.zeros_(network.classification_head.cls_logits.bias)
     (path / "models").mkdir()
     torch.save(network.state_dict(), path / "models" / "model.pt")
     return path
@@ -96,7 +94,7 @@ def _spec(bundle: Path, **kwargs: object) -> PipelineSpec:
         segmentation=None,
         detection=_bundle_spec(bundle),
         detection_options=DetectionOptions(max_boxes=4),
-        thresholds=PriorityThresholds(urgent_probability=0.5),
+        thresholds=PriorityThresholds(urgent_probability=0.1),
         **kwargs,  # type: ignore[arg-type]
     )
 
@@ -116,9 +114,7 @@ def test_lung_nodule_detection_runs_unchanged(bundle: Path, study: list[Path]) -
     result = run(study, _spec(bundle), input_fingerprint="zoo-lung-nodule", analysis_started=WHEN)
     volume = load_volume(study)
     boxes = result.findings.detections
-    assert 1 <= len(boxes) <= 4, (
-        f"{len(boxes)} boxes: random weights (zero bias) should give some, capped at 4"
-    )
+    assert 1 <= len(boxes) <= 4, f"{len(boxes)} boxes: random weights give some (scores ~0.1), capped at 4"
     assert not result.findings.findings and result.seg is None  # boxes, not segments
     assert [b.score for b in boxes] == sorted((b.score for b in boxes), reverse=True)
     assert [b.index for b in boxes] == list(range(1, len(boxes) + 1))
@@ -128,7 +124,7 @@ def test_lung_nodule_detection_runs_unchanged(bundle: Path, study: list[Path]) -
         assert np.all(np.asarray(b.box_lps[:3]) >= low - 1e-3) and np.all(
             np.asarray(b.box_lps[3:]) <= high + 1e-3
         )
-    assert result.findings.priority.name == ("URGENT" if boxes[0].score >= 0.5 else "ROUTINE")
+    assert result.findings.priority.name == ("URGENT" if boxes[0].score >= 0.1 else "ROUTINE")
 
     assert_dciodvfy_clean(result.sr, "lung nodule SR")
     sr = hd.sr.Comprehensive3DSR.from_dataset(roundtrip(result.sr))
