@@ -52,8 +52,8 @@ from pipeline.bundle_code import BundleCode
 from pipeline.bundle_config import INFERENCE, NEVER_RESOLVED, build_parser, load_network
 from pipeline.bundle_pins import bundle_sha256, read_pinned
 from pipeline.detection import (
-    detection_boxes,
     detection_build,
+    detection_prediction,
     is_detector_output,
     label_names,
     run_required,
@@ -289,12 +289,7 @@ class BundleRuntime:
                 ):
                     output = self.inferer(batch, self.network)
                 if is_detector_output(output):  # boxes, labels, scores (pipeline.detection)
-                    return Prediction(
-                        kind=BundleKind.DETECTION,
-                        label_names=self.label_names,
-                        algorithm=self.algorithm(pipeline),
-                        boxes=detection_boxes(self, data, output),
-                    )
+                    return detection_prediction(self, data, output, pipeline)
                 if not isinstance(output, torch.Tensor):
                     raise BundleError(
                         f"bundle {self.name}: the network returned {type(output).__name__}, not one tensor"

@@ -22,14 +22,15 @@ what the bundle's ``LoadImaged`` makes of a list of files.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
 
-from pipeline.errors import GeometryError, NoUsableSeries
+from pipeline.errors import BundleError, GeometryError, NoUsableSeries
 from pipeline.geometry import load_volume
 from pipeline.series_select import SelectedSeries, SelectionRule, select_series
 from pipeline.volume import Volume
@@ -40,6 +41,7 @@ __all__ = [
     "MultiChannelVolume",
     "MultiSeriesInput",
     "UnregisteredSeries",
+    "check_bundle_channels",
     "other_channel_headers",
     "select_channels",
     "stack_channels",
@@ -286,6 +288,36 @@ def stack_channels(
         channel_series=tuple(v.series_instance_uid for v in volumes),
         channel_paths=tuple(s.paths for s in selection.series),
     )
+
+
+def check_bundle_channels(
+    meta: Mapping[str, Any], image_key: str, volume: MultiChannelVolume, bundle: str
+) -> None:
+    """BundleError unless the stack matches the input the bundle's ``metadata.json`` declares
+    (``network_data_format.inputs.<image_key>``: ``num_channels``, and ``channel_def`` names in order,
+    compared without case): a pipeline whose channels are declared in another order must not run."""
+    inputs = meta.get("network_data_format", {}).get("inputs", {})
+    declared = inputs.get(image_key) if isinstance(inputs, Mapping) else None
+    if not isinstance(declared, Mapping):
+        return
+    count = declared.get("num_channels")
+    if isinstance(count, int) and count != len(volume.channel_names):
+        raise BundleError(
+            f"bundle {bundle} takes {count} input channels, the pipeline stacks {len(volume.channel_names)} "
+            f"({', '.join(volume.channel_names)}); declare one [[pipelines.monai.channels]] per input channel"
+        )
+    channel_def = declared.get("channel_def")
+    if isinstance(channel_def, Mapping) and len(channel_def) == len(volume.channel_names):
+        try:
+            names = tuple(str(channel_def[k]) for k in sorted(channel_def, key=int))
+        except ValueError:
+            return
+        if tuple(n.casefold() for n in names) != tuple(n.casefold() for n in volume.channel_names):
+            raise BundleError(
+                f"bundle {bundle} takes the channels {', '.join(names)} in this order (metadata.json "
+                f"channel_def), the pipeline declares {', '.join(volume.channel_names)}; declare the "
+                "[[pipelines.monai.channels]] in the bundle's order, with its names"
+            )
 
 
 def other_channel_headers(volume: MultiChannelVolume) -> list[Dataset]:

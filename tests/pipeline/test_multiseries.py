@@ -30,7 +30,7 @@ from daemon.pipelines.monai import spec_from_config
 from pipeline.bundle_config import build_parser
 from pipeline.bundle_pins import read_bundle_files
 from pipeline.bundle_runtime import bundle_sha256, clear_bundle_cache, load_bundle
-from pipeline.errors import NoUsableSeries
+from pipeline.errors import BundleError, NoUsableSeries
 from pipeline.geometry import load_volume
 from pipeline.measure import PriorityThresholds
 from pipeline.multiseries import (
@@ -183,6 +183,24 @@ def test_the_runtime_stacks_the_channels_in_the_declared_order(
             for n in CHANNELS
         }
         assert max(corr, key=lambda n: corr[n]) == name and corr[name] > 0.999, (name, corr)
+
+
+def test_channels_declared_out_of_the_bundles_order_are_refused_before_inference(
+    study: dict[str, list[Path]], bundle: Path
+) -> None:
+    runtime = load_bundle(bundle, sha256=bundle_sha256(bundle), allowed_dirs=(bundle.parent,), device="cpu")
+    swapped = MultiSeriesInput(
+        channels=tuple(Channel(name=n, rule=channel_rule(n)) for n in ("T1", "T1c", "T2", "FLAIR"))
+    )
+    volume = stack_channels(select_channels(_files(study), swapped), swapped)
+    with pytest.raises(BundleError, match=r"takes the channels T1c, T1, T2, FLAIR in this order"):
+        runtime.predict(volume, pipeline="swapped")
+    three = MultiSeriesInput(
+        channels=tuple(Channel(name=n, rule=channel_rule(n)) for n in ("T1c", "T1", "T2"))
+    )
+    volume = stack_channels(select_channels(_files(study), three), three)
+    with pytest.raises(BundleError, match=r"takes 4 input channels, the pipeline stacks 3 \(T1c, T1, T2\)"):
+        runtime.predict(volume, pipeline="three")
 
 
 def test_a_missing_flair_is_refused_naming_it(study: dict[str, list[Path]], bundle: Path) -> None:
