@@ -52,15 +52,15 @@ from pipeline.bundle_code import BundleCode
 from pipeline.bundle_config import INFERENCE, NEVER_RESOLVED, build_parser, load_network
 from pipeline.bundle_pins import bundle_sha256, read_pinned
 from pipeline.detection import (
+    detection_boxes,
     detection_build,
-    detection_prediction,
     is_detector_output,
     label_names,
     run_required,
 )
 from pipeline.errors import BundleError, TransientError
 from pipeline.findings import AlgorithmInfo, Detection
-from pipeline.multiseries import MultiChannelVolume, check_bundle_channels
+from pipeline.multiseries import MultiChannelVolume
 from pipeline.postprocess import channel_argmax, faster_postprocessing
 from pipeline.volume import Volume
 
@@ -260,8 +260,6 @@ class BundleRuntime:
         # Several series stacked as channels (pipeline.multiseries): channel-first, as LoadImaged
         # makes of a list of files (original_channel_dim 0).
         stacked = isinstance(volume, MultiChannelVolume)
-        if isinstance(volume, MultiChannelVolume):  # in the order and number the bundle declares
-            check_bundle_channels(self.parser.get("_meta_", {}), self.image_key, volume, self.name)
         pixels = volume.channels if isinstance(volume, MultiChannelVolume) else volume.array
         array = np.ascontiguousarray(pixels, dtype=np.float32)
         meta = {
@@ -289,7 +287,12 @@ class BundleRuntime:
                 ):
                     output = self.inferer(batch, self.network)
                 if is_detector_output(output):  # boxes, labels, scores (pipeline.detection)
-                    return detection_prediction(self, data, output, pipeline)
+                    return Prediction(
+                        kind=BundleKind.DETECTION,
+                        label_names=self.label_names,
+                        algorithm=self.algorithm(pipeline),
+                        boxes=detection_boxes(self, data, output),
+                    )
                 if not isinstance(output, torch.Tensor):
                     raise BundleError(
                         f"bundle {self.name}: the network returned {type(output).__name__}, not one tensor"
