@@ -60,7 +60,7 @@ from pipeline.detection import (
 )
 from pipeline.errors import BundleError, TransientError
 from pipeline.findings import AlgorithmInfo, Detection
-from pipeline.multiseries import MultiChannelVolume
+from pipeline.multiseries import MultiChannelVolume, check_bundle_channels
 from pipeline.postprocess import channel_argmax, faster_postprocessing
 from pipeline.volume import Volume
 
@@ -260,6 +260,8 @@ class BundleRuntime:
         # Several series stacked as channels (pipeline.multiseries): channel-first, as LoadImaged
         # makes of a list of files (original_channel_dim 0).
         stacked = isinstance(volume, MultiChannelVolume)
+        if isinstance(volume, MultiChannelVolume):  # in the order and number the bundle declares
+            check_bundle_channels(self.parser.get("_meta_", {}), self.image_key, volume, self.name)
         pixels = volume.channels if isinstance(volume, MultiChannelVolume) else volume.array
         array = np.ascontiguousarray(pixels, dtype=np.float32)
         meta = {
