@@ -4,6 +4,13 @@ SQLite: WAL journal, ``synchronous=FULL`` (a commit is on disk before we acknowl
 timeout, foreign keys on, and every transaction opened with ``BEGIN IMMEDIATE`` so two writers
 never deadlock upgrading a read lock ("database is locked").
 PostgreSQL: ``pool_pre_ping`` so a restarted server is reconnected to transparently.
+
+A transaction on a connection (or engine) with the execution option ``COMMIT_FLUSH: False``
+commits without flushing: SQLite ``synchronous=NORMAL`` for it (WAL: safe against a crash of the
+process, a power cut may lose the last commits), PostgreSQL ``synchronous_commit = off``. Only
+the receiver's index rows use it, whose files carry what rebuilds them (storage/receipt.py,
+storage/recovery.py). Either way a power cut loses a suffix of the commits, never one in the
+middle: a later flushing commit writes out the log up to itself.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ from storage.errors import DatabaseUnavailable
 log = logging.getLogger(__name__)
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+COMMIT_FLUSH = "pacs_triage_commit_flush"  # execution option: False = commit without a flush
+_SYNCHRONOUS = "pacs_triage_synchronous"  # the SQLite connection's synchronous setting now
 
 
 def normalise_url(url: str) -> URL:
@@ -56,7 +65,7 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
         )
         _configure_sqlite(engine)
         return engine
-    return create_engine(
+    engine = create_engine(
         parsed,
         pool_pre_ping=True,
         pool_size=pool_size,
@@ -65,21 +74,36 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
         connect_args={"connect_timeout": 5},
     )
 
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        if conn.get_execution_options().get(COMMIT_FLUSH) is False:
+            conn.exec_driver_sql("SET LOCAL synchronous_commit = off")  # this transaction only
+
+    return engine
+
 
 def _configure_sqlite(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
+    def _on_connect(dbapi_connection: sqlite3.Connection, record: Any) -> None:
         # Take transaction control from the sqlite3 module so BEGIN IMMEDIATE below is ours.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=FULL")
+        record.info[_SYNCHRONOUS] = "FULL"
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
+        # The setting belongs to the connection and cannot change inside a transaction: set it
+        # before BEGIN, only when it differs from what this connection's last transaction used.
+        level = "NORMAL" if conn.get_execution_options().get(COMMIT_FLUSH) is False else "FULL"
+        info = conn.connection.info
+        if info.get(_SYNCHRONOUS, "FULL") != level:
+            conn.exec_driver_sql(f"PRAGMA synchronous={level}")
+            info[_SYNCHRONOUS] = level
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 

@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from storage.db import transaction
 from storage.models import Instance, Result
+from storage.receipt import Delivery
 from storage.spool import OBJECTS_DIR, Spool, uid_key
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class Placement:
     sop_instance_uid: str
     relative_path: str
     chunks: tuple[bytes, ...]
+    delivery: Delivery | None = None  # the receipt the file carries (storage/receipt.py)
 
     @property
     def uid_hash(self) -> str:
@@ -70,7 +72,7 @@ class Placement:
         if self.spool.has(self.relative_path):
             return
         log.info("file of record %s was removed meanwhile; writing it again", self.relative_path)
-        self.spool.store(self.chunks, self.sop_instance_uid)
+        self.spool.store(self.chunks, self.sop_instance_uid, self.delivery)
 
 
 def _named(session: Session, relative_path: str, sop_instance_uid: str | None) -> bool:

@@ -1,5 +1,6 @@
-"""Group commit: units of work from many threads share one transaction, so one commit (one WAL
-fsync) serves every unit that was waiting when it started.
+"""Group commit: units of work from many threads share one transaction, so one commit serves
+every unit that was waiting when it started (one WAL fsync, on an engine whose commits flush;
+the receiver's rows commit without one where their files can rebuild them: storage/ingest.py).
 
 A unit is acknowledged (its ``run`` returns) only after the commit that includes it succeeded;
 durability per unit is unchanged. When several units share a transaction each runs in its own

@@ -2,6 +2,12 @@
 
 The caller (the DICOM SCP) acknowledges only after :meth:`Ingest.store` returns. Any exception
 means nothing new is visible: no row, and no spool file that a row points to.
+
+One flush per instance (issue 15): the file, with its receipt (storage/receipt.py), is flushed
+before the rows are committed; on SQLite the commit does not flush (storage/db.py
+``COMMIT_FLUSH``) and ``storage.recovery`` rebuilds at the next start any rows a power cut took.
+On PostgreSQL the commit flushes by default: the database may be on another host, which can
+lose power alone while this receiver (the one that would rebuild the rows) keeps running.
 """
 
 from __future__ import annotations
@@ -15,12 +21,13 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage.db import transaction
+from storage.db import COMMIT_FLUSH, make_session_factory, transaction
 from storage.errors import IdentityConflict, IntegrityProblem, StorageError
 from storage.file_records import Placement, lock_instance, remove_if_unnamed
 from storage.group_commit import GroupCommit
 from storage.identity import patient_conflict, record_conflict
 from storage.models import Association, Instance, Series, Study, StudyState
+from storage.receipt import Delivery, sealable
 from storage.recording import (
     AssociationInfo,
     IncomingInstance,
@@ -69,12 +76,24 @@ class _Stale(Exception):
 class Ingest:
     """Stores instances durably and records them."""
 
-    def __init__(self, sessions: sessionmaker[Session], spool: Spool) -> None:
+    def __init__(
+        self, sessions: sessionmaker[Session], spool: Spool, *, flush_commit: bool | None = None
+    ) -> None:
+        """``flush_commit``: whether the rows' commit flushes (None: not on SQLite, on PostgreSQL)."""
         self.sessions = sessions
         self.spool = spool
         engine = sessions.kw["bind"]
         assert isinstance(engine, Engine), "the session factory must be bound to an engine"
-        self._group = GroupCommit(engine, "recording an instance")
+        if flush_commit is None:
+            flush_commit = engine.dialect.name != "sqlite"
+        self.flush_commit = flush_commit
+        # Where the rows of a store are committed: with a flush (key True), or without one when
+        # the file carries its receipt (key False). Each has its own group commit.
+        relaxed = engine if flush_commit else engine.execution_options(**{COMMIT_FLUSH: False})
+        self._commits = {
+            True: (sessions, GroupCommit(engine, "recording an instance")),
+            False: (make_session_factory(relaxed), GroupCommit(relaxed, "recording an instance")),
+        }
         # Rows this process has recorded, so that the next instance of a known series takes the
         # fast path (see _record_fast). Every fast-path statement re-checks what the cache assumes,
         # so a stale entry costs one fallback to the full path, never a wrong row.
@@ -102,12 +121,14 @@ class Ingest:
         uid = incoming.sop_instance_uid
         # One flush (storage/spool.py): identical bytes already in place (the file of record, or
         # an unrecorded orphan of a crash) are not written again.
-        stored, _ = self.spool.store(chunks, uid)
+        delivery = Delivery(association, received_at)
+        flush = self.flush_commit or not sealable(chunks)  # no receipt: the rows must not be lost
+        stored, _ = self.spool.store(chunks, uid, delivery)
         rel = stored.relative_path
-        placement = Placement(self.spool, uid, rel, chunks)
+        placement = Placement(self.spool, uid, rel, chunks, delivery)
         try:
             outcome, old_path = self._record(
-                incoming, placement, stored.size_bytes, stored.sha256, association, received_at
+                incoming, placement, stored.size_bytes, stored.sha256, association, received_at, flush
             )
         except IdentityConflict as exc:
             self._remove_unnamed(rel, uid)
@@ -149,7 +170,9 @@ class Ingest:
         sha256: str,
         association: AssociationInfo,
         received_at: dt.datetime,
+        flush: bool,
     ) -> tuple[StoreOutcome, str | None]:
+        sessions, group = self._commits[flush]
         key = (incoming.study_instance_uid, incoming.series_instance_uid)
         known = self._known_series.get(key)
         patient = self._patients.get(known[0]) if known is not None else None
@@ -159,12 +182,12 @@ class Ingest:
             and patient is not None
             and patient_conflict(patient, patient_of(incoming)) is None  # else the full path refuses it
         ):
-            if self._record_fast(known, incoming, placement, size, sha256, association, received_at):
+            if self._record_fast(group, known, incoming, placement, size, sha256, association, received_at):
                 return StoreOutcome.STORED, None
             self._known_series.pop(key, None)
         for attempt in range(_RACE_RETRIES):
             try:
-                with transaction(self.sessions, "recording an instance") as session:
+                with transaction(sessions, "recording an instance") as session:
                     recorded = record_in(session, incoming, placement, size, sha256, association, received_at)
             except IntegrityError as exc:
                 # Two associations created the same study/series/instance at once (PostgreSQL);
@@ -187,6 +210,7 @@ class Ingest:
 
     def _record_fast(
         self,
+        group: GroupCommit,
         known: tuple[int, int],
         incoming: IncomingInstance,
         placement: Placement,
@@ -243,7 +267,7 @@ class Ingest:
             conn.execute(_INSERT_INSTANCE, row)
 
         try:
-            self._group.run(work)  # committed with whatever other associations record meanwhile
+            group.run(work)  # committed with whatever other associations record meanwhile
         except (_Stale, IntegrityError):
             return False
         return True

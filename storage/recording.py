@@ -20,23 +20,15 @@ from storage.events import add_event  # the audit log's one API
 from storage.file_records import Placement, lock_instance
 from storage.identity import Patient, patient_conflict
 from storage.models import Association, Instance, Series, Study, StudyState
+from storage.receipt import AssociationInfo
+
+__all__ = ["AssociationInfo", "IncomingInstance", "Recorded", "StoreOutcome", "record_in"]
 
 
 class StoreOutcome(enum.StrEnum):
     STORED = "stored"  # a new instance
     DUPLICATE = "duplicate"  # identical bytes were already stored: nothing new
     REPLACED = "replaced"  # same SOP Instance UID, different bytes: replaced, series marked changed
-
-
-@dataclass(frozen=True)
-class AssociationInfo:
-    """Who delivered an instance (all validated by the caller; none of it reaches a path)."""
-
-    id: str
-    calling_ae: str
-    called_ae: str
-    source_address: str
-    started_at: dt.datetime
 
 
 @dataclass(frozen=True)

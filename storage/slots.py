@@ -1,8 +1,9 @@
 """Slots: empty files whose names are already on disk, for the spool's one-flush write (issue 15).
 
 Each receiver process keeps a pool of them in ``<spool>/slots/``, named
-``<host>.<pid>.<random>.slot`` and created ``SLOT_BATCH`` at a time, made durable by one fsync of
-the directory. ``storage.spool.Spool.store`` writes an instance into a slot, flushes it and
+``<host>.<pid>.<boot>-<random>.slot`` and created ``SLOT_BATCH`` at a time, made durable by one
+fsync of the directory. ``<boot>`` is the kernel's boot id: after a power cut the process that
+wrote a slot is gone even if its pid now belongs to another process (or to the new receiver). ``storage.spool.Spool.store`` writes an instance into a slot, flushes it and
 renames it into place; ``Spool.recover_slots`` handles the slots of processes that died.
 """
 
@@ -12,7 +13,6 @@ import contextlib
 import os
 import re
 import socket
-import struct
 import threading
 import time
 import uuid
@@ -21,7 +21,17 @@ from pathlib import Path
 SLOT_BATCH = 32  # empty slot files made at once: one directory fsync for this many instances
 STALE_TMP_SECONDS = 3600
 HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64] or "host"
-UID_CHARS = re.compile(r"[0-9.]+")
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return re.sub(r"[^0-9a-f]", "", f.read())[:16] or "0"
+    except OSError:
+        return "0"  # not Linux: a slot of a dead pid is still found; a reused pid keeps its slots
+
+
+BOOT = _boot_id()
 
 
 class SlotPool:
@@ -48,7 +58,7 @@ class SlotPool:
         prefix = os.path.join(self.directory, f"{HOST}.{os.getpid()}.")
         try:
             for _ in range(SLOT_BATCH):
-                path = f"{prefix}{uuid.uuid4().hex}.slot"
+                path = f"{prefix}{BOOT}-{uuid.uuid4().hex}.slot"
                 os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640))
                 made.append(path)
         except FileNotFoundError:
@@ -72,9 +82,13 @@ class SlotPool:
 
 
 def is_abandoned(path: Path) -> bool:
+    """Whether the process that made ``path`` (a slot or temp file) is gone."""
     host, _, rest = path.name.partition(".")
-    pid_text = rest.partition(".")[0]
+    pid_text, _, tail = rest.partition(".")
     if host == HOST and pid_text.isdigit():
+        boot = tail.partition("-")[0] if path.suffix == ".slot" and "-" in tail else BOOT
+        if boot != BOOT:
+            return True  # made before the last reboot
         pid = int(pid_text)
         if pid == os.getpid():
             return False
@@ -89,33 +103,6 @@ def is_abandoned(path: Path) -> bool:
         return time.time() - path.stat().st_mtime > STALE_TMP_SECONDS
     except FileNotFoundError:
         return False
-
-
-def meta_sop_instance_uid(data: bytes) -> str | None:
-    """Media Storage SOP Instance UID (0002,0003) from a Part 10 file's meta group, or None.
-
-    Only what this service writes (``daemon/dicom/file_meta.py``: preamble, DICM, explicit VR
-    little endian group 0002) is recognised.
-    """
-    if data[128:132] != b"DICM":
-        return None
-    pos = 132
-    while pos + 8 <= len(data):
-        group, element = struct.unpack_from("<HH", data, pos)
-        if group != 0x0002:
-            return None
-        vr = data[pos + 4 : pos + 6]
-        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
-            (length,) = struct.unpack_from("<L", data, pos + 8)
-            pos += 12
-        else:
-            (length,) = struct.unpack_from("<H", data, pos + 6)
-            pos += 8
-        if element == 0x0003:
-            uid = data[pos : pos + length].rstrip(b"\0 ").decode("ascii", "replace")
-            return uid if 0 < len(uid) <= 64 and UID_CHARS.fullmatch(uid) else None
-        pos += length
-    return None
 
 
 def fsync_dir(directory: Path | str) -> None:

@@ -13,14 +13,16 @@ Two write protocols:
   first time a process uses them).
 - ``store`` (the receiver's hot path, issue 15): ONE flush per instance. Each process keeps a
   pool of empty *slot* files in ``slots/``, created in batches of ``SLOT_BATCH`` whose directory
-  entries one fsync of ``slots/`` makes durable. An instance is written into a slot and
-  ``fdatasync``ed (its bytes and size are now on disk under a durable name), then renamed into
-  ``objects/`` without a directory fsync. After a power cut the rename has either happened or
-  not (a journaling filesystem: ext4, XFS, btrfs, as the spool requires): the bytes are at
+  entries one fsync of ``slots/`` makes durable. An instance is written into a slot, with its
+  receipt (``storage/receipt.py``: the association and receipt time, in the file meta group)
+  and ``fdatasync``ed (its bytes and size are now on disk under a durable name), then renamed
+  into ``objects/`` without a directory fsync. After a power cut the rename has either happened
+  or not (a journaling filesystem: ext4, XFS, btrfs, as the spool requires): the bytes are at
   their final name, or still in the slot, where :meth:`Spool.open` finds them (slots of dead
-  processes) and moves them into place before anything reads the spool. A crash in the middle
-  of writing a slot (never acknowledged) leaves a slot that moves to a name no row holds, and
-  ``storage.file_records.remove_orphans`` removes it.
+  processes, or of an earlier boot) and moves them into place before anything reads the spool.
+  Its index rows are committed without a flush; ``storage.recovery`` rebuilds lost ones from
+  the receipts at the next start. A slot torn by a crash in the middle of its write (never
+  acknowledged) fails its receipt's hash and is removed.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from storage.errors import SpoolUnavailable
-from storage.slots import HOST, SlotPool, fsync_dir, is_abandoned, meta_sop_instance_uid
+from storage.receipt import Delivery, Receipt, digest, read_content, seal, sealable
+from storage.slots import HOST, SlotPool, fsync_dir, is_abandoned
 
 log = logging.getLogger(__name__)
 
@@ -109,19 +112,22 @@ class Spool:
     def recover_slots(self) -> int:
         """Move the instances left in slots of dead processes to their place; returns how many.
 
-        Empty slots are removed; a slot that does not start with a file meta group naming a SOP
-        Instance UID was being written when its process died (never acknowledged): removed.
+        Empty slots are removed, and so is a slot that does not hold a complete instance (no file
+        meta group naming a SOP Instance UID, or content that fails its receipt's hash): it was
+        being written when its process died, and was never acknowledged.
         """
         moved = 0
         for slot in self.slots.iterdir():
             if not is_abandoned(slot):
                 continue
             data = slot.read_bytes()
-            uid = meta_sop_instance_uid(data) if data else None
-            if uid is None:
+            content = read_content(data) if data else None
+            if content is None:
+                if data:
+                    log.warning("removed a torn slot %s (never acknowledged)", slot.name)
                 slot.unlink(missing_ok=True)
                 continue
-            rel = self.relative_path_for(uid, hashlib.sha256(data).hexdigest())
+            rel = self.relative_path_for(content.sop_instance_uid, content.sha256)
             if self.has(rel):
                 slot.unlink(missing_ok=True)
                 continue
@@ -154,7 +160,7 @@ class Spool:
         total = sum(len(c) for c in chunks)
         self.check_space(total)
         tmp_path = self.tmp / f"{HOST}.{os.getpid()}.{uuid.uuid4().hex}.part"
-        digest = hashlib.sha256()
+        hasher = hashlib.sha256()
         try:
             fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             try:
@@ -163,31 +169,32 @@ class Spool:
                     while view:
                         written = os.write(fd, view)
                         view = view[written:]
-                    digest.update(chunk)
+                    hasher.update(chunk)
                 os.fsync(fd)
             finally:
                 os.close(fd)
         except OSError as exc:
             tmp_path.unlink(missing_ok=True)
             raise _spool_error(exc, f"writing {tmp_path.name}") from exc
-        return PendingFile(tmp_path=tmp_path, size_bytes=total, sha256=digest.hexdigest())
+        return PendingFile(tmp_path=tmp_path, size_bytes=total, sha256=hasher.hexdigest())
 
-    def store(self, chunks: Sequence[bytes], sop_instance_uid: str) -> tuple[StoredFile, bool]:
+    def store(
+        self, chunks: Sequence[bytes], sop_instance_uid: str, delivery: Delivery | None = None
+    ) -> tuple[StoredFile, bool]:
         """Put ``chunks`` at their file of record durably with one flush; (file, newly written).
 
-        The hot path of the receiver (see the module docstring): identical bytes already in
-        place are not written again.
+        The hot path of the receiver (see the module docstring). With ``delivery`` the file
+        carries its receipt when ``chunks`` can (``storage.receipt.sealable``); the hash, size
+        and name are those of ``chunks`` either way, and identical bytes already in place are
+        not written again.
         """
-        digest = hashlib.sha256()
-        total = 0
-        for chunk in chunks:
-            digest.update(chunk)
-            total += len(chunk)
-        sha = digest.hexdigest()
+        sha, total = digest(chunks)
         rel = self.relative_path_for(sop_instance_uid, sha)
         stored = StoredFile(relative_path=rel, size_bytes=total, sha256=sha)
         if self.has(rel):
             return stored, False
+        if delivery is not None and sealable(chunks):
+            chunks = seal(chunks, Receipt(delivery, sha, total))
         self.check_space(total)
         slot = self._slots.take()
         try:

@@ -9,10 +9,11 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.config import Config
+from daemon.dicom.stored import describe_stored
 from storage.db import make_engine, make_session_factory
-from storage.file_records import remove_orphans
 from storage.ingest import Ingest
 from storage.migrate import upgrade
+from storage.recovery import recover_index
 from storage.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -44,5 +45,5 @@ def open_node(config: Config, *, migrate: bool = True, open_spool: bool = True) 
     if open_spool:
         spool.open()
         if migrate:  # the main process of `serve`: receiver children and CLI commands leave this
-            remove_orphans(sessions, spool)
+            recover_index(sessions, spool, describe_stored)  # rows a power cut took; orphans removed
     return Node(config=config, engine=engine, sessions=sessions, spool=spool, ingest=Ingest(sessions, spool))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from daemon.dicom.scu import SendResult, send_files
-from tests.support.dicom_bytes import read_quietly, sha256_file
+from tests.support.dicom_bytes import content_digest, read_quietly
 from tests.support.process import wait_until
 from tests.support.service import Service, ServiceFactory
 from tests.support.stored import assert_spool_consistent, spool_objects, spool_temp_files, stored_instances
@@ -52,7 +52,7 @@ def assert_acknowledged_are_stored(svc: Service, acked: set[str]) -> None:
     for uid in acked:
         row = rows[uid]
         path = files[row.path]
-        assert sha256_file(path) == row.sha256 and path.stat().st_size == row.size_bytes
+        assert content_digest(path) == (row.sha256, row.size_bytes)
         assert read_quietly(path).SOPInstanceUID == uid
 
 

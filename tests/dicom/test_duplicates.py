@@ -9,7 +9,7 @@ import numpy as np
 
 from daemon.dicom.scu import send_files
 from tests.paths import TESTDATA
-from tests.support.dicom_bytes import associate, dataset_bytes, pause_reactor, read_quietly, sha256_file
+from tests.support.dicom_bytes import associate, content_digest, dataset_bytes, pause_reactor, read_quietly
 from tests.support.service import Service
 from tests.support.stored import assert_spool_consistent, events, spool_objects, stored_instances
 
@@ -61,7 +61,7 @@ def test_duplicates_and_replacements(service: Service, tmp_path: Path) -> None:
     assert send_one(service, altered) == 0
     second = stored_instances(service.database_url)[uid]
     assert len(stored_instances(service.database_url)) == 1
-    assert second.sha256 == sha256_file(service.spool / second.path) != first.sha256
+    assert second.sha256 == content_digest(service.spool / second.path)[0] != first.sha256
     assert second.path != first.path
     assert not (service.spool / first.path).exists()
     assert set(spool_objects(service.spool)) == {second.path}

@@ -21,7 +21,7 @@ import pytest
 
 from daemon.dicom.scu import send_files
 from tests.paths import TESTDATA
-from tests.support.dicom_bytes import dataset_bytes, echo_status, read_quietly, sha256_file
+from tests.support.dicom_bytes import content_digest, dataset_bytes, echo_status, read_quietly
 from tests.support.peers import free_port, need_dcmtk, storescu
 from tests.support.process import clean_env, wait_until
 from tests.support.service import ServiceFactory
@@ -124,7 +124,7 @@ def check_stored(
         return [*problems, f"{name}: stored file {stored} missing or outside the spool"]
     if dataset_bytes(stored) != expected:
         problems.append(f"{name}: stored data set differs from the bytes sent")
-    if row.sha256 != sha256_file(stored) or row.size_bytes != stored.stat().st_size:
+    if (row.sha256, row.size_bytes) != content_digest(stored):
         problems.append(f"{name}: sha256/size of the row do not match the file")
     meta = read_quietly(stored, stop_before_pixels=True).file_meta
     expected_row = (

@@ -1,10 +1,12 @@
 """Recovery after a receiver dies between flushing an instance and committing its row (issue 15).
 
-The hot path (storage/spool.py ``Spool.store``) flushes the bytes into a slot, renames the slot
-into objects/ without a directory fsync, and the row is committed after. A real child process
-is killed with SIGKILL at each point; the next start (``Spool.open`` + ``remove_orphans``, as
-``daemon.service.node.open_node`` runs them) must leave exactly the committed instances, each at
-its file of record. On SQLite and PostgreSQL.
+The hot path (storage/spool.py ``Spool.store``) flushes the bytes, with their receipt, into a
+slot, renames the slot into objects/ without a directory fsync, and the row is committed after.
+A real child process is killed with SIGKILL at each point; the next start (``Spool.open`` +
+``recover_index``, as ``daemon.service.node.open_node`` runs them) must record every complete
+instance again from its receipt (it cannot tell one never acknowledged from one whose commit a
+power cut took), remove torn ones and files without a receipt, and leave every row at its file.
+On SQLite and PostgreSQL.
 """
 
 from __future__ import annotations
@@ -19,47 +21,59 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from daemon.dicom.file_meta import file_header
+from daemon.dicom.stored import describe_stored
 from storage.db import make_engine, make_session_factory
-from storage.file_records import remove_orphans
-from storage.ingest import AssociationInfo, IncomingInstance, Ingest, StoreOutcome
+from storage.ingest import AssociationInfo, Ingest, StoreOutcome
 from storage.migrate import upgrade
-from storage.models import Instance
+from storage.models import Association, Instance
+from storage.recovery import Recovery, recover_index
 from storage.spool import Spool
+from tests.support.instances import ct_chunks, ct_dataset, ct_incoming
 
-CT = "1.2.840.10008.5.1.4.1.1.2"
-EXPLICIT_LE = "1.2.840.10008.1.2.1"
-ASSOC = AssociationInfo("b" * 36, "MODALITY", "PACS_TRIAGE", "127.0.0.1", dt.datetime.now(dt.UTC))
+ASSOC = AssociationInfo(
+    "b" * 36, "MODALITY", "PACS_TRIAGE", "127.0.0.1", dt.datetime(2026, 12, 3, tzinfo=dt.UTC)
+)
+CHILD_ASSOC = AssociationInfo(
+    "c" * 36, "DYING_SCU", "PACS_TRIAGE", "10.0.0.7", dt.datetime(2026, 12, 3, tzinfo=dt.UTC)
+)
+RECEIVED = dt.datetime(2026, 12, 3, 10, 0, tzinfo=dt.UTC)
 
-# The child stores one instance and kills itself: after the slot's flush ("slot", before the
-# rename) or after the file is in place ("placed", before any row is committed).
+# The child stores one instance (with its receipt) and kills itself: after the slot's flush
+# ("slot", before the rename), after the file is in place ("placed", before any row is
+# committed), or halfway through writing the slot ("torn").
 CHILD = """
-import os, signal, sys
+import datetime as dt, os, signal, sys
 from pathlib import Path
+from storage.receipt import AssociationInfo, Delivery, Receipt, digest, seal
 from storage.spool import Spool
 spool = Spool(Path(sys.argv[1]))
 spool.open()
-data = Path(sys.argv[3]).read_bytes()
-if sys.argv[2] == "slot":
+header = Path(sys.argv[3]).read_bytes()
+data = Path(sys.argv[4]).read_bytes()
+at = dt.datetime(2026, 12, 3, tzinfo=dt.UTC)
+delivery = Delivery(AssociationInfo("c" * 36, "DYING_SCU", "PACS_TRIAGE", "10.0.0.7", at), at)
+if sys.argv[2] == "placed":
+    spool.store([header, data], sys.argv[5], delivery)
+else:
+    sha, size = digest([header, data])
+    sealed = b"".join(seal([header, data], Receipt(delivery, sha, size)))
     slot = spool._slots.take()
     fd = os.open(slot, os.O_WRONLY)
-    os.write(fd, data)
+    os.write(fd, sealed if sys.argv[2] == "slot" else sealed[: len(sealed) - 7])
     os.fdatasync(fd)
     os.close(fd)
-else:
-    spool.store([data], sys.argv[4])
 os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
-def instance_bytes(uid: str) -> bytes:
-    return (
-        file_header(CT, uid, EXPLICIT_LE) + b"\x08\x00\x16\x00UI\x1a\x00" + CT.encode() + b"\0" + b"x" * 999
-    )
+def instance(n: int) -> tuple[str, tuple[bytes, bytes]]:
+    ds = ct_dataset(f"1.2.3.4.{n}", "1.2.3.2", "1.2.3.1", fill=n)
+    return str(ds.SOPInstanceUID), ct_chunks(ds)
 
 
-def incoming(uid: str) -> IncomingInstance:
-    return IncomingInstance("1.2.3.1", "1.2.3.2", uid, CT, EXPLICIT_LE, modality="CT")
+def store(ingest: Ingest, n: int) -> StoreOutcome:
+    ds = ct_dataset(f"1.2.3.4.{n}", "1.2.3.2", "1.2.3.1", fill=n)
+    return ingest.store(ct_incoming(ds), ct_chunks(ds), ASSOC, received_at=RECEIVED)
 
 
 @pytest.fixture
@@ -71,21 +85,20 @@ def ingest(database_url: str, tmp_path: Path) -> Ingest:
     return Ingest(make_session_factory(engine), spool)
 
 
-def die_while_storing(spool: Spool, mode: str, uid: str, tmp_path: Path) -> None:
-    source = tmp_path / f"{uid}.dcm"
-    source.write_bytes(instance_bytes(uid))
-    child = subprocess.run(
-        [sys.executable, "-c", CHILD, str(spool.root), mode, str(source), uid], timeout=60, check=False
-    )
+def die_while_storing(spool: Spool, mode: str, n: int, tmp_path: Path) -> None:
+    uid, (header, data) = instance(n)
+    (tmp_path / "header").write_bytes(header)
+    (tmp_path / "data").write_bytes(data)
+    argv = [str(spool.root), mode, str(tmp_path / "header"), str(tmp_path / "data"), uid]
+    child = subprocess.run([sys.executable, "-c", CHILD, *argv], timeout=60, check=False)
     assert child.returncode == -signal.SIGKILL, child
 
 
-def restart(ingest: Ingest) -> Spool:
-    """What the next start does: open the spool (slots of dead processes), then remove orphans."""
+def restart(ingest: Ingest) -> tuple[Spool, Recovery]:
+    """What the next start does: open the spool (slots of dead processes), then recover the index."""
     spool = Spool(ingest.spool.root)
     spool.open()
-    remove_orphans(ingest.sessions, spool)
-    return spool
+    return spool, recover_index(ingest.sessions, spool, describe_stored)
 
 
 def files_of_record(spool: Spool) -> set[str]:
@@ -103,38 +116,70 @@ def rows(ingest: Ingest) -> dict[str, Instance]:
 
 
 @pytest.mark.parametrize("mode", ["slot", "placed"])
-def test_killed_before_the_commit_leaves_nothing(ingest: Ingest, tmp_path: Path, mode: str) -> None:
-    """Never acknowledged: after the restart neither a file nor a row is left; the resend stores it."""
-    assert ingest.store(incoming("1.2.3.4.1"), [instance_bytes("1.2.3.4.1")], ASSOC) is StoreOutcome.STORED
-    die_while_storing(ingest.spool, mode, "1.2.3.4.2", tmp_path)
+def test_killed_after_the_flush_is_recorded_from_its_receipt(
+    ingest: Ingest, tmp_path: Path, mode: str
+) -> None:
+    """Complete and flushed: recorded again with the child's association; the resend is a duplicate."""
+    assert store(ingest, 1) is StoreOutcome.STORED
+    die_while_storing(ingest.spool, mode, 2, tmp_path)
     left = foreign_slots(ingest.spool) if mode == "slot" else files_of_record(ingest.spool)
     assert len(left) >= 1, "the child did not get as far as the test needs"
 
-    spool = restart(ingest)
+    spool, recovery = restart(ingest)
 
+    assert recovery == Recovery(recorded=1, refused=0, removed=0)
+    recovered = rows(ingest)["1.2.3.4.2"]
+    assert set(rows(ingest)) == {"1.2.3.4.1", "1.2.3.4.2"}
+    assert (recovered.calling_ae, recovered.source_address, recovered.association_id) == (
+        "DYING_SCU",
+        "10.0.0.7",
+        "c" * 36,
+    )
+    with ingest.sessions() as session:
+        association = session.get(Association, "c" * 36)
+        assert association is not None and association.calling_ae == "DYING_SCU"
+    assert files_of_record(spool) == {r.path for r in rows(ingest).values()}
+    assert foreign_slots(spool) == []  # the dead child's slots, used or not, are gone
+    assert store(Ingest(ingest.sessions, spool), 2) is StoreOutcome.DUPLICATE
+
+
+def test_a_torn_slot_and_files_without_a_receipt_are_removed(ingest: Ingest, tmp_path: Path) -> None:
+    """Never acknowledged: a slot cut short, a placed file that cannot carry a receipt."""
+    assert store(ingest, 1) is StoreOutcome.STORED
+    die_while_storing(ingest.spool, "torn", 2, tmp_path)
+    assert len(foreign_slots(ingest.spool)) >= 1
+    uid, chunks = instance(3)
+    ingest.spool.store(chunks, uid)  # placed without a receipt (what every store did before)
+
+    spool, recovery = restart(ingest)
+
+    assert recovery == Recovery(recorded=0, refused=0, removed=1)
     assert set(rows(ingest)) == {"1.2.3.4.1"}
     assert files_of_record(spool) == {rows(ingest)["1.2.3.4.1"].path}
-    assert foreign_slots(spool) == []  # the dead child's slots, used or not, are gone
-    again = Ingest(ingest.sessions, spool)
-    assert again.store(incoming("1.2.3.4.2"), [instance_bytes("1.2.3.4.2")], ASSOC) is StoreOutcome.STORED
-    assert files_of_record(spool) == {r.path for r in rows(ingest).values()}
+    assert foreign_slots(spool) == []
 
 
 def test_a_committed_instance_still_in_its_slot_is_moved_into_place(ingest: Ingest) -> None:
-    """A power cut that lost the rename but not the row: the restart puts the bytes back in place."""
-    data = instance_bytes("1.2.3.4.3")
-    assert ingest.store(incoming("1.2.3.4.3"), [data], ASSOC) is StoreOutcome.STORED
+    """A power cut that lost the rename but not the row: the restart puts the bytes back in place.
+
+    The slot is named after the receiver's own pid but an earlier boot, as after a power cut the
+    new receiver may well get the pid of the old one.
+    """
+    assert store(ingest, 3) is StoreOutcome.STORED
     row = rows(ingest)["1.2.3.4.3"]
+    data = (ingest.spool.root / row.path).read_bytes()
+    host = os.uname().nodename
+    lost = ingest.spool.slots / f"{host}.{os.getpid()}.0123456789abcdef-{'0' * 32}.slot"
+    os.replace(ingest.spool.root / row.path, lost)  # as if the rename never reached the disk
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     )
-    lost = ingest.spool.slots / f"{os.uname().nodename}.{dead.stdout.strip()}.0.slot"
-    os.replace(ingest.spool.root / row.path, lost)  # as if the rename never reached the disk
-    torn = ingest.spool.slots / f"{os.uname().nodename}.{dead.stdout.strip()}.1.slot"
+    torn = ingest.spool.slots / f"{host}.{dead.stdout.strip()}.1.slot"
     torn.write_bytes(data[:100])  # a slot being written when the power went: never acknowledged
 
-    spool = restart(ingest)
+    spool, recovery = restart(ingest)
 
+    assert recovery == Recovery(recorded=0, refused=0, removed=0)
     assert (spool.root / row.path).read_bytes() == data
     assert files_of_record(spool) == {row.path}
-    assert foreign_slots(spool) == []
+    assert not lost.exists() and not torn.exists()

@@ -23,6 +23,8 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import split_dataset
 
+from storage.receipt import read_content
+
 DEFAULT_AE = "PACS_TRIAGE"
 VERIFICATION = "1.2.840.10008.1.1"
 
@@ -39,6 +41,17 @@ def transfer_syntax_of(path: Path) -> str:
 
 def sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def content_digest(path: Path) -> tuple[str, int]:
+    """sha256 and size of a received instance as received: its file without the receipt elements.
+
+    What ``instances.sha256`` and ``size_bytes`` hold (storage/receipt.py); of the whole file when
+    it has no receipt. Fails on a file that is not complete (its receipt's hash does not match).
+    """
+    content = read_content(path.read_bytes())
+    assert content is not None, f"{path} is not a complete instance file"
+    return content.sha256, content.size_bytes
 
 
 def encode_dataset(ds: Dataset, *, implicit_vr: bool = False, little_endian: bool = True) -> bytes:

@@ -9,7 +9,7 @@ from sqlalchemy import select
 
 from storage.db import make_engine
 from storage.models import Event, Instance, Series, Study
-from tests.support.dicom_bytes import read_quietly, sha256_file
+from tests.support.dicom_bytes import content_digest, read_quietly
 
 
 @dataclass(frozen=True)
@@ -102,8 +102,7 @@ def assert_spool_consistent(spool: Path, database_url: str) -> dict[str, StoredI
     )
     for row in rows.values():
         path = files[row.path]
-        assert path.stat().st_size == row.size_bytes, row
-        assert sha256_file(path) == row.sha256, row
+        assert content_digest(path) == (row.sha256, row.size_bytes), row
         ds = read_quietly(path)
         assert ds.SOPInstanceUID == row.sop_instance_uid
     return rows
