@@ -205,9 +205,10 @@ def test_forced_box_lands_on_the_known_patient_coordinates(bundle: Path, study: 
     }
     _, corners = boxes_lps(item, runtime.postprocessing_steps, runtime.image_key)
     assert corners.shape == (1, 6)
-    # within one resampled voxel (0.70 x 0.70 x 1.25 mm) of the cube's faces; a wrong sign would be tens of mm off
-    np.testing.assert_allclose(corners[0, :3], expected_lo, atol=1.3)
-    np.testing.assert_allclose(corners[0, 3:], expected_hi, atol=1.3)
+    # within half a resampled voxel (0.70 x 0.70 x 1.25 mm; measured: <= 0.39 mm in x/y, 0.625 mm in z) of
+    # the cube's faces; a wrong sign or axis would be 16-40 mm off
+    np.testing.assert_allclose(corners[0, :3], expected_lo, atol=0.7)
+    np.testing.assert_allclose(corners[0, 3:], expected_hi, atol=0.7)
 
 
 def test_detection_prediction_of_the_runtime(bundle: Path, study: list[Path]) -> None:
