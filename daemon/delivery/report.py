@@ -116,6 +116,15 @@ def report_of(ds: Dataset) -> ResultReport:
             )
     for group, c in enumerate(sr.classifications, start=len(sr.findings) + 1):
         measurements.append(_measurement(c.name, group, codes.PROBABILITY, c.probability, "1", "no units"))
+    first_box = len(sr.findings) + len(sr.classifications) + 1
+    for group, b in enumerate(sr.boxes, start=first_box):  # a detection bundle's boxes: score, extent
+        if b.score is not None:
+            measurements.append(
+                _measurement(b.identifier, group, codes.PROBABILITY, b.score, "1", "no units")
+            )
+        for axis, extent in zip(codes.BOX_AXES, b.extent_mm, strict=True):
+            if extent is not None:
+                measurements.append(_measurement(b.identifier, group, axis, extent, "mm", "millimeter"))
     return ResultReport(
         sr_sop_instance_uid=sr.sop_instance_uid,
         study_instance_uid=sr.study_instance_uid,

@@ -1,4 +1,4 @@
-"""Read back what a pacs-triage TID 1500 SR says: lesions, classifications, priority, evidence.
+"""Read back what a pacs-triage TID 1500 SR says: lesions, classifications, boxes, priority, evidence.
 
 The inverse of ``sr_writer`` for the values a person or a test compares with the truth, taken from
 the encoded content tree as a PACS stores it (no highdicom object needed). It reads the tree by
@@ -18,7 +18,7 @@ from pipeline import codes
 from pipeline.findings import Code
 from vocabulary import Priority
 
-__all__ = ["ReportedClassification", "ReportedFinding", "SrReport", "read_sr"]
+__all__ = ["ReportedBox", "ReportedClassification", "ReportedFinding", "SrReport", "read_sr"]
 
 _MEASUREMENT_GROUP = ("125007", "DCM")
 _TRACKING_IDENTIFIER = ("112039", "DCM")
@@ -47,6 +47,18 @@ class ReportedFinding:
 
 
 @dataclass(frozen=True)
+class ReportedBox:
+    """One measurement group with a SCOORD3D ELLIPSOID: a detection box (``sr_boxes``)."""
+
+    identifier: str  # tracking identifier, e.g. "nodule box 1"
+    score: float | None  # NUM Probability
+    box_lps: tuple[float, float, float, float, float, float]  # the ellipsoid's bounding box, mm
+    extent_mm: tuple[float | None, float | None, float | None]  # NUM L-R, A-P, H-F axes
+    tracking_uid: str = ""
+    algorithm_name: str = ""
+
+
+@dataclass(frozen=True)
 class ReportedClassification:
     name: str
     probability: float
@@ -65,6 +77,7 @@ class SrReport:
     priority: Priority | None
     summary: str
     evidence: frozenset[str]  # SOP Instance UIDs of CurrentRequestedProcedureEvidenceSequence
+    boxes: tuple[ReportedBox, ...] = ()  # a detection bundle's boxes
 
     def total_volume_ml(self, name: str | None = None) -> float:
         """Sum of the reported lesion volumes (of the label called ``name``, when given)."""
@@ -133,14 +146,41 @@ def _finding(items: list[Dataset]) -> ReportedFinding | None:
     )
 
 
+def _box(items: list[Dataset]) -> ReportedBox | None:
+    ellipsoid = next(
+        (i for i in items if i.get("ValueType") == "SCOORD3D" and i.get("GraphicType") == "ELLIPSOID"), None
+    )
+    if ellipsoid is None:
+        return None
+    points = [float(v) for v in ellipsoid.GraphicData]
+    xs, ys, zs = points[0::3], points[1::3], points[2::3]
+    scores = [_number(i) for i in items if _concept(i) == _key(codes.PROBABILITY)]
+    extents = tuple(
+        next((_number(i) for i in items if _concept(i) == _key(axis)), None) for axis in codes.BOX_AXES
+    )
+    return ReportedBox(
+        identifier=_text(items, _TRACKING_IDENTIFIER),
+        score=scores[0] if scores else None,
+        box_lps=(min(xs), min(ys), min(zs), max(xs), max(ys), max(zs)),
+        extent_mm=(extents[0], extents[1], extents[2]),
+        tracking_uid=next((str(i.UID) for i in items if _concept(i) == _TRACKING_UID), ""),
+        algorithm_name=_text(items, _ALGORITHM_NAME),
+    )
+
+
 def read_sr(ds: Dataset) -> SrReport:
     """The lesions, classifications, priority and evidence of a TID 1500 SR."""
     findings: list[ReportedFinding] = []
     classes: list[ReportedClassification] = []
+    boxes: list[ReportedBox] = []
     priority: Priority | None = None
     by_code = {_key(code): p for p, code in codes.PRIORITY_VALUES.items()}
     for group in (i for i in _walk(ds) if _concept(i) == _MEASUREMENT_GROUP):
         items = list(group.get("ContentSequence", []))
+        box = _box(items)
+        if box is not None:  # its Probability is the box's score, not a classification
+            boxes.append(box)
+            continue
         finding = _finding(items)
         if finding is not None:
             findings.append(finding)
@@ -170,4 +210,5 @@ def read_sr(ds: Dataset) -> SrReport:
         priority=priority,
         summary=summary,
         evidence=evidence,
+        boxes=tuple(boxes),
     )

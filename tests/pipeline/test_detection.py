@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 
+from daemon.delivery.report import report_of
 from pipeline.bundle_config import build_parser
 from pipeline.bundle_pins import read_bundle_files
 from pipeline.bundle_runtime import BundleKind, BundleRuntime, bundle_sha256, clear_bundle_cache
@@ -37,6 +38,7 @@ from pipeline.runner import run
 from pipeline.series_select import SelectionRule
 from pipeline.spec import BundleSpec, PipelineSpec
 from pipeline.volume import Volume
+from pipeline.writers.sr_reader import read_sr
 from tests.paths import BUNDLES as ZOO
 from tests.pipeline.test_runner import WHEN
 from tests.support.dicom_validators import assert_dciodvfy_clean, read_headers, roundtrip
@@ -150,6 +152,16 @@ def test_lung_nodule_detection_runs_unchanged(bundle: Path, study: list[Path]) -
             assert by_name[meaning].unit.value == "mm"
             assert by_name[meaning].value == pytest.approx(extent, rel=0.006)
         assert group.finding_type is not None and group.finding_type.meaning == "Lesion"
+
+    reported = read_sr(roundtrip(result.sr))  # what the HL7 and FHIR results are built from
+    assert reported.classifications == () and reported.findings == ()
+    assert [r.identifier for r in reported.boxes] == [b.tracking_identifier for b in boxes]
+    for r, b in zip(reported.boxes, boxes, strict=True):
+        assert r.score == pytest.approx(b.score, abs=0.006)
+        np.testing.assert_allclose(r.box_lps, b.box_lps, atol=1e-3)
+    measured = report_of(roundtrip(result.sr)).measurements
+    assert len(measured) == 4 * len(boxes)  # score and three extents per box
+    assert {m.unit for m in measured} == {"1", "mm"}
 
     assert result.key_images, "a box through pixel centres gets a key image"
     for image in result.key_images:
