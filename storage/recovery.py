@@ -11,8 +11,12 @@ the receiver listens, :func:`recover_index` looks at every file no row names:
   refusing an identity conflict), with the association and receipt time from its receipt, oldest
   receipt first, in flushed transactions. A ``series`` audit row ``instances_recovered`` says how
   many instances of the series came back this way;
-- anything else (no receipt: written before receipts, or a results file; torn; not a name the
-  spool makes) is what ``remove_orphans`` always removed: a store that was never acknowledged.
+- unless a row says the file is older news: the instance's row holds a receipt at least as
+  recent (the file is a version superseded before the cut, whose removal the cut interrupted),
+  or its study was purged after the file's receipt (retention removes the rows first, then the
+  files: storage/retention.py). Those files are removed, as is anything else (no receipt:
+  written before receipts, or a results file; torn; not a name the spool makes): what
+  ``remove_orphans`` always removed.
 
 A file placed by a store that crashed before its commit (never acknowledged) cannot be told from
 one whose commit the power cut took: it is recorded too. The peer, which saw no success, sends
@@ -34,10 +38,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from storage.db import transaction
 from storage.errors import IdentityConflict
 from storage.events import add_event
-from storage.file_records import Placement, remove_if_unnamed, remove_orphans
+from storage.file_records import Placement, lock_instance, remove_if_unnamed, remove_orphans
 from storage.identity import record_conflict
-from storage.models import Instance, Result
-from storage.receipt import Content, read_content
+from storage.models import Instance, Result, Study
+from storage.receipt import Content, Delivery, read_content
 from storage.recording import IncomingInstance, StoreOutcome, record_in
 from storage.spool import OBJECTS_DIR, Spool
 
@@ -57,7 +61,7 @@ class Recovery:
 
     recorded: int  # instances recorded again from their files
     refused: int  # files with a receipt that the receiver's rules refuse now (conflict, invalid)
-    removed: int  # files no row names and none could (never acknowledged)
+    removed: int  # files no row names and none could (never acknowledged, superseded, purged)
 
 
 class _Vanished(Exception):
@@ -108,6 +112,9 @@ def recover_index(sessions: sessionmaker[Session], spool: Spool, describe: Descr
         placement = _Existing(spool, incoming.sop_instance_uid, relative, ())
         try:
             with transaction(sessions, "recording an instance again from its file") as session:
+                lock_instance(session.connection(), placement.uid_hash)
+                if _older_than_its_rows(session, incoming, delivery):
+                    continue  # removed below
                 result = record_in(
                     session,
                     incoming,
@@ -145,3 +152,16 @@ def recover_index(sessions: sessionmaker[Session], spool: Spool, describe: Descr
         )
     removed = remove_orphans(sessions, spool)
     return Recovery(recorded=sum(recorded.values()), refused=refused, removed=removed)
+
+
+def _older_than_its_rows(session: Session, incoming: IncomingInstance, delivery: Delivery) -> bool:
+    """Whether the rows already say more recent things than this file's receipt (see above)."""
+    row_received = session.scalar(
+        select(Instance.received_at).where(Instance.sop_instance_uid == incoming.sop_instance_uid)
+    )
+    if row_received is not None and row_received >= delivery.received_at:
+        return True
+    purged_at = session.scalar(
+        select(Study.purged_at).where(Study.study_instance_uid == incoming.study_instance_uid)
+    )
+    return purged_at is not None and purged_at >= delivery.received_at

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select, text, update
+from sqlalchemy import delete, select, text, update
 from sqlalchemy.engine import Engine, make_url
 
 from daemon.dicom.stored import describe_stored
@@ -31,7 +31,7 @@ from storage.errors import IdentityConflict
 from storage.identity import IDENTITY_CONFLICT_EVENT
 from storage.ingest import AssociationInfo, Ingest, StoreOutcome
 from storage.migrate import upgrade
-from storage.models import Association, Instance, Study, StudyState
+from storage.models import Association, Instance, Series, Study, StudyState
 from storage.receipt import Delivery, Receipt, digest, seal
 from storage.recovery import RECOVERED_EVENT, Recovery, recover_index
 from storage.spool import Spool
@@ -107,8 +107,19 @@ def test_power_cut_after_the_ack_rebuilds_exactly_the_acknowledged(
     engine, ingest = open_ingest(database.url, root)
     a1 = ct_dataset("1.2.9.1.1.1", SE1, S1, patient="P1", fill=1)
     assert ingest.store(ct_incoming(a1), ct_chunks(a1), BEFORE, received_at=T0) is StoreOutcome.STORED
+    # e1 replaced by a newer version, both durable; the superseded file's removal was lost.
+    e1v0 = ct_dataset("1.2.9.1.1.7", SE1, S1, patient="P1", fill=10)
+    e1v1 = ct_dataset("1.2.9.1.1.7", SE1, S1, patient="P1", fill=11)
+    assert ingest.store(ct_incoming(e1v0), ct_chunks(e1v0), BEFORE, received_at=T0) is StoreOutcome.STORED
+    e1v0_file = root / stored_instances(database.url)[e1v0.SOPInstanceUID].path
+    e1v0_bytes = e1v0_file.read_bytes()
+    later = T0 + dt.timedelta(minutes=1)
+    assert (
+        ingest.store(ct_incoming(e1v1), ct_chunks(e1v1), BEFORE, received_at=later) is StoreOutcome.REPLACED
+    )
+    e1v0_file.write_bytes(e1v0_bytes)
     with ingest.sessions.begin() as session:
-        session.execute(update(Study).values(state=StudyState.COMPLETE, completed_at=T0))
+        session.execute(update(Study).values(state=StudyState.COMPLETE, completed_at=later))
     old_a1_path = stored_instances(database.url)[a1.SOPInstanceUID].path
     engine.dispose()
     database.snapshot()
@@ -132,7 +143,7 @@ def test_power_cut_after_the_ack_rebuilds_exactly_the_acknowledged(
         ingest.store(ct_incoming(c1), ct_chunks(c1), AFTER, received_at=at(6))
     ingest.spool.store(ct_chunks(c1), c1.SOPInstanceUID, Delivery(AFTER, at(6)))
     before_cut = stored_instances(database.url)
-    assert set(before_cut) == set(acked)
+    assert set(before_cut) == {*acked, e1v1.SOPInstanceUID}
     engine.dispose()
 
     # The cut: unflushed commits gone; b2's rename into objects/ lost (its slot, of this pid but
@@ -145,7 +156,7 @@ def test_power_cut_after_the_ack_rebuilds_exactly_the_acknowledged(
     sha, size = digest(ct_chunks(d1))
     sealed = b"".join(seal(ct_chunks(d1), Receipt(Delivery(AFTER, at(7)), sha, size)))
     (root / "slots" / f"{host}.{os.getpid()}.0123456789abcdef-{'1' * 32}.slot").write_bytes(sealed[:-10])
-    assert set(stored_instances(database.url)) == {a1.SOPInstanceUID}  # the cut is real: rows lost
+    assert set(stored_instances(database.url)) == {a1.SOPInstanceUID, e1v1.SOPInstanceUID}  # rows lost
     assert stored_instances(database.url)[a1.SOPInstanceUID].path == old_a1_path
 
     # The next start.
@@ -155,9 +166,10 @@ def test_power_cut_after_the_ack_rebuilds_exactly_the_acknowledged(
     recovery = recover_index(make_session_factory(engine), spool, describe_stored)
     engine.dispose()
 
-    assert recovery == Recovery(recorded=4, refused=1, removed=1)
+    assert recovery == Recovery(recorded=4, refused=1, removed=2)  # removed: c1's file, e1v0's
     rows = assert_spool_consistent(root, database.url)  # every row at its file, every file a row
-    assert set(rows) == set(acked)
+    assert set(rows) == {*acked, e1v1.SOPInstanceUID}
+    assert rows[e1v1.SOPInstanceUID].sha256 == digest(ct_chunks(e1v1))[0] and not e1v0_file.exists()
     for uid, (ds, _) in acked.items():
         row = rows[uid]
         assert (row.sha256, row.size_bytes) == digest(ct_chunks(ds)) == content_digest(root / row.path)
@@ -170,7 +182,7 @@ def test_power_cut_after_the_ack_rebuilds_exactly_the_acknowledged(
     engine = make_engine(database.url)
     with make_session_factory(engine)() as session:
         instances = {i.sop_instance_uid: i for i in session.scalars(select(Instance))}
-        assert {uid: (i.association_id, i.received_at) for uid, i in instances.items()} == {
+        assert {uid: (i.association_id, i.received_at) for uid, i in instances.items() if uid in acked} == {
             uid: (AFTER.id, received_at) for uid, (_, received_at) in acked.items()
         }
         association = session.get(Association, AFTER.id)
@@ -197,6 +209,31 @@ def test_power_cut_after_the_ack_rebuilds_exactly_the_acknowledged(
     engine = make_engine(database.url)
     assert recover_index(make_session_factory(engine), Spool(root), describe_stored) == Recovery(0, 0, 0)
     engine.dispose()
+
+
+def test_a_purged_study_is_not_brought_back(database: Database, tmp_path: Path) -> None:
+    """Retention removes the rows first, then the files: files left by a crash between stay gone."""
+    engine = make_engine(database.url)
+    upgrade(engine)
+    engine.dispose()
+    engine, ingest = open_ingest(database.url, tmp_path / "spool")
+    for n in (1, 2):
+        ds = ct_dataset(f"1.2.8.1.1.{n}", "1.2.8.1.1", "1.2.8.1", fill=n)
+        ingest.store(ct_incoming(ds), ct_chunks(ds), AFTER, received_at=at(n))
+    with ingest.sessions.begin() as session:  # storage/retention.py purge()'s transaction
+        session.execute(delete(Instance))
+        session.execute(delete(Series))
+        session.execute(update(Study).values(state=StudyState.PURGED, purged_at=at(3)))
+    engine.dispose()
+    assert len(list((tmp_path / "spool" / "objects").glob("*/*/*.dcm"))) == 2
+
+    engine = make_engine(database.url)
+    recovery = recover_index(make_session_factory(engine), Spool(tmp_path / "spool"), describe_stored)
+    engine.dispose()
+
+    assert recovery == Recovery(recorded=0, refused=0, removed=2)
+    assert stored_instances(database.url) == {}
+    assert list((tmp_path / "spool" / "objects").glob("*/*/*.dcm")) == []
 
 
 def test_the_ack_path_flushes_once_per_instance(tmp_path: Path) -> None:
