@@ -250,3 +250,35 @@ def test_detection_spec_is_its_own_pipeline(bundle: Path) -> None:
         DetectionOptions(max_boxes=0)
     with pytest.raises(ValueError, match="min_score"):
         DetectionOptions(min_score=1.5)
+
+
+def test_torchvision_stand_ins_exist_only_while_a_detector_is_built(bundle: Path) -> None:
+    import importlib.util
+
+    from monai.apps.detection.networks import retinanet_network
+    from monai.networks.blocks import backbone_fpn_utils
+    from monai.networks.nets import resnet
+
+    from pipeline.detection_compat import IntermediateLayerGetter, torchvision_stand_ins
+
+    assert importlib.util.find_spec("torchvision") is None, "this test is about a host without torchvision"
+    placeholders = (retinanet_network._validate_trainable_layers, backbone_fpn_utils.torchvision_models)
+    with torchvision_stand_ins():
+        assert retinanet_network._validate_trainable_layers(False, None, 5, 3) == 5  # untrained: all train
+        assert retinanet_network._validate_trainable_layers(True, None, 5, 3) == 3
+        assert backbone_fpn_utils.torchvision_models._utils.IntermediateLayerGetter is IntermediateLayerGetter
+    assert (
+        retinanet_network._validate_trainable_layers,
+        backbone_fpn_utils.torchvision_models,
+    ) == placeholders
+    with pytest.raises(ImportError):
+        import torchvision  # noqa: F401  # nothing was registered as torchvision
+
+    # torchvision's module names, so a zoo checkpoint's keys load: the backbone's children up to layer2
+    backbone = resnet.resnet50(spatial_dims=3, n_input_channels=1)
+    getter = IntermediateLayerGetter(backbone, {"layer1": "0", "layer2": "1"})
+    assert list(getter.keys()) == ["conv1", "bn1", "act", "maxpool", "layer1", "layer2"]
+    out = getter(torch.zeros(1, 1, 16, 16, 16))
+    assert list(out) == ["0", "1"]
+    state = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    assert any(k.startswith("feature_extractor.body.layer2.") for k in state)
