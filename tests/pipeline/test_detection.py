@@ -282,3 +282,27 @@ def test_torchvision_stand_ins_exist_only_while_a_detector_is_built(bundle: Path
     assert list(out) == ["0", "1"]
     state = torch.load(bundle / "models" / "model.pt", weights_only=True)
     assert any(k.startswith("feature_extractor.body.layer2.") for k in state)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_lung_nodule_on_cuda_with_amp(bundle: Path, study: list[Path]) -> None:
+    sha = bundle_sha256(bundle)
+    volume = load_volume(study)
+    cpu = BundleRuntime.load(
+        bundle, sha256=sha, allowed_dirs=[bundle.parent], device="cpu", overrides=RAW_INPUT
+    )
+    cuda = BundleRuntime.load(
+        bundle, sha256=sha, allowed_dirs=[bundle.parent], device="cuda", overrides=RAW_INPUT
+    )
+    assert cuda.device.type == "cuda" and cuda.amp
+    on_cpu, on_cuda = cpu.predict(volume), cuda.predict(volume)
+    assert on_cuda.kind is BundleKind.DETECTION and on_cuda.boxes and on_cpu.boxes
+    low, high = _inside(volume)
+    for b in on_cuda.boxes:
+        assert np.all(np.asarray(b.box_lps[:3]) >= low - 1e-3) and np.all(
+            np.asarray(b.box_lps[3:]) <= high + 1e-3
+        )
+    # float16 moves scores a little (and may reorder near-equal ones), not the boxes: CUDA's best is a CPU box
+    distances = [np.abs(np.subtract(on_cuda.boxes[0].box_lps, b.box_lps)).max() for b in on_cpu.boxes]
+    assert min(distances) < 2.0, f"CUDA's best box is {min(distances):.1f} mm from every CPU box"
