@@ -306,3 +306,39 @@ def test_lung_nodule_on_cuda_with_amp(bundle: Path, study: list[Path]) -> None:
     # float16 moves scores a little (and may reorder near-equal ones), not the boxes: CUDA's best is a CPU box
     distances = [np.abs(np.subtract(on_cuda.boxes[0].box_lps, b.box_lps)).max() for b in on_cpu.boxes]
     assert min(distances) < 2.0, f"CUDA's best box is {min(distances):.1f} mm from every CPU box"
+
+
+def test_which_boxes_are_reported_and_how_they_triage() -> None:
+    from pipeline.bundle_runtime import Prediction
+    from pipeline.detection_findings import findings_from_detections
+    from pipeline.findings import AlgorithmInfo, Detection
+
+    def box(name: str, score: float, x: float) -> Detection:
+        return Detection(
+            label=0 if name == "nodule" else 1, name=name, score=score, box_lps=(x, 0, 0, x + 4, 5, 6)
+        )
+
+    algorithm = AlgorithmInfo(name="det", version="1", sha256="0" * 64, pipeline="p")
+    prediction = Prediction(
+        kind=BundleKind.DETECTION,
+        label_names=("nodule", "mass"),
+        algorithm=algorithm,
+        boxes=(box("nodule", 0.3, 0), box("mass", 0.95, 10), box("nodule", 0.8, 20), box("nodule", 0.05, 30)),
+    )
+    thresholds = PriorityThresholds(
+        urgent_probability=0.7, critical_probability=0.9, labels=frozenset({"nodule"})
+    )
+    measured = findings_from_detections(prediction, thresholds, DetectionOptions(min_score=0.1, max_boxes=2))
+    found = measured.findings.detections
+    assert [(b.name, b.index, b.score) for b in found] == [("mass", 1, 0.95), ("nodule", 1, 0.8)]
+    assert found[1].type is not None and found[1].type.meaning == "Nodule"  # coded from its class name
+    # the mass scores 0.95 but does not count (labels); the nodule's 0.8 reaches urgent, not critical
+    assert measured.findings.priority.name == "URGENT"
+    assert "1 more box not reported (max_boxes)" in measured.findings.summary
+    assert measured.lesion_map is None
+    only_nodules = findings_from_detections(
+        prediction, thresholds, DetectionOptions(), reported=frozenset({"nodule"})
+    ).findings.detections
+    assert [(b.index, b.score) for b in only_nodules] == [(1, 0.8), (2, 0.3), (3, 0.05)]  # no min_score: all
+    assert only_nodules[0].tracking_identifier == "nodule box 1"
+    assert only_nodules[0].centre_lps == (22.0, 2.5, 3.0) and only_nodules[0].size_mm == (4.0, 5.0, 6.0)
