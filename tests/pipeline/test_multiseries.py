@@ -339,3 +339,22 @@ def test_a_spec_refuses_a_selection_other_than_the_reference_channel(bundle: Pat
             multiseries=inputs,
             segmentation=brats_spec(bundle).segmentation,
         )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_brats_stack_on_cuda_with_amp_agrees_with_cpu(study: dict[str, list[Path]], bundle: Path) -> None:
+    inputs = brats_inputs()
+    volume = stack_channels(select_channels(_files(study), inputs), inputs)
+    sha = bundle_sha256(bundle)
+    cpu = load_bundle(bundle, sha256=sha, allowed_dirs=(bundle.parent,), device="cpu")
+    cuda = load_bundle(bundle, sha256=sha, allowed_dirs=(bundle.parent,), device="cuda")
+    assert cuda.device.type == "cuda" and cuda.amp
+    on_cpu, on_cuda = cpu.predict(volume), cuda.predict(volume)
+    assert on_cpu.masks is not None and on_cuda.masks is not None
+    assert on_cuda.masks.shape == (3, *volume.array.shape)
+    # float16 moves sigmoids near 0.5 across the threshold for a few voxels, not the masks
+    for channel, name in enumerate(on_cpu.label_names):
+        a, b = on_cpu.masks[channel], on_cuda.masks[channel]
+        dice = 2 * np.logical_and(a, b).sum() / max(1, a.sum() + b.sum())
+        assert dice > 0.95, f"{name}: Dice {dice:.3f} between CUDA+AMP and CPU"
