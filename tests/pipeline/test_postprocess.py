@@ -190,18 +190,19 @@ def test_invert_labels_is_a_no_op_where_the_bundle_inverts_labels_already(tmp_pa
 
 # --- resampling in float32 (a bundle override, documented in README "Speed options") ---------------
 
-SPACING_FLOAT32 = {"preprocessing#transforms#2#dtype": "$torch.float32"}  # the demo's Spacingd
+SPACING_FLOAT64 = {"preprocessing#transforms#2#dtype": "$numpy.float64"}  # MONAI's default, before
 
 
 @pytest.mark.slow
 def test_demo_spacing_in_float32_gives_the_same_labels() -> None:
-    """MONAI's Spacingd resamples in float64 by default; float32 halves its memory (and Invertd's)."""
+    """The demo bundles resample in float32 (MONAI's Spacingd defaults to float64: twice the memory)."""
     from monai.transforms import Spacingd
 
-    reference = _load(DEMO / "lesion_seg", DEMO)
-    lighter = _load(DEMO / "lesion_seg", DEMO, overrides=SPACING_FLOAT32)
+    reference = _load(DEMO / "lesion_seg", DEMO, overrides=SPACING_FLOAT64)
+    lighter = _load(DEMO / "lesion_seg", DEMO)
     assert isinstance(lighter.preprocessing.transforms[2], Spacingd)
     assert lighter.preprocessing.transforms[2].dtype == (torch.float32,)
+    assert reference.preprocessing.transforms[2].dtype == (np.float64,)
     volume = _phantom(seed=1003)
 
     expected, got = reference.predict(volume), lighter.predict(volume)
