@@ -12,7 +12,7 @@ import hashlib
 import json
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +23,11 @@ from pipeline.errors import BundleError
 __all__ = [
     "BundleItem",
     "BundleSummary",
+    "ChannelRule",
     "WeightHash",
+    "channel_rules",
     "describe_bundle",
+    "input_channels",
     "random_weights_copy",
     "weight_hashes",
 ]
@@ -54,6 +57,39 @@ class BundleSummary:
     intended_use: str
     items: tuple[BundleItem, ...]
     kind: str = "segmentation"  # what it outputs (pipeline.bundle_runtime.BundleKind value): declared_kind
+    num_channels: int = 1  # network_data_format.inputs.image.num_channels
+    # The input channels' names in order (channel_def) when it names num_channels > 1 of them: one
+    # series each (pipeline.multiseries); empty for a single-series bundle (e.g. one RGB image).
+    input_channels: tuple[str, ...] = ()
+
+    @property
+    def multiseries(self) -> bool:
+        """Whether the bundle takes several series of a study, one per input channel."""
+        return len(self.input_channels) > 1
+
+
+def input_channels(meta: Mapping[str, Any], image_key: str = "image") -> tuple[int, tuple[str, ...]]:
+    """``(num_channels, names)`` of the input ``metadata.json`` declares; ``names`` from ``channel_def``
+    in index order when it names every channel (brats: 4, T1c T1 T2 FLAIR), else ``()``: a bundle
+    whose ``channel_def`` names fewer (breast density: 3 channels, "image") takes one image."""
+    network = meta.get("network_data_format", {})
+    inputs = network.get("inputs", {}) if isinstance(network, Mapping) else {}
+    image = inputs.get(image_key) if isinstance(inputs, Mapping) else None
+    if not isinstance(image, Mapping):
+        return 1, ()
+    count = image.get("num_channels", 1)
+    count = count if isinstance(count, int) and count >= 1 else 1
+    channel_def = image.get("channel_def")
+    if count < 2 or not isinstance(channel_def, Mapping) or len(channel_def) != count:
+        return count, ()
+    try:
+        by_index = {int(k): str(v).strip() for k, v in channel_def.items()}
+    except ValueError:
+        return count, ()
+    names = tuple(by_index.get(i, "") for i in range(count))
+    if not all(names) or len({n.casefold() for n in names}) != count:
+        return count, ()
+    return count, names
 
 
 def declared_kind(meta: Mapping[str, Any], config: Mapping[str, Any]) -> str:
@@ -91,7 +127,7 @@ def _json(bundle: Path, rel: str) -> dict[str, Any]:
     return value
 
 
-def _transforms(config: Mapping[str, Any], section: str) -> list[BundleItem]:
+def _transforms(config: Mapping[str, Any], section: str, channels: tuple[str, ...] = ()) -> list[BundleItem]:
     transforms = config.get(section, {}).get("transforms") if isinstance(config.get(section), dict) else None
     if not isinstance(transforms, list):
         return [BundleItem(section, "honoured", _target(config[section]))] if section in config else []
@@ -100,7 +136,16 @@ def _transforms(config: Mapping[str, Any], section: str) -> list[BundleItem]:
         name = _target(item)
         short = name.rsplit(".", 1)[-1]
         where = f"{section}#transforms#{index}"
-        if section == "preprocessing" and short in _LOADERS:
+        if section == "preprocessing" and short in _LOADERS and channels:
+            items.append(
+                BundleItem(
+                    where,
+                    "replaced",
+                    f"{name} of a channel list ({', '.join(channels)}) -> Identityd: one series per channel, "
+                    f"resampled onto {channels[0]}'s grid and stacked in this order (pipeline.multiseries)",
+                )
+            )
+        elif section == "preprocessing" and short in _LOADERS:
             items.append(
                 BundleItem(
                     where, "replaced", f"{name} -> Identityd: the volume is fed in memory (LPS MetaTensor)"
@@ -118,6 +163,8 @@ def _transforms(config: Mapping[str, Any], section: str) -> list[BundleItem]:
 def describe_bundle(bundle: Path) -> BundleSummary:
     """Parse ``configs/metadata.json`` and ``configs/inference.json`` (as JSON, nothing evaluated)."""
     meta, config = _json(bundle, METADATA), _json(bundle, INFERENCE)
+    image_key = config.get("image_key", "image")
+    num_channels, channels = input_channels(meta, image_key if isinstance(image_key, str) else "image")
     items: list[BundleItem] = []
     for key in config:
         if key in NEVER_RESOLVED:
@@ -134,7 +181,7 @@ def describe_bundle(bundle: Path) -> BundleSummary:
                 )
             items.append(BundleItem(key, "honoured", detail))
         elif key in ("preprocessing", "postprocessing"):
-            items += _transforms(config, key)
+            items += _transforms(config, key, channels)
         elif key == "inferer":
             items.append(BundleItem(key, "honoured", _target(config[key])))
             if isinstance(config[key], dict) and "device" in config[key]:
@@ -172,7 +219,60 @@ def describe_bundle(bundle: Path) -> BundleSummary:
         intended_use=str(meta.get("intended_use", "")),
         items=tuple(items),
         kind=declared_kind(meta, config),
+        num_channels=num_channels,
+        input_channels=channels,
     )
+
+
+@dataclass(frozen=True)
+class ChannelRule:
+    """How the series of one input channel is recognised: a pattern searched in its Series Description."""
+
+    name: str  # the bundle's channel name (channel_def)
+    series_description: str  # for SelectionRule.series_description (re.search, case-insensitive)
+    why: str  # where the pattern comes from, for the operator
+
+
+def _word(name: str) -> str:
+    """``name`` as a word of its own: no letter or digit either side (``T2`` in "T2_FLAIR", not in "T2W")."""
+    return f"(?<![a-z0-9]){re.escape(name)}(?![a-z0-9])"
+
+
+def channel_rules(names: Sequence[str], given: Mapping[str, str]) -> tuple[ChannelRule, ...]:
+    """The Series Description pattern of each input channel, in channel order.
+
+    ``given`` (channel name, matched without case -> regular expression, from ``--channel NAME=REGEX``)
+    wins; every other channel is found by its name: the description names it as a word, and no other
+    channel of the bundle after it, so "T2 FLAIR" is FLAIR's and not T2's. Patterns are searched without
+    case. ValueError names an unknown channel or a pattern that is not a regular expression.
+    """
+    by_fold = {n.casefold(): n for n in names}
+    chosen: dict[str, str] = {}
+    for key, pattern in given.items():
+        name = by_fold.get(key.strip().casefold())
+        if name is None:
+            raise ValueError(
+                f"--channel {key}=...: the bundle has no channel {key!r} (it takes {', '.join(names)})"
+            )
+        try:
+            re.compile(pattern, re.IGNORECASE)
+        except re.error as exc:
+            raise ValueError(f"--channel {key}={pattern}: not a regular expression: {exc}") from exc
+        chosen[name] = pattern
+    rules = []
+    for name in names:
+        if name in chosen:
+            rules.append(ChannelRule(name, f"(?i){chosen[name]}", f"--channel {name}={chosen[name]}"))
+            continue
+        others = "|".join(re.escape(n) for n in names if n != name)
+        rules.append(
+            ChannelRule(
+                name,
+                f"(?i){_word(name)}(?!.*(?<![a-z0-9])(?:{others})(?![a-z0-9]))",
+                f"by name: its Series Description names {name!r} as a word, and no other channel after it",
+            )
+        )
+    return tuple(rules)
 
 
 def _required(config: Mapping[str, Any]) -> list[str]:

@@ -6,8 +6,9 @@ import datetime
 import json
 import resource
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -15,6 +16,10 @@ from daemon.cli.common import ConfigOption
 from daemon.cli.common import fail as _fail
 from daemon.cli.common import load as _config
 from daemon.cli.offline import progress
+
+if TYPE_CHECKING:
+    from pipeline.bundle_inspect import BundleSummary, ChannelRule
+    from pipeline.multiseries import MultiSeriesInput
 
 bundle_app = typer.Typer(help="Check MONAI Model Zoo bundles before deploying them.", no_args_is_help=True)
 
@@ -26,8 +31,12 @@ the packages and MONAI version the bundle declares; the labels. Verifies the bun
 its pin (--sha256, the [[pipelines.monai]] entry that names this directory, or PINS.json beside it)
 and its weights against the hashes in its large_files.yml. Then runs one inference through the
 service's pipeline code on --input (DICOM files or a folder; default: a small synthetic CT written
-to --out/input) and reports the time and the process's peak memory. --random-weights gives the
-network seeded random weights (a copy of the bundle under --out), for bundles shipped without
+to --out/input) and reports the time and the process's peak memory. A bundle whose metadata.json
+names several input channels (brats: T1c, T1, T2, FLAIR) takes one series of the --input study per
+channel, stacked as the service stacks them: each channel's series is the one whose Series
+Description names the channel (case-insensitive, as a word, and no other channel after it: "T2
+FLAIR" is FLAIR's), or matches --channel NAME=REGEX; a missing channel fails the check (exit 1).
+--random-weights gives the network seeded random weights (a copy of the bundle under --out), for bundles shipped without
 weights: the outputs are then meaningless but show that the bundle runs here unchanged.
 
 Writes into --out: check.json (everything reported) and the result objects (SR.dcm, SEG.dcm...).
@@ -64,6 +73,29 @@ def _default_input(out: Path) -> Path:
     return target
 
 
+def _channel_options(values: list[str]) -> dict[str, str]:
+    given: dict[str, str] = {}
+    for value in values:
+        name, sep, pattern = value.partition("=")
+        if not sep or not name.strip() or not pattern:
+            _fail(f"--channel {value!r}: use NAME=REGEX, e.g. --channel 'T1c=post.*gad|t1c'", code=2)
+        if name.strip().casefold() in {k.casefold() for k in given}:
+            _fail(f"--channel {name}: given twice", code=2)
+        given[name.strip()] = pattern
+    return given
+
+
+def _needs_series(summary: Any) -> str:
+    """Why a multi-channel bundle cannot run without --input, and how to name its series."""
+    names = summary.input_channels
+    return (
+        f"bundle {summary.name} takes {len(names)} {summary.input_modality or 'image'} series of one study as its "
+        f"input channels ({', '.join(names)}): give --input with a study (files or folder) holding one series per "
+        f"channel, whose Series Descriptions name the channels (e.g. {', '.join(repr('AX ' + n) for n in names)}), "
+        f"or say which series is which with --channel NAME=REGEX (e.g. --channel '{names[0]}=post.*gad')"
+    )
+
+
 def _overrides(values: list[str]) -> dict[str, Any]:
     parsed: dict[str, Any] = {}
     for value in values:
@@ -96,13 +128,22 @@ def check(
         list[str] | None, typer.Option(help="ID=JSON for inference.json, e.g. inferer#sw_batch_size=1.")
     ] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when present).")] = None,
+    channel: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--channel",
+            help="NAME=REGEX: a multi-channel bundle's channel NAME takes the series whose Series Description "
+            "matches REGEX (case-insensitive; default: the one naming the channel). Repeatable.",
+        ),
+    ] = None,
     config_path: ConfigOption = None,
 ) -> None:
     from daemon.pipelines.monai import MonaiPipeline
     from daemon.pipelines.offline import NoDicomInput, analyse, collect_study, jsonable, write_results
-    from pipeline.bundle_inspect import describe_bundle, random_weights_copy, weight_hashes
+    from pipeline.bundle_inspect import channel_rules, describe_bundle, random_weights_copy, weight_hashes
     from pipeline.bundle_pins import bundle_sha256
     from pipeline.errors import BundleError, PipelineError
+    from pipeline.multiseries import Channel, MultiSeriesInput
     from pipeline.orientation import ORIENTATIONS
     from pipeline.series_select import SelectionRule
     from pipeline.spec import BundleSpec, PipelineSpec
@@ -120,6 +161,23 @@ def check(
         typer.echo(
             "  declared packages: " + ", ".join(f"{k} {v}" for k, v in summary.declared_packages.items())
         )
+    if summary.multiseries:
+        typer.echo(f"  input: {summary.num_channels} channels (metadata.json num_channels), channel_def "
+                   + ", ".join(f"{i} {n}" for i, n in enumerate(summary.input_channels))
+                   + f": one series each, stacked on {summary.input_channels[0]}'s grid")  # fmt: skip
+    else:
+        typer.echo(f"  input: {summary.num_channels} channel(s) (metadata.json num_channels) of one series")
+    if channel and not summary.multiseries:
+        _fail(
+            f"--channel: bundle {summary.name} takes one series (its metadata.json names no input channels)",
+            code=2,
+        )
+    try:
+        rules = channel_rules(summary.input_channels, _channel_options(channel or []))
+    except ValueError as exc:
+        _fail(str(exc), code=2)
+    if summary.multiseries and not input_path:
+        _fail(_needs_series(summary), code=2)
     for item in summary.items:
         typer.echo(f"  {item.action:<10} {item.id}: {item.detail}")
 
@@ -174,15 +232,26 @@ def check(
         study = collect_study(paths)
     except NoDicomInput as exc:
         _fail(str(exc), code=2)
+    modalities = frozenset({summary.input_modality} if summary.input_modality else {"CT", "MR"})
+    multiseries, assignment = None, None
+    if summary.multiseries:
+        multiseries = MultiSeriesInput(channels=tuple(
+            Channel(name=r.name, rule=SelectionRule(modalities=modalities, orientations=ORIENTATIONS,
+                                                    series_description=r.series_description))
+            for r in rules
+        ))  # fmt: skip
+        assignment = _assign_channels(
+            study.files, multiseries, rules, out, summary, pin_report, hashes, problems
+        )
     under_test = BundleSpec(path=run_dir, sha256=bundle_sha256(run_dir), allowed_dirs=(run_dir.parent,),
                             overrides=overrides, device=device)  # fmt: skip
     spec = PipelineSpec(
         name="bundle-check",
         version=summary.version,
-        selection=SelectionRule(
-            modalities=frozenset({summary.input_modality} if summary.input_modality else {"CT", "MR"}),
-            orientations=ORIENTATIONS,
-        ),  # fmt: skip
+        selection=SelectionRule(modalities=modalities, orientations=ORIENTATIONS)
+        if multiseries is None
+        else multiseries.reference.rule,
+        multiseries=multiseries,
         # the bundle's own kind (pipeline.bundle_inspect.declared_kind) decides the pipeline's
         segmentation=under_test if summary.kind == "segmentation" else None,
         classification=under_test if summary.kind == "classification" else None,
@@ -203,6 +272,8 @@ def check(
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     run: dict[str, Any] = {"seconds": seconds, "peak_rss_mib": peak, "stage_seconds": dict(result.stage_seconds),
                            "priority": result.priority.name, "summary": result.summary, "findings": result.findings}  # fmt: skip
+    if assignment is not None:
+        run["channels"] = assignment
     import torch
 
     if torch.cuda.is_available():
@@ -215,6 +286,46 @@ def check(
     for path in written:
         typer.echo(f"  wrote {path}")
     _finish(out, summary, pin_report, hashes, jsonable(run), problems)
+
+
+def _assign_channels(
+    files: Sequence[Path],
+    inputs: MultiSeriesInput,
+    rules: Sequence[ChannelRule],
+    out: Path,
+    summary: BundleSummary,
+    pins: list[Any],
+    hashes: Any,
+    problems: list[str],
+) -> list[dict[str, str]]:
+    """Which series goes to which channel and why, printed (pipeline.multiseries.select_channels: the
+    service's selection); a missing channel fails the check (exit 1) with the reason naming it."""
+    import pydicom
+
+    from pipeline.errors import NoUsableSeries
+    from pipeline.multiseries import select_channels
+
+    try:
+        chosen = select_channels(files, inputs, pipeline="bundle-check")
+    except NoUsableSeries as exc:
+        problems.append(f"input: {exc}")
+        for index, rule in enumerate(rules):
+            typer.echo(f"  channel {index} {rule.name}: {rule.why}")
+        typer.echo(
+            "  give a missing channel's series with --channel NAME=REGEX (searched in Series Description)"
+        )
+        _finish(out, summary, pins, hashes, None, problems)
+    assignment = []
+    for index, (rule, selected) in enumerate(zip(rules, chosen.series, strict=True)):
+        description = str(
+            pydicom.dcmread(selected.paths[0], stop_before_pixels=True).get("SeriesDescription", "")
+        )
+        number = "" if selected.series_number is None else f"#{selected.series_number} "
+        typer.echo(f"  channel {index} {rule.name} <- series {number}'{description}' "
+                   f"{selected.series_instance_uid}: {rule.why}")  # fmt: skip
+        assignment.append({"channel": rule.name, "series_instance_uid": selected.series_instance_uid,
+                           "series_description": description, "why": rule.why, "selection": selected.reason})  # fmt: skip
+    return assignment
 
 
 def _finish(out: Path, summary: Any, pins: list[Any], hashes: Any, run: Any, problems: list[str]) -> None:
