@@ -9,8 +9,9 @@ instances (~10 KB), and sends each set with dcmtk ``storescu`` over 1 associatio
 concurrent associations (4 ``storescu`` processes, a quarter of the files each) to:
 
 - pacs-triage: ``pacs-triage serve`` with its defaults (SQLite, full durability: every instance
-  flushed to disk (``fdatasync`` of its slot, storage/spool.py) and its rows committed
-  (``synchronous=FULL``) before 0x0000);
+  flushed to disk with its receipt (``fdatasync`` of its slot, storage/spool.py,
+  storage/receipt.py) and its rows committed (without a flush: storage/recovery.py rebuilds
+  them from the files after a power cut) before 0x0000);
 - dcmtk ``storescp --fork`` writing to a temporary directory (no fsync: it has no such option);
 - Orthanc (generated JSON config on loopback ports, temporary storage, default durability).
 
