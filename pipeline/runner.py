@@ -86,7 +86,7 @@ class PipelineResult:
 
     @property
     def key_images(self) -> tuple[Dataset, ...]:
-        """The key images (secondary captures), one per lesion, in findings order."""
+        """The key images (secondary captures), one per lesion (the largest when capped), in findings order."""
         return tuple(ds for ds in self.datasets if ds.SOPClassUID == SecondaryCaptureImageStorage)
 
     @property
@@ -332,7 +332,17 @@ def _write(
             f"pipeline {spec.name!r}: no valid SR/SEG can be written for series {volume.series_instance_uid}: {exc}"
         ) from exc
     try:
-        shown = _key_objects(measured, volume, per_slice, sr, fingerprint, content_datetime, notes, saliency)
+        shown = _key_objects(
+            measured,
+            volume,
+            per_slice,
+            sr,
+            fingerprint,
+            content_datetime,
+            notes,
+            saliency,
+            spec.max_key_images,
+        )
     except ValueError as exc:  # the writers check that the sources can carry a valid object
         raise PermanentError(
             f"pipeline {spec.name!r}: no valid key images or KOS can be written for series "
@@ -350,8 +360,10 @@ def _key_objects(
     content_datetime: datetime.datetime,
     notes: list[str],
     saliency: np.ndarray | None = None,
+    max_images: int | None = None,
 ) -> tuple[Dataset, ...]:
-    """One key image per lesion (its largest cross-section, outlined) and the KOS over them and the SR."""
+    """One key image per lesion (its largest cross-section, outlined; the ``max_images`` largest when
+    capped) and the KOS over them and the SR."""
     if measured.lesion_map is None:  # a classification-only pipeline segments nothing; a detector has boxes
         images = write_box_key_images(
             volume,
@@ -377,10 +389,16 @@ def _key_objects(
         input_fingerprint=fingerprint,
         content_datetime=content_datetime,
         saliency=saliency,
+        max_images=max_images,
     )
     if not key_images:
         notes.append("no key images: no lesion has a voxel in the lesion map")
         return ()
+    if max_images is not None and len(measured.findings.findings) > max_images:
+        notes.append(
+            f"key images for the {len(key_images)} largest of {len(measured.findings.findings)} lesions "
+            "(the pipeline's max_key_images); the others are in the SR only"
+        )
     kos = write_kos(
         key_images, sr, measured.findings, input_fingerprint=fingerprint, content_datetime=content_datetime
     )

@@ -121,6 +121,8 @@ class PipelineSpec:
     # The labels and classes that are findings (empty: every non-background one); others are not reported.
     reported: frozenset[str] = frozenset()
     min_lesion_ml: float = 0.0  # smaller connected components are not lesions (not reported, not in the SEG)
+    # Key images for at most this many lesions, the largest; the others are in the SR only. None: every one.
+    max_key_images: int | None = None
     # Tint the key images where the classifier looked (Grad-CAM, pipeline.saliency); needs both bundles.
     saliency: bool = False
     # Several series of the study stacked as channels (pipeline.multiseries); None: one series.
@@ -160,6 +162,11 @@ class PipelineSpec:
                 f"PipelineSpec.min_lesion_ml of pipeline {self.name!r} must be a finite number >= 0, "
                 f"got {self.min_lesion_ml!r}"
             )
+        if self.max_key_images is not None and self.max_key_images < 1:
+            raise ValueError(
+                f"PipelineSpec.max_key_images of pipeline {self.name!r} must be at least 1 (None: every lesion), "
+                f"got {self.max_key_images!r}"
+            )
 
     def identity(self) -> str:
         """Hex sha256 of everything in the spec that can change a result (not device or AMP)."""
@@ -183,6 +190,8 @@ class PipelineSpec:
         }
         if self.saliency:  # only when on: the UIDs of pipelines without it stay as they were
             content["saliency"] = True
+        if self.max_key_images is not None:  # likewise: uncapped pipelines keep their UIDs
+            content["max_key_images"] = self.max_key_images
         if self.multiseries is not None:  # likewise: single-series identities stay as they were
             content["multiseries"] = self.multiseries.identity()
         if self.detection is not None:  # likewise

@@ -138,6 +138,7 @@ def check(
     ] = None,
     config_path: ConfigOption = None,
 ) -> None:
+    from daemon.config.pipelines import DEFAULT_MAX_KEY_IMAGES, DEFAULT_MIN_LESION_ML
     from daemon.pipelines.monai import MonaiPipeline
     from daemon.pipelines.offline import NoDicomInput, analyse, collect_study, jsonable, write_results
     from pipeline.bundle_inspect import channel_rules, describe_bundle, random_weights_copy, weight_hashes
@@ -256,6 +257,9 @@ def check(
         segmentation=under_test if summary.kind == "segmentation" else None,
         classification=under_test if summary.kind == "classification" else None,
         detection=under_test if summary.kind == "detection" else None,
+        # as a [[pipelines.monai]] entry runs by default: no specks as lesions, a bounded number of key images
+        min_lesion_ml=DEFAULT_MIN_LESION_ML,
+        max_key_images=DEFAULT_MAX_KEY_IMAGES,
     )
     before = time.perf_counter()
     try:

@@ -14,6 +14,10 @@ from pipeline.orientation import Orientation
 from vocabulary import is_sha256_hex
 
 BUILTIN_PIPELINES = ("echo", "noop", "demo")  # names a [[pipelines.monai]] entry may not take
+# Defaults of a [[pipelines.monai]] entry that `bundle check` runs with too. Every segmentation
+# network leaves specks of a few voxels (random weights: hundreds); 0.1 mL is a sphere of 5.8 mm.
+DEFAULT_MIN_LESION_ML = 0.1
+DEFAULT_MAX_KEY_IMAGES = 10
 
 
 class BundleConfig(_Section):
@@ -92,6 +96,10 @@ class MonaiPipelineConfig(_Section):
     require_original_primary: bool = False
     thresholds: ThresholdsConfig = ThresholdsConfig()
     make_seg: bool = True  # also send a DICOM SEG when something was segmented
+    # Connected components smaller than this are not lesions: not in the SR, the SEG or the key images.
+    min_lesion_ml: float = Field(default=DEFAULT_MIN_LESION_ML, ge=0, allow_inf_nan=False)
+    # Key images for at most this many lesions, the largest; the SR lists every lesion.
+    max_key_images: int = Field(default=DEFAULT_MAX_KEY_IMAGES, ge=1)
     volume_method: VolumeMethod | None = None  # "voxel count" or "probability sum"; None: the bundle's best
     device: str | None = None  # "cpu", "cuda", "cuda:1"; None: CUDA when present, else CPU
     amp: bool = True  # mixed precision on CUDA

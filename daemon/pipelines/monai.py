@@ -162,6 +162,8 @@ def spec_from_config(entry: MonaiPipelineConfig) -> PipelineSpec:
         thresholds=thresholds,
         make_seg=entry.make_seg,
         volume_method=entry.volume_method,
+        min_lesion_ml=entry.min_lesion_ml,
+        max_key_images=entry.max_key_images,
         saliency=entry.saliency,
         multiseries=multiseries,
         detection=(

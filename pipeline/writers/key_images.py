@@ -91,8 +91,12 @@ def write_key_images(
     content_datetime: datetime.datetime,
     series_number: int = KEY_IMAGES_SERIES_NUMBER,
     saliency: np.ndarray | None = None,
+    max_images: int | None = None,
 ) -> tuple[Dataset, ...]:
     """One key image per finding that has voxels in ``lesion_map`` (value n: ``findings.findings[n - 1]``).
+
+    ``max_images``: only the key images of that many findings, the largest by volume (the first in
+    findings order on a tie), still in findings order; the others are in the SR only. None: every one.
 
     A multi-label lesion map is ``[C, i, j, k]``; finding n is in layer ``finding.label``.
 
@@ -115,11 +119,13 @@ def write_key_images(
         raise ValueError(
             f"saliency map shape {saliency.shape} differs from the volume's {volume.array.shape}"
         )
+    if max_images is not None and max_images < 1:
+        raise ValueError(f"max_images must be at least 1 (None: every lesion), got {max_images!r}")
     series_uid = result_uids(input_fingerprint, findings.algorithm, "key_images").series_instance_uid
-    present = set(np.unique(lesion_map).tolist())
+    chosen = _largest(findings, set(np.unique(lesion_map).tolist()), max_images)
     images: list[Dataset] = []
     for value, finding in enumerate(findings.findings, start=1):
-        if value not in present:
+        if value not in chosen:
             continue
         layer = lesion_map[finding.label] if lesion_map.ndim == 4 else lesion_map  # multi-label: [C, i, j, k]
         k = largest_cross_section(layer, value)
@@ -144,6 +150,14 @@ def write_key_images(
         )
         images.append(image)
     return tuple(images)
+
+
+def _largest(findings: Findings, present: set[int], limit: int | None) -> set[int]:
+    """Values (1-based finding numbers) in ``present`` of the ``limit`` largest findings (all: None)."""
+    values = [v for v in range(1, len(findings.findings) + 1) if v in present]
+    if limit is None or len(values) <= limit:
+        return set(values)
+    return set(sorted(values, key=lambda v: (-findings.findings[v - 1].volume_ml, v))[:limit])
 
 
 @dataclass(frozen=True)

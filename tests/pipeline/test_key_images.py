@@ -239,6 +239,34 @@ def test_same_input_same_uids_other_input_other_uids(case: Case, phantom_dir: Pa
     assert set(uids).isdisjoint(str(ds.SOPInstanceUID) for ds in (*other.key_images, other.kos))
 
 
+def test_a_cap_keeps_the_key_images_of_the_largest_lesions(case: Case) -> None:
+    """max_images = 1: the larger lesion's image only, wherever it stands in the findings, with the
+    UID it has uncapped; a cap the findings fit in changes nothing."""
+    larger, smaller = case.findings.findings
+    assert larger.volume_ml > smaller.volume_ml
+
+    def write(lesion_map: np.ndarray, findings: Findings, cap: int | None) -> tuple[Dataset, ...]:
+        return write_key_images(
+            lesion_map,
+            case.volume,
+            case.headers,
+            findings,
+            input_fingerprint=FINGERPRINT,
+            content_datetime=WHEN,
+            max_images=cap,
+        )
+
+    swapped = np.select([case.lesion_map == 1, case.lesion_map == 2], [2, 1], 0).astype(case.lesion_map.dtype)
+    (image,) = write(swapped, dataclasses.replace(case.findings, findings=(smaller, larger)), 1)
+    assert image.SOPInstanceUID == case.key_images[0].SOPInstanceUID
+    assert larger.tracking_identifier in image.ImageComments and int(image.InstanceNumber) == 1
+    assert np.array_equal(image.pixel_array, case.key_images[0].pixel_array)
+    capped = write(case.lesion_map, case.findings, 2)
+    assert [ds.SOPInstanceUID for ds in capped] == [ds.SOPInstanceUID for ds in case.key_images]
+    with pytest.raises(ValueError, match="max_images"):
+        write(case.lesion_map, case.findings, 0)
+
+
 def test_a_kos_refuses_objects_of_another_study(case: Case) -> None:
     stranger = Dataset()
     stranger.update(case.key_images[0])
