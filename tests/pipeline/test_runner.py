@@ -27,6 +27,7 @@ from pipeline.measure import PriorityThresholds
 from pipeline.runner import STAGES, PipelineResult, run
 from pipeline.series_select import SelectionRule
 from pipeline.spec import BundleSpec, PipelineSpec
+from pipeline.writers.sr_reader import read_sr
 from tests.paths import TESTDATA
 from tests.support.dicom_validators import (
     assert_dciodvfy_clean,
@@ -43,6 +44,11 @@ SAGITTAL_MR = sorted((TESTDATA / "mr_series" / "sag_t1_fl2d_HFS").glob("*.dcm"))
 CT_RULE = SelectionRule(modalities=frozenset({"CT"}), min_slices=16)
 WHEN = datetime.datetime(2026, 12, 3, 10, 11, 12)  # when the analysis began (the worker's clock)
 THRESHOLDS = PriorityThresholds(urgent_volume_ml=1.0, critical_volume_ml=5000.0, urgent_probability=0.99)
+# The real abdominal CT: bone, contrast and enhancing organs above the thresholds make hundreds of
+# components (85 of at least 0.5 mL, 11 of at least 5 mL, both labels among them). As a configured
+# pipeline does, these runs leave out the small ones and cap the key images: each component was its
+# own SEG segment (20 frames of 512 x 512), SR group and key image, minutes per run on two cores.
+ABDOMEN_LIMITS: dict[str, Any] = {"min_lesion_ml": 5.0, "max_key_images": 3}
 
 
 # --- tiny bundles ---------------------------------------------------------------------------------
@@ -168,6 +174,10 @@ def _spec(bundles: dict[str, BundleSpec], segmentation: str = "two_labels", **ch
     return replace(spec, **changes)
 
 
+def _abdomen_spec(bundles: dict[str, BundleSpec], **changes: Any) -> PipelineSpec:
+    return _spec(bundles, **{**ABDOMEN_LIMITS, **changes})
+
+
 def _instance_uids(paths: list[Path]) -> set[str]:
     return {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths}
 
@@ -263,7 +273,7 @@ def test_phantom_results_pass_the_validators(
 
 @pytest.fixture(scope="module")
 def abdomen_result(bundles: dict[str, BundleSpec]) -> PipelineResult:
-    return run(ABDOMEN, _spec(bundles), input_fingerprint="fingerprint-A", analysis_started=WHEN)
+    return run(ABDOMEN, _abdomen_spec(bundles), input_fingerprint="fingerprint-A", analysis_started=WHEN)
 
 
 def test_real_ct_report_references_all_20_instances(abdomen_result: PipelineResult) -> None:
@@ -277,13 +287,41 @@ def test_real_ct_report_references_all_20_instances(abdomen_result: PipelineResu
     assert {f.name for f in abdomen_result.findings.findings} == {"lesion", "kidney"}
 
 
+def test_specks_are_no_lesions_and_only_the_largest_lesions_get_key_images(
+    abdomen_result: PipelineResult,
+) -> None:
+    """min_lesion_ml and max_key_images (ABDOMEN_LIMITS): the SR and the SEG list every lesion of at
+    least min_lesion_ml; the key images, in findings order, show the max_key_images largest; the KOS
+    references exactly those and the SR; the notes say so."""
+    found = abdomen_result.findings.findings
+    cap = ABDOMEN_LIMITS["max_key_images"]
+    assert min(f.volume_ml for f in found) >= ABDOMEN_LIMITS["min_lesion_ml"] and len(found) > cap
+    assert [f.identifier for f in read_sr(abdomen_result.sr).findings] == [
+        f.tracking_identifier for f in found
+    ]
+    assert abdomen_result.seg is not None and len(abdomen_result.seg.SegmentSequence) == len(found)
+    largest = sorted(found, key=lambda f: -f.volume_ml)[:cap]
+    assert [str(ds.ImageComments).split(":")[0] for ds in abdomen_result.key_images] == [
+        f.tracking_identifier for f in found if f in largest
+    ]
+    assert abdomen_result.kos is not None
+    shown = {str(ds.SOPInstanceUID) for ds in abdomen_result.key_images} | {
+        str(abdomen_result.sr.SOPInstanceUID)
+    }
+    assert referenced_uids(abdomen_result.kos) == evidence_uids(abdomen_result.kos) == shown
+    assert abdomen_result.notes == (
+        f"key images for the {cap} largest of {len(found)} lesions (the pipeline's max_key_images); "
+        "the others are in the SR only",
+    )
+
+
 def test_same_fingerprint_same_bytes_other_fingerprint_other_uids(
     bundles: dict[str, BundleSpec], abdomen_result: PipelineResult
 ) -> None:
-    again = run(ABDOMEN, _spec(bundles), input_fingerprint="fingerprint-A", analysis_started=WHEN)
+    again = run(ABDOMEN, _abdomen_spec(bundles), input_fingerprint="fingerprint-A", analysis_started=WHEN)
     assert [encode(ds) for ds in again.datasets] == [encode(ds) for ds in abdomen_result.datasets]
 
-    other = run(ABDOMEN, _spec(bundles), input_fingerprint="fingerprint-B", analysis_started=WHEN)
+    other = run(ABDOMEN, _abdomen_spec(bundles), input_fingerprint="fingerprint-B", analysis_started=WHEN)
     for mine, theirs in zip(other.datasets, abdomen_result.datasets, strict=True):
         assert mine.SOPInstanceUID != theirs.SOPInstanceUID
         assert mine.SeriesInstanceUID != theirs.SeriesInstanceUID
@@ -305,6 +343,8 @@ def test_what_changes_a_result_changes_its_uids(bundles: dict[str, BundleSpec]) 
     for changed in (
         replace(spec, thresholds=PriorityThresholds(urgent_volume_ml=2.0)),
         replace(spec, make_seg=False),
+        replace(spec, min_lesion_ml=0.25),
+        replace(spec, max_key_images=2),
         replace(spec, classification=bundles["classification"]),
         replace(spec, segmentation=bundles["lesion"]),
         replace(spec, version="2"),
@@ -317,7 +357,10 @@ def test_without_seg_no_seg_comes_back(bundles: dict[str, BundleSpec]) -> None:
     """``make_seg = false`` leaves out the SEG only: the SR comes first, and key images with their KOS
     follow when lesions were found (which destinations receive them is the route's choice)."""
     result = run(
-        ABDOMEN, _spec(bundles, make_seg=False), input_fingerprint="fingerprint-A", analysis_started=WHEN
+        ABDOMEN,
+        _abdomen_spec(bundles, make_seg=False),
+        input_fingerprint="fingerprint-A",
+        analysis_started=WHEN,
     )
     classes = [str(ds.SOPClassUID) for ds in result.datasets]
     assert classes[0] == Comprehensive3DSRStorage and result.seg is None
@@ -360,7 +403,7 @@ def test_a_refused_best_series_falls_back_to_the_next(
     # 28 tilted slices beat 20 abdominal ones in selection; the tilted geometry is then refused.
     result = run(
         [*tilted_in_abdomen_study, *ABDOMEN],
-        _spec(bundles),
+        _abdomen_spec(bundles),
         input_fingerprint="fingerprint-A",
         analysis_started=WHEN,
     )
