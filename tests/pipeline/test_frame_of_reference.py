@@ -23,7 +23,7 @@ from pipeline.spec import BundleSpec
 from pipeline.uids import derive_uid
 from tests.paths import TESTDATA
 from tests.pipeline.test_geometry import write_series
-from tests.pipeline.test_runner import _spec, bundles  # noqa: F401  (bundles is a fixture)
+from tests.pipeline.test_runner import _abdomen_spec, bundles  # noqa: F401  (bundles is a fixture)
 from vocabulary import is_valid_uid
 
 ABDOMEN = sorted((TESTDATA / "ct_series" / "abdomen_20").glob("*.dcm"))
@@ -81,7 +81,7 @@ def test_the_run_records_the_warning_and_writes_results_in_the_derived_frame(
     # (run gains a required analysis_started in a change being made alongside this one)
     when = {"analysis_started": dt.datetime(2026, 12, 3, 10, 0)}
     extra = when if "analysis_started" in inspect.signature(run).parameters else {}
-    result = run(files, _spec(bundles), input_fingerprint="no-frame-of-reference", **extra)
+    result = run(files, _abdomen_spec(bundles), input_fingerprint="no-frame-of-reference", **extra)
     assert any("no FrameOfReferenceUID on any slice" in note for note in result.notes), result.notes
     series = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
     if result.seg is not None:
