@@ -65,6 +65,17 @@ def _name(value: str) -> str:
 Name = Annotated[str, AfterValidator(_name)]
 
 
+def _regex(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"{value!r} is not a valid regular expression: {exc}") from exc
+    return value
+
+
+Regex = Annotated[str, AfterValidator(_regex)]  # a regular expression, compiled once to check it
+
+
 def parse_peer(text: str) -> tuple[str, str, int]:
     """Parse ``AET@HOST:PORT`` (HOST may be ``[v6]``) into its parts, validating each."""
     match = re.fullmatch(r"(?P<ae>[^@]+)@(?P<host>\[[^\]]+\]|[^:\[\]]+):(?P<port>\d{1,5})", text.strip())

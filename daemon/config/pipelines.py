@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from daemon.config.base import Name, _Section
+from daemon.config.base import Name, Regex, _Section
 from pipeline.findings import VolumeMethod
 from pipeline.orientation import Orientation
 from vocabulary import is_sha256_hex
@@ -53,19 +52,9 @@ class ChannelConfig(_Section):
     channel order; the pipeline's modalities, orientations, slice and ImageType tests apply to each."""
 
     name: str = Field(min_length=1, max_length=64)  # the bundle's channel_def name, e.g. "FLAIR"
-    series_description: str | None = None  # regular expression searched in SeriesDescription
-    sequence_name: str | None = None  # regular expression searched in SequenceName / PulseSequenceName
+    series_description: Regex | None = None  # regular expression searched in SeriesDescription
+    sequence_name: Regex | None = None  # regular expression searched in SequenceName / PulseSequenceName
     contrast: bool | None = None  # true: ContrastBolusAgent present; false: absent; unset: either
-
-    @field_validator("series_description", "sequence_name")
-    @classmethod
-    def _regex(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"{value!r} is not a regular expression: {exc}") from exc
-        return value
 
 
 class MonaiPipelineConfig(_Section):

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import re
-
 from pydantic import Field, field_validator, model_validator
 
-from daemon.config.base import AETitle, Name, _Section
+from daemon.config.base import AETitle, Name, Regex, _Section
 from daemon.config.delivery import Content
 from vocabulary import Priority, PriorityName
 
@@ -33,7 +31,7 @@ class RouteRule(_Section):
     send: tuple[RouteReceives, ...] = ()
     modality: tuple[str, ...] = ()  # any of these (e.g. ["CT"])
     body_part: tuple[str, ...] = ()  # BodyPartExamined, any of these (e.g. ["CHEST", "ABDOMEN"])
-    series_description: str | None = None  # regular expression searched in SeriesDescription
+    series_description: Regex | None = None  # regular expression searched in SeriesDescription
     image_type: tuple[str, ...] = ()  # every value must be in ImageType (e.g. ["ORIGINAL", "PRIMARY"])
     min_slices: int | None = Field(default=None, ge=1)
     max_slices: int | None = Field(default=None, ge=1)
@@ -45,16 +43,6 @@ class RouteRule(_Section):
     @classmethod
     def _upper(cls, values: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(v.strip().upper() for v in values)
-
-    @field_validator("series_description")
-    @classmethod
-    def _regex(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"{value!r} is not a valid regular expression: {exc}") from exc
-        return value
 
     @model_validator(mode="after")
     def _send(self) -> RouteRule:

@@ -322,7 +322,7 @@ def test_channels_in_the_config_become_the_spec_channels(tmp_path: Path, bundle:
         load_config(_toml(tmp_path, bundle, '[[pipelines.monai.channels]]\nname = "T1"\n' * 2), environ={})
     with pytest.raises(ConfigError, match="assume_registered needs"):
         load_config(_toml(tmp_path, bundle, "assume_registered = true\n"), environ={})
-    with pytest.raises(ConfigError, match="is not a regular expression"):
+    with pytest.raises(ConfigError, match="is not a valid regular expression"):
         load_config(
             _toml(tmp_path, bundle, '[[pipelines.monai.channels]]\nname = "T1"\nseries_description = "("\n'),
             environ={},
