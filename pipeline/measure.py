@@ -102,6 +102,23 @@ def _grown(mask: np.ndarray) -> np.ndarray:
     return out
 
 
+def _component_boxes(components: np.ndarray, n: int) -> list[tuple[slice, ...]]:
+    """The bounding box of each component 1..n of ``components`` (every one present), in one pass."""
+    if n == 0:
+        return []
+    coords = np.nonzero(components)
+    order = np.argsort(components[coords], kind="stable")
+    starts = np.searchsorted(components[coords][order], np.arange(1, n + 1))
+    lo = [np.minimum.reduceat(axis[order], starts) for axis in coords]
+    hi = [np.maximum.reduceat(axis[order], starts) for axis in coords]
+    return [tuple(slice(int(lo[a][c]), int(hi[a][c]) + 1) for a in range(3)) for c in range(n)]
+
+
+def _shifted(inner: tuple[slice, ...], outer: tuple[slice, ...]) -> tuple[slice, ...]:
+    """``inner`` (relative to ``outer``'s start) in the coordinates ``outer`` is given in."""
+    return tuple(slice(o.start + i.start, o.start + i.stop) for i, o in zip(inner, outer, strict=True))
+
+
 def _padded_box(box: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[slice, ...]:
     return tuple(slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip(box, shape, strict=True))
 
@@ -147,20 +164,24 @@ def measure_lesions(
         components, n = connected_components(mask[box])
         sizes = np.bincount(components.ravel(), minlength=n + 1)[1:]
         order = sorted(range(1, n + 1), key=lambda c: (-int(sizes[c - 1]), c))  # largest first, then raster
-        offset = np.array([s.start for s in box], dtype=np.float64)
+        # Each component is measured inside its own box: a noisy map of hundreds of specks over one
+        # label's whole box cost a full scan per speck (678 lesions: 66 s), now one pass in all.
+        component_boxes = _component_boxes(components, n)
         for c in order:
             voxel_count = int(sizes[c - 1])
             if voxel_count * voxel_ml < min_volume_ml:
                 continue
-            component = components == c
-            lesion_map[box][component] = len(found) + 1
+            own = _shifted(component_boxes[c - 1], box)  # the component's own box, in the volume
+            component = components[component_boxes[c - 1]] == c
+            lesion_map[own][component] = len(found) + 1
+            offset = np.array([s.start for s in own], dtype=np.float64)
             centroid = volume.index_to_patient(np.argwhere(component).mean(axis=0) + offset)[0]
             prob_ml = None
             if probabilities is not None:
-                outer = _padded_box(tuple(slice(s.start, s.stop) for s in box), labels.shape)
+                outer = _padded_box(own, labels.shape)
                 local = np.zeros(labels[outer].shape, dtype=bool)
                 inner = tuple(
-                    slice(b.start - o.start, b.stop - o.start) for b, o in zip(box, outer, strict=True)
+                    slice(b.start - o.start, b.stop - o.start) for b, o in zip(own, outer, strict=True)
                 )
                 local[inner] = component
                 region = _grown(local) & ((labels[outer] == 0) | local)  # not another lesion's voxels

@@ -273,3 +273,57 @@ def test_findings_from_a_segmentation_prediction() -> None:
     assert findings.priority is Priority.URGENT and findings.algorithm == algorithm
     assert findings.summary.startswith("URGENT (lesion 0.6 mL")
     np.testing.assert_allclose(finding.centroid_lps, (6.5, 6.5, 4.5))
+
+
+def test_many_specks_are_each_measured_as_an_independent_computation_measures_them() -> None:
+    """Each component in its own box (issue 15: hundreds of specks cost a full scan each) changes nothing.
+
+    Reference, written independently: every component of the whole label mask, its voxels, the
+    voxel-centre mean, and the probability over it grown by one voxel minus other lesions' voxels.
+    """
+    rng = np.random.default_rng(7)
+    labels = np.zeros((40, 36, 12), np.uint8)
+    labels[rng.random(labels.shape) < 0.04] = 1
+    labels[rng.random(labels.shape) < 0.02] = 2
+    labels[5:12, 6:14, 2:7] = 1  # one big lesion among the specks
+    probs = rng.random((3, *labels.shape)).astype(np.float32)
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    affine[:3, 3] = (-10.0, 4.0, 30.0)
+    volume = _volume(np.zeros(labels.shape, np.float32), affine)
+    voxel_ml = 0.8 * 0.8 * 2.5 / 1000
+
+    found, lesion_map = measure_lesions(labels, volume, ("background", "a", "b"), probabilities=probs)
+
+    expected = []
+    for label in (1, 2):
+        components, n = connected_components(labels == label)
+        for c in range(1, n + 1):
+            mask = components == c
+            grown = mask.copy()
+            for axis in range(3):
+                grown |= np.roll(mask, 1, axis) & (np.arange(labels.shape[axis]) > 0).reshape(
+                    [-1 if a == axis else 1 for a in range(3)]
+                )
+                grown |= np.roll(mask, -1, axis) & (
+                    np.arange(labels.shape[axis]) < labels.shape[axis] - 1
+                ).reshape([-1 if a == axis else 1 for a in range(3)])
+            region = grown & ((labels == 0) | mask)
+            centre = affine @ np.append(np.argwhere(mask).mean(axis=0), 1.0)
+            expected.append(
+                (
+                    label,
+                    int(mask.sum()),
+                    tuple(centre[:3]),
+                    float(probs[label][region].sum()) * voxel_ml,
+                    mask,
+                )
+            )
+    assert len(found) == len(expected) > 100
+    by_centre = {(e[0], e[1], tuple(np.round(e[2], 6))): e for e in expected}
+    for n, f in enumerate(found, start=1):
+        label, count, _, prob_ml, mask = by_centre[
+            (f.label, f.voxel_count, tuple(np.round(f.centroid_lps, 6)))
+        ]
+        assert f.volume_ml == pytest.approx(count * voxel_ml)
+        assert f.probability_volume_ml == pytest.approx(prob_ml, rel=1e-5)
+        assert np.array_equal(lesion_map == n, mask)
