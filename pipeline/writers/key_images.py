@@ -254,18 +254,21 @@ def _key_image(
 def box_mask(box: Detection, volume: Volume) -> tuple[int, np.ndarray]:
     """The slice ``k`` through the box's centre, and the ``[i, j]`` pixels of that slice inside the box.
 
-    A pixel is inside when its centre, mapped to LPS through ``volume.affine``, lies within the box's
-    L and P extent (the slice is the one nearest to the box centre; an empty mask when the box misses
-    the slice's pixel centres).
+    The slice is the one nearest to the box centre. A pixel is inside when its centre, moved along the
+    slice normal into the plane through the box centre and mapped to LPS through ``volume.affine``, lies
+    within the box on all three axes: on an axial series that is the box's L and P extent, on a sagittal
+    one its P and S extent, on an oblique one the box's section by that plane (an empty mask when the
+    box misses the slice's pixel centres).
     """
     inverse = np.linalg.inv(volume.affine)
     centre = inverse @ np.append(np.asarray(box.centre_lps, dtype=float), 1.0)
     k = int(np.clip(np.rint(centre[2]), 0, volume.array.shape[2] - 1))
     ni, nj = volume.array.shape[:2]
-    i, j = np.meshgrid(np.arange(ni), np.arange(nj), indexing="ij")
-    points = np.stack([i, j, np.full_like(i, k), np.ones_like(i)], axis=-1).reshape(-1, 4) @ volume.affine.T
-    x0, y0, _, x1, y1, _ = box.box_lps
-    inside = (points[:, 0] >= x0) & (points[:, 0] <= x1) & (points[:, 1] >= y0) & (points[:, 1] <= y1)
+    i, j = np.meshgrid(np.arange(ni, dtype=float), np.arange(nj, dtype=float), indexing="ij")
+    plane = np.full_like(i, centre[2])  # slice k's pixels, in the plane through the box centre
+    points = np.stack([i, j, plane, np.ones_like(i)], axis=-1).reshape(-1, 4) @ volume.affine.T
+    lo, hi = np.asarray(box.box_lps[:3]), np.asarray(box.box_lps[3:])
+    inside = np.all((points[:, :3] >= lo) & (points[:, :3] <= hi), axis=1)
     return k, inside.reshape(ni, nj)
 
 
