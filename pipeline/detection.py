@@ -19,8 +19,12 @@ does for every bundle (``shared/bundles/README.md``):
   ``affine_lps_to_ras=True`` flips x and y first. So the bundle's boxes come out in RAS for our input
   (in LPS for its own NIfTI loader, whose affine is RAS: that is what LUNA16's world coordinates are).
   :func:`boxes_lps` reads the space and the flag from the transforms that ran and turns every box
-  into an LPS ``(x0, y0, z0, x1, y1, z1)``. The world box of an oblique volume is the bounding box of
-  the two transformed corners (MONAI's ``apply_affine_to_boxes``); for axial CT it is exact.
+  into an LPS ``(x0, y0, z0, x1, y1, z1)``. MONAI's world box (``apply_affine_to_boxes``) is the bounding
+  box of the two transformed corners ``(x0, y0, z0)`` and ``(x1, y1, z1)``: exact when the grid's axes
+  run along the patient's (any axial, sagittal or coronal series), too small on an oblique grid (a
+  square box turned 45 degrees collapses to zero width). The box reported is therefore the bounding box
+  of all eight corners of the image-space box that ``AffineBoxToWorldCoordinated`` received, through
+  the same affine; it contains the detection on any grid and equals MONAI's on an axis-aligned one.
 - **labels**: ``channel_def`` of ``network_data_format.outputs.pred`` when the metadata has one (an
   override of ``_meta_#network_data_format#outputs#pred#channel_def`` can name them, e.g.
   ``{"0": "nodule"}``); otherwise a one-class detector's class is ``"lesion"`` and several are
@@ -31,8 +35,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Hashable, Iterator, Mapping, Sequence
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -150,7 +154,6 @@ def boxes_lps(
     ``MetaTensor``) they refer to. Returns the postprocessed item and its boxes as an ``N x 6`` float64
     array ``(x0, y0, z0, x1, y1, z1)`` in LPS mm (module docstring: how the space is known).
     """
-    from monai.apps.detection.transforms.box_ops import apply_affine_to_boxes
     from monai.apps.detection.transforms.dictionary import AffineBoxToWorldCoordinated, ConvertBoxModed
     from monai.data.box_utils import StandardMode, convert_box_mode
     from monai.utils import MetaKeys, SpaceKeys
@@ -160,7 +163,13 @@ def boxes_lps(
     image_space = str(meta.get(MetaKeys.SPACE, SpaceKeys.RAS)).upper()
     world: str | None = None  # the space the boxes are in once in world coordinates
     mode: Any = StandardMode
+    voxel_boxes: np.ndarray | None = None  # what AffineBoxToWorldCoordinated received (image space)
+    to_world: np.ndarray | None = None  # and the affine it applied
     for step in steps:
+        if isinstance(step, AffineBoxToWorldCoordinated):
+            voxel_boxes = _as_boxes(item[box_key])
+            reference = cast(Mapping[Hashable, Any], item)
+            to_world = np.asarray(torch.as_tensor(step.extract_affine(reference)[0]).cpu(), dtype=np.float64)
         item = step(item)
         if isinstance(step, AffineBoxToWorldCoordinated):
             flipped = {"LPS": "RAS", "RAS": "LPS"}[image_space]
@@ -170,14 +179,32 @@ def boxes_lps(
     raw = torch.as_tensor(item[box_key]).detach().cpu().to(torch.float64).reshape(-1, 6)
     boxes: Any = convert_box_mode(raw, src_mode=mode, dst_mode=StandardMode)
     if world is None:  # still in voxel coordinates of the preprocessed image: map them ourselves
-        boxes = apply_affine_to_boxes(boxes, torch.as_tensor(image.affine, dtype=torch.float64).cpu())
+        voxel_boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 6)
+        to_world = np.asarray(torch.as_tensor(image.affine).cpu(), dtype=np.float64)
         world = image_space
+    if voxel_boxes is not None and to_world is not None and len(voxel_boxes) == len(raw):
+        boxes = _world_bounding_boxes(voxel_boxes, to_world)  # all eight corners (module docstring)
     corners = np.asarray(boxes, dtype=np.float64).reshape(-1, 6)
     if world == "RAS":  # RAS -> LPS: x and y change sign, so their low and high corners swap
         corners = corners.copy()
         for lo, hi in ((0, 3), (1, 4)):
             corners[:, lo], corners[:, hi] = -corners[:, hi].copy(), -corners[:, lo].copy()
     return item, corners
+
+
+def _as_boxes(boxes: Any) -> np.ndarray:
+    return np.asarray(torch.as_tensor(boxes).detach().cpu().to(torch.float64), dtype=np.float64).reshape(
+        -1, 6
+    )
+
+
+def _world_bounding_boxes(voxel_boxes: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """``N x 6`` xyzxyz boxes in image space -> the bounding boxes of their eight corners through ``affine``."""
+    lo, hi = voxel_boxes[:, None, :3], voxel_boxes[:, None, 3:]
+    pick = np.array([[(n >> a) & 1 for a in range(3)] for n in range(8)], dtype=bool)  # 8 x 3 corner choice
+    corners = np.where(pick[None], hi, lo)  # N x 8 x 3
+    world = corners @ affine[:3, :3].T + affine[:3, 3]
+    return np.concatenate([world.min(axis=1), world.max(axis=1)], axis=1)
 
 
 def detection_boxes(runtime: DetectorRuntime, data: dict[str, Any], output: Any) -> tuple[Detection, ...]:
