@@ -12,7 +12,8 @@ the receiver listens, :func:`recover_index` looks at every file no row names:
   receipt first, in flushed transactions. A ``series`` audit row ``instances_recovered`` says how
   many instances of the series came back this way;
 - unless a row says the file is older news: the instance's row holds a receipt at least as
-  recent (the file is a version superseded before the cut, whose removal the cut interrupted),
+  recent and its file is there (the file is a version superseded before the cut, whose removal
+  the cut interrupted; a row whose file is gone was itself superseded by a lost commit),
   or its study was purged after the file's receipt (retention removes the rows first, then the
   files: storage/retention.py). Those files are removed, as is anything else (no receipt:
   written before receipts, or a results file; torn; not a name the spool makes): what
@@ -113,7 +114,7 @@ def recover_index(sessions: sessionmaker[Session], spool: Spool, describe: Descr
         try:
             with transaction(sessions, "recording an instance again from its file") as session:
                 lock_instance(session.connection(), placement.uid_hash)
-                if _older_than_its_rows(session, incoming, delivery):
+                if _older_than_its_rows(session, spool, incoming, delivery):
                     continue  # removed below
                 result = record_in(
                     session,
@@ -154,12 +155,19 @@ def recover_index(sessions: sessionmaker[Session], spool: Spool, describe: Descr
     return Recovery(recorded=sum(recorded.values()), refused=refused, removed=removed)
 
 
-def _older_than_its_rows(session: Session, incoming: IncomingInstance, delivery: Delivery) -> bool:
+def _older_than_its_rows(
+    session: Session, spool: Spool, incoming: IncomingInstance, delivery: Delivery
+) -> bool:
     """Whether the rows already say more recent things than this file's receipt (see above)."""
-    row_received = session.scalar(
-        select(Instance.received_at).where(Instance.sop_instance_uid == incoming.sop_instance_uid)
-    )
-    if row_received is not None and row_received >= delivery.received_at:
+    row = session.execute(
+        select(Instance.received_at, Instance.path).where(
+            Instance.sop_instance_uid == incoming.sop_instance_uid
+        )
+    ).first()
+    # A row whose file is gone was superseded by a commit the cut took (the superseded file's
+    # removal is flushed, that commit is not): the file in hand is of that commit or later, even
+    # when its receipt is earlier (a store reads its receipt time before it takes the lock).
+    if row is not None and row.received_at >= delivery.received_at and spool.has(row.path):
         return True
     purged_at = session.scalar(
         select(Study.purged_at).where(Study.study_instance_uid == incoming.study_instance_uid)

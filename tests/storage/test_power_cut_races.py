@@ -1,0 +1,76 @@
+"""A power cut after a resend raced a new version of the same instance (issue 15 review).
+
+Two associations record two versions of one instance. Each store reads its receipt time before
+it takes the instance lock, so the store that commits last (the version of record, acknowledged)
+may carry the earlier receipt. Its commit (no flush) replaces the other version's row and removes
+that version's file durably; a power cut then takes the commit. The next start must not treat
+the file of the version of record as older news and remove it too: that would lose both versions
+(an acknowledged instance gone, a row naming no file). The commits are lost for real, as in
+tests/storage/test_power_cut.py; on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from daemon.dicom.stored import describe_stored
+from storage.db import make_engine, make_session_factory
+from storage.ingest import StoreOutcome
+from storage.migrate import upgrade
+from storage.receipt import digest
+from storage.recovery import recover_index
+from storage.spool import Spool
+from tests.storage.test_power_cut import AFTER, BEFORE, S1, SE1, T0, Database, at, open_ingest
+from tests.support.dicom_bytes import content_digest
+from tests.support.instances import ct_chunks, ct_dataset, ct_incoming
+from tests.support.stored import assert_spool_consistent, stored_instances
+
+
+@pytest.fixture
+def database(database_url: str, request: pytest.FixtureRequest) -> Database:
+    is_pg = database_url.startswith("postgresql")
+    return Database(database_url, request.getfixturevalue("pg_admin") if is_pg else None)
+
+
+def test_the_version_committed_last_survives_when_its_receipt_is_earlier(
+    database: Database, tmp_path: Path
+) -> None:
+    root = tmp_path / "spool"
+    engine = make_engine(database.url)
+    upgrade(engine)
+    engine.dispose()
+    uid = "1.2.9.1.1.5"
+    v1 = ct_dataset(uid, SE1, S1, patient="P1", fill=1)
+    v2 = ct_dataset(uid, SE1, S1, patient="P1", fill=2)
+
+    engine, ingest = open_ingest(database.url, root)
+    assert ingest.store(ct_incoming(v1), ct_chunks(v1), BEFORE, received_at=T0) is StoreOutcome.STORED
+    # v2 arrives at at(2) and commits first; the cut keeps this commit (flushed later, say).
+    assert ingest.store(ct_incoming(v2), ct_chunks(v2), AFTER, received_at=at(2)) is StoreOutcome.REPLACED
+    v2_path = stored_instances(database.url)[uid].path
+    engine.dispose()
+    database.snapshot()
+
+    # A resend of v1 read the clock (at(1)) before v2's store did, but took the instance lock
+    # after it: it is the version of record, acknowledged, and v2's file is removed.
+    engine, ingest = open_ingest(database.url, root)
+    assert ingest.store(ct_incoming(v1), ct_chunks(v1), AFTER, received_at=at(1)) is StoreOutcome.REPLACED
+    v1_path = stored_instances(database.url)[uid].path
+    assert not (root / v2_path).exists() and (root / v1_path).exists()
+    engine.dispose()
+
+    database.lose_commits_since_snapshot()  # the resend's commit (no flush) is gone
+    assert stored_instances(database.url)[uid].path == v2_path
+
+    engine = make_engine(database.url)
+    spool = Spool(root)
+    spool.open()
+    recover_index(make_session_factory(engine), spool, describe_stored)
+    engine.dispose()
+
+    rows = assert_spool_consistent(root, database.url)  # every row at its file, every file a row
+    assert set(rows) == {uid}
+    assert rows[uid].path == v1_path
+    assert (rows[uid].sha256, rows[uid].size_bytes) == digest(ct_chunks(v1)) == content_digest(root / v1_path)
