@@ -11,20 +11,25 @@ tests/storage/test_power_cut.py; on SQLite and PostgreSQL.
 
 from __future__ import annotations
 
+import struct
+from io import BytesIO
 from pathlib import Path
 
 import pytest
+from pynetdicom.dsutils import decode
 
+from daemon.dicom.encoding import check_encoding
 from daemon.dicom.stored import describe_stored
+from daemon.dicom.validation import validate_received
 from storage.db import make_engine, make_session_factory
 from storage.ingest import StoreOutcome
 from storage.migrate import upgrade
 from storage.receipt import digest
-from storage.recovery import recover_index
+from storage.recovery import Recovery, recover_index
 from storage.spool import Spool
 from tests.storage.test_power_cut import AFTER, BEFORE, S1, SE1, T0, Database, at, open_ingest
 from tests.support.dicom_bytes import content_digest
-from tests.support.instances import ct_chunks, ct_dataset, ct_incoming
+from tests.support.instances import CT, EXPLICIT_LE, ct_chunks, ct_dataset, ct_incoming
 from tests.support.stored import assert_spool_consistent, stored_instances
 
 
@@ -74,3 +79,50 @@ def test_the_version_committed_last_survives_when_its_receipt_is_earlier(
     assert set(rows) == {uid}
     assert rows[uid].path == v1_path
     assert (rows[uid].sha256, rows[uid].size_bytes) == digest(ct_chunks(v1)) == content_digest(root / v1_path)
+
+
+def test_file_meta_elements_left_in_the_data_set_do_not_refuse_a_recovered_file(
+    database: Database, tmp_path: Path
+) -> None:
+    """Some senders leave file meta elements (group 0002) in the data set they send.
+
+    The receiver accepts it (the same checks as daemon/dicom/scp.py) and stores the data set byte
+    for byte after its own meta group; recovery must read the file meta from that group only,
+    not take the sender's (0002,0003) for ours and refuse (then remove) an acknowledged instance.
+    """
+    root = tmp_path / "spool"
+    engine = make_engine(database.url)
+    upgrade(engine)
+    engine.dispose()
+    database.snapshot()
+    ds = ct_dataset("1.2.9.1.1.8", SE1, S1, patient="P1", fill=3)
+    header, body = ct_chunks(ds)
+    uid = b"9.9.9.9\0"  # (0002,0003) Media Storage SOP Instance UID naming another instance
+    stream = struct.pack("<HH", 0x0002, 0x0003) + b"UI" + struct.pack("<H", len(uid)) + uid + body
+    check_encoding(stream, EXPLICIT_LE)
+    received = decode(BytesIO(stream), False, True)
+    incoming = validate_received(
+        received,
+        request_sop_class=CT,
+        request_sop_instance=ds.SOPInstanceUID,
+        transfer_syntax=EXPLICIT_LE,
+        is_image=True,
+    )
+    assert incoming.sop_instance_uid == ds.SOPInstanceUID
+
+    engine, ingest = open_ingest(database.url, root)
+    assert ingest.store(incoming, (header, stream), AFTER, received_at=at(1)) is StoreOutcome.STORED
+    path = stored_instances(database.url)[ds.SOPInstanceUID].path
+    engine.dispose()
+    database.lose_commits_since_snapshot()
+
+    engine = make_engine(database.url)
+    spool = Spool(root)
+    spool.open()
+    recovery = recover_index(make_session_factory(engine), spool, describe_stored)
+    engine.dispose()
+
+    assert recovery == Recovery(recorded=1, refused=0, removed=0)
+    rows = assert_spool_consistent(root, database.url)
+    assert set(rows) == {ds.SOPInstanceUID} and rows[ds.SOPInstanceUID].path == path
+    assert (rows[ds.SOPInstanceUID].sha256, rows[ds.SOPInstanceUID].size_bytes) == digest((header, stream))
