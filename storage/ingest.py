@@ -122,8 +122,11 @@ class Ingest:
         # One flush (storage/spool.py): identical bytes already in place (the file of record, or
         # an unrecorded orphan of a crash) are not written again.
         delivery = Delivery(association, received_at)
-        flush = self.flush_commit or not sealable(chunks)  # no receipt: the rows must not be lost
-        stored, _ = self.spool.store(chunks, uid, delivery)
+        stored, written = self.spool.store(chunks, uid, delivery)
+        # The rows must not be lost when no receipt of this delivery can rebuild them: bytes that
+        # cannot carry one, or bytes already in place (another delivery's receipt: a failed
+        # store's leftover, a purged study's file not removed yet, a superseded version's).
+        flush = self.flush_commit or not written or not sealable(chunks)
         rel = stored.relative_path
         placement = Placement(self.spool, uid, rel, chunks, delivery)
         try:

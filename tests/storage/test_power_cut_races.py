@@ -12,6 +12,8 @@ tests/storage/test_power_cut.py; on SQLite and PostgreSQL.
 from __future__ import annotations
 
 import struct
+import subprocess
+import sys
 from io import BytesIO
 from pathlib import Path
 
@@ -27,9 +29,10 @@ from storage.migrate import upgrade
 from storage.receipt import digest
 from storage.recovery import Recovery, recover_index
 from storage.spool import Spool
-from tests.storage.test_power_cut import AFTER, BEFORE, S1, SE1, T0, Database, at, open_ingest
+from tests.storage.test_power_cut import AFTER, BEFORE, S1, SE1, T0, Database, _calls, at, open_ingest
 from tests.support.dicom_bytes import content_digest
 from tests.support.instances import CT, EXPLICIT_LE, ct_chunks, ct_dataset, ct_incoming
+from tests.support.peers import need_tool
 from tests.support.stored import assert_spool_consistent, stored_instances
 
 
@@ -126,3 +129,51 @@ def test_file_meta_elements_left_in_the_data_set_do_not_refuse_a_recovered_file(
     rows = assert_spool_consistent(root, database.url)
     assert set(rows) == {ds.SOPInstanceUID} and rows[ds.SOPInstanceUID].path == path
     assert (rows[ds.SOPInstanceUID].sha256, rows[ds.SOPInstanceUID].size_bytes) == digest((header, stream))
+
+
+def test_a_store_that_finds_its_bytes_in_place_flushes_its_commit(tmp_path: Path) -> None:
+    """The ack of a store that wrote no file (its bytes were in place) rests on its commit alone.
+
+    The file in place carries another delivery's receipt (here: a store that failed and whose
+    removal failed too; likewise a file of a purged study whose removal has not happened yet), so
+    recovery could not rebuild this store's rows from it: it must not commit them without a flush.
+    strace counts fsync + fdatasync of a child that stores one instance, with and without then
+    storing, from another association, an instance whose bytes are in place: at least one more.
+    """
+    strace = need_tool("strace")
+    counts = []
+    for final in (False, True):
+        run = tmp_path / str(final)
+        url = f"sqlite:///{run / 'reuse.db'}"
+        upgrade(make_engine(url))
+        trace = run / "strace.txt"
+        command = [strace, "-f", "-qq", "-c", "-e", "trace=fsync,fdatasync", "-o", str(trace)]
+        command += [sys.executable, "-c", REUSE_CHILD, url, str(run / "spool"), str(final)]
+        out = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+        assert out.returncode == 0, out.stderr
+        counts.append(_calls(trace.read_text()))
+    assert counts[1] - counts[0] >= 1, counts
+
+
+REUSE_CHILD = """
+import datetime as dt, sys
+from pathlib import Path
+from storage.db import make_engine, make_session_factory
+from storage.ingest import AssociationInfo, Ingest, StoreOutcome
+from storage.receipt import Delivery
+from storage.spool import Spool
+from tests.support.instances import ct_chunks, ct_dataset, ct_incoming
+url, root, final = sys.argv[1], Path(sys.argv[2]), sys.argv[3] == "True"
+spool = Spool(root)
+spool.open()
+ingest = Ingest(make_session_factory(make_engine(url)), spool, flush_commit=False)
+now = dt.datetime.now(dt.UTC)
+failed = AssociationInfo("f" * 36, "FAILED_SCU", "PACS_TRIAGE", "127.0.0.1", now)
+info = AssociationInfo("a" * 36, "SCU", "PACS_TRIAGE", "127.0.0.1", now)
+first = ct_dataset("1.5.1.1", "1.5.2", "1.5.3", fill=1)
+assert ingest.store(ct_incoming(first), ct_chunks(first), info) is StoreOutcome.STORED
+left = ct_dataset("1.5.1.2", "1.5.2", "1.5.3", fill=2)
+spool.store(ct_chunks(left), left.SOPInstanceUID, Delivery(failed, now))
+if final:
+    assert ingest.store(ct_incoming(left), ct_chunks(left), info) is StoreOutcome.STORED
+"""
