@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from storage.db import transaction, translate_errors
 from storage.events import add_event
+from storage.file_records import remove_if_unnamed
 from storage.models import Delivery, DeliveryState, Instance, Job, JobState, Result, Series, Study, StudyState
 from storage.spool import Spool
 
@@ -145,7 +146,12 @@ def purge(
             return None
         previous = study.state
         series_ids = select(Series.id).where(Series.study_id == study_id).scalar_subquery()
-        paths = list(session.scalars(select(Instance.path).where(Instance.series_id.in_(series_ids))))
+        paths = [
+            (path, uid)
+            for path, uid in session.execute(
+                select(Instance.path, Instance.sop_instance_uid).where(Instance.series_id.in_(series_ids))
+            )
+        ]
         result_paths = []
         for result in session.scalars(
             select(Result).where(Result.study_id == study_id, Result.path.is_not(None))
@@ -167,8 +173,10 @@ def purge(
             files=len(paths) + len(result_paths),
         )
         uid = study.study_instance_uid
-    for path in paths:
-        spool.remove(path)
+    for path, sop_instance_uid in paths:
+        # Under the instance lock, only while no row names it: a resend of the study since the
+        # commit above may have recorded this very file again (storage/file_records.py).
+        remove_if_unnamed(sessions, spool, path, sop_instance_uid)
     for path in result_paths:
         results.remove(path)
     return Purged(uid, len(paths) + len(result_paths), reason)
