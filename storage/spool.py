@@ -198,7 +198,14 @@ class Spool:
         self.check_space(total)
         slot = self._slots.take()
         try:
-            fd = os.open(slot, os.O_WRONLY)
+            try:
+                fd = os.open(slot, os.O_WRONLY)
+            except FileNotFoundError:
+                # Another host's start removed this process's idle spares as stale (storage/slots.py
+                # is_abandoned: another host's slots are judged by age): make new ones.
+                self._slots.drop_spares()
+                slot = self._slots.take()
+                fd = os.open(slot, os.O_WRONLY)
             try:
                 for chunk in chunks:
                     view = memoryview(chunk)
