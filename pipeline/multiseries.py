@@ -223,6 +223,21 @@ def _resampled(volume: Volume, reference: Volume) -> np.ndarray:
     return np.asarray(torch.as_tensor(out).detach().cpu().numpy()[0], dtype=np.float32)
 
 
+MIN_COVERAGE = 0.5  # a channel seeing less of the reference grid than this is refused, not run on zeros
+WARN_COVERAGE = 0.95  # below this the result notes how much of the grid the channel covers
+
+
+def coverage(volume: Volume, reference: Volume, step: int = 4) -> float:
+    """The fraction of ``reference``'s voxel centres (every ``step``-th in each axis) inside ``volume``'s
+    field of view (within half a voxel of its outer voxel centres), through both LPS affines."""
+    axes = [np.arange(0, n, step) if n > step else np.arange(n) for n in reference.array.shape]
+    ijk = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3).astype(np.float64)
+    lps = ijk @ reference.affine[:3, :3].T + reference.affine[:3, 3]
+    src = (lps - volume.affine[:3, 3]) @ np.linalg.inv(volume.affine[:3, :3]).T
+    upper = np.array(volume.array.shape, dtype=np.float64) - 0.5
+    return float(np.all((src >= -0.5) & (src <= upper), axis=1).mean())
+
+
 def _grid(v: Volume) -> str:
     return f"{'x'.join(map(str, v.array.shape))} at {'x'.join(f'{s:.3g}' for s in v.spacing)} mm"
 
@@ -250,6 +265,11 @@ def stack_channels(
     frames = [(n, v) for n, v in zip(selection.names, volumes, strict=True)]
     differ = [(n, v) for n, v in frames if v.frame_of_reference_uid != reference.frame_of_reference_uid]
     notes: list[str] = list(reference.warnings)
+    notes += [
+        f"channel {n!r}: {w}"
+        for n, v in zip(selection.names[1:], volumes[1:], strict=True)
+        for w in v.warnings
+    ]
     if differ:
         listed = "; ".join(
             f"{n!r} series {v.series_instance_uid} FrameOfReferenceUID {v.frame_of_reference_uid}"
@@ -269,10 +289,18 @@ def stack_channels(
         if volume is reference or _same_grid(volume, reference):
             channels.append(np.asarray(volume.array, dtype=np.float32))
             continue
+        covered = coverage(volume, reference)
+        if covered < MIN_COVERAGE:
+            raise GeometryError(
+                f"{prefix}channel {name!r}, series {volume.series_instance_uid}, covers {covered:.0%} of the "
+                f"reference grid of {ref_name!r} ({_grid(reference)}; at least {MIN_COVERAGE:.0%} needed): its "
+                "field of view does not hold the reference series' anatomy, so the network would see zeros there"
+            )
         channels.append(_resampled(volume, reference))
         notes.append(
             f"channel {name!r}: series {volume.series_instance_uid} resampled from {_grid(volume)} onto the "
             f"reference grid of {ref_name!r} ({_grid(reference)})"
+            + (f"; it covers {covered:.0%} of that grid, zero outside" if covered < WARN_COVERAGE else "")
         )
     return MultiChannelVolume(
         array=reference.array,

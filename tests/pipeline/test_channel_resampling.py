@@ -14,12 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import pytest
 from pydicom.uid import generate_uid
 from scipy import ndimage
 
 from pipeline.demo.phantom import PhantomOptions, write_phantom_series
+from pipeline.errors import GeometryError
 from pipeline.geometry import load_volume
-from pipeline.multiseries import Channel, MultiSeriesInput, select_channels, stack_channels
+from pipeline.multiseries import Channel, MultiSeriesInput, coverage, select_channels, stack_channels
 from pipeline.orientation import Orientation
 from pipeline.series_select import SelectionRule
 from tests.paths import TESTDATA
@@ -37,7 +39,17 @@ def _retag(paths: list[Path], study: str, frame: str, shift: np.ndarray | None =
         ds.save_as(path, enforce_file_format=True)
 
 
-def test_a_sagittal_channel_is_resampled_onto_an_axial_reference(tmp_path: Path) -> None:
+ANY_PLANE = frozenset(Orientation)
+INPUTS = MultiSeriesInput(
+    channels=(
+        Channel(name="CT", rule=SelectionRule(modalities=frozenset({"CT"}), orientations=ANY_PLANE)),
+        Channel(name="MR", rule=SelectionRule(modalities=frozenset({"MR"}), orientations=ANY_PLANE)),
+    )
+)
+
+
+def _study(tmp_path: Path, offset_mm: tuple[float, float, float]) -> tuple[list[Path], list[Path]]:
+    """An axial CT block (its first slice's corner at ``offset_mm``, LPS) and the sagittal MR, one study."""
     axial_dir, sag_dir = tmp_path / "axial", tmp_path / "sagittal"
     write_phantom_series(
         axial_dir, seed=3, lesions=0, slices=12, options=PhantomOptions(matrix=64, pixel_spacing_mm=0.8)
@@ -54,16 +66,14 @@ def test_a_sagittal_channel_is_resampled_onto_an_axial_reference(tmp_path: Path)
         (np.asarray(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient, float) for p in axial),
         key=lambda v: v[2],
     )
-    _retag(axial, study, frame, shift=np.array([-20.0, -30.0, -15.0]) - first)  # inside the MR's view
+    _retag(axial, study, frame, shift=np.array(offset_mm) - first)
     _retag(sagittal, study, frame)
+    return axial, sagittal
 
-    any_plane = frozenset(Orientation)
-    inputs = MultiSeriesInput(
-        channels=(
-            Channel(name="CT", rule=SelectionRule(modalities=frozenset({"CT"}), orientations=any_plane)),
-            Channel(name="MR", rule=SelectionRule(modalities=frozenset({"MR"}), orientations=any_plane)),
-        )
-    )
+
+def test_a_sagittal_channel_is_resampled_onto_an_axial_reference(tmp_path: Path) -> None:
+    axial, sagittal = _study(tmp_path, (-20.0, -30.0, -15.0))  # inside the MR's view
+    inputs = INPUTS
     stacked = stack_channels(select_channels(axial + sagittal, inputs), inputs)
 
     reference, mr = load_volume(axial), load_volume(sagittal)
@@ -80,3 +90,24 @@ def test_a_sagittal_channel_is_resampled_onto_an_axial_reference(tmp_path: Path)
     scale = float(np.abs(mr.array).max())
     np.testing.assert_allclose(stacked.channels[1][inside], expected[inside], atol=1e-3 * scale)
     assert float(np.abs(expected[inside]).max()) > 0.1 * scale  # not a comparison of zeros
+    assert not any("covers" in note for note in stacked.warnings)
+
+
+def test_a_channel_that_does_not_cover_the_reference_is_refused_and_a_partial_one_noted(
+    tmp_path: Path,
+) -> None:
+    """Declared registered or not, a channel whose field of view misses the reference grid would reach
+    the network as zeros: refused with the coverage named; a partly covering one is noted."""
+    axial, sagittal = _study(tmp_path / "far", (400.0, 400.0, 400.0))  # far outside the MR's view
+    with pytest.raises(GeometryError, match=r"channel 'MR', series .* covers 0% of the reference grid"):
+        stack_channels(select_channels(axial + sagittal, INPUTS), INPUTS)
+
+    mr = load_volume(sorted(SAGITTAL.glob("*.dcm")))
+    corners = np.array(np.meshgrid(*([0, n - 1] for n in mr.array.shape), indexing="ij")).reshape(3, -1).T
+    x_max = float((corners @ mr.affine[:3, :3].T + mr.affine[:3, 3])[:, 0].max())
+    # The block (64 x 0.8 mm wide in x from its corner) straddles the MR's last plane in x: part in, part out.
+    axial, sagittal = _study(tmp_path / "part", (x_max - 35.0, -30.0, -15.0))
+    partial = coverage(load_volume(sagittal), load_volume(axial))
+    assert 0.05 < partial < 0.95
+    stacked = stack_channels(select_channels(axial + sagittal, INPUTS), INPUTS)
+    assert any(f"covers {partial:.0%} of that grid, zero outside" in note for note in stacked.warnings)
