@@ -40,7 +40,7 @@ class BundleItem:
     """One id of ``inference.json`` and what the runtime does with it."""
 
     id: str
-    action: str  # "honoured", "replaced", "removed", "overridden", "not used"
+    action: str  # "honoured", "replaced", "removed", "overridden", "not used", "disabled"
     detail: str
 
 
@@ -127,6 +127,45 @@ def _json(bundle: Path, rel: str) -> dict[str, Any]:
     return value
 
 
+def _flag(config: Mapping[str, Any], value: Any, depth: int = 0) -> bool | None:
+    """A ``_disabled_`` value as the bundle's own settings make it: a bool, ``@id`` of one, or
+    ``$(not @id)``; None when it is an expression this reading does not evaluate."""
+    if isinstance(value, bool):
+        return value
+    if not isinstance(value, str) or depth > 8:
+        return None
+    if match := re.fullmatch(r"@(\w+)", value.strip()):
+        return _flag(config, config.get(match.group(1)), depth + 1)
+    if match := re.fullmatch(r"\$\(?\s*not\s+@(\w+)\s*\)?", value.strip()):
+        inner = _flag(config, config.get(match.group(1)), depth + 1)
+        return None if inner is None else not inner
+    return None
+
+
+def _disabled(config: Mapping[str, Any], item: Any, where: str, name: str) -> BundleItem | None:
+    """What a transform's ``_disabled_`` does with the bundle's settings (lung_nodule's Spacingd is
+    off unless ``whether_raw_luna16``: a DICOM series then reaches the network at its own spacing)."""
+    if not isinstance(item, Mapping) or "_disabled_" not in item or name.rsplit(".", 1)[-1] in _LOADERS:
+        return None  # a loader is replaced whether or not the bundle disables it
+    raw = item["_disabled_"]
+    if isinstance(raw, str) and (ref := re.fullmatch(r"@(\w+)", raw.strip())):
+        if isinstance(config.get(ref.group(1)), str):
+            raw = f"{raw} = {config[ref.group(1)]}"  # e.g. '@whether_resampled_luna16 = $(not @whether_raw_luna16)'
+    flag = _flag(config, item["_disabled_"])
+    if flag is False:
+        return None
+    short = name.rsplit(".", 1)[-1]
+    effect = " (the series then reaches the network at its own voxel spacing)" if short == "Spacingd" else ""
+    if flag is None:
+        return BundleItem(where, "honoured", f"{name}, unless {raw!r} is true{effect}")
+    return BundleItem(
+        where,
+        "disabled",
+        f"{name}: not run, `_disabled_` {raw!r} is true in this config{effect}; "
+        "an override of that setting runs it",
+    )
+
+
 def _transforms(config: Mapping[str, Any], section: str, channels: tuple[str, ...] = ()) -> list[BundleItem]:
     transforms = config.get(section, {}).get("transforms") if isinstance(config.get(section), dict) else None
     if not isinstance(transforms, list):
@@ -136,6 +175,10 @@ def _transforms(config: Mapping[str, Any], section: str, channels: tuple[str, ..
         name = _target(item)
         short = name.rsplit(".", 1)[-1]
         where = f"{section}#transforms#{index}"
+        off = _disabled(config, item, where, name)
+        if off is not None and off.action == "disabled":
+            items.append(off)
+            continue
         if section == "preprocessing" and short in _LOADERS and channels:
             items.append(
                 BundleItem(
@@ -156,7 +199,7 @@ def _transforms(config: Mapping[str, Any], section: str, channels: tuple[str, ..
                 BundleItem(where, "replaced", f"{name} -> Identityd: results go to the SR/SEG writers")
             )
         else:
-            items.append(BundleItem(where, "honoured", name))
+            items.append(off or BundleItem(where, "honoured", name))
     return items
 
 
