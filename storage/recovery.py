@@ -17,7 +17,10 @@ the receiver listens, :func:`recover_index` looks at every file no row names:
   or its study was purged after the file's receipt (retention removes the rows first, then the
   files: storage/retention.py). Those files are removed, as is anything else (no receipt:
   written before receipts, or a results file; torn; not a name the spool makes): what
-  ``remove_orphans`` always removed.
+  ``remove_orphans`` always removed;
+- a complete receipted file that no longer passes the receiver's validation (stricter rules after
+  an upgrade) may hold an acknowledged instance: it is moved to ``spool/quarantine/`` and logged,
+  never removed.
 
 A file placed by a store that crashed before its commit (never acknowledged) cannot be told from
 one whose commit the power cut took: it is recorded too. The peer, which saw no success, sends
@@ -29,9 +32,11 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -44,6 +49,7 @@ from storage.identity import record_conflict
 from storage.models import Instance, Result, Study
 from storage.receipt import Content, Delivery, read_content
 from storage.recording import IncomingInstance, StoreOutcome, record_in
+from storage.slots import fsync_dir
 from storage.spool import OBJECTS_DIR, Spool
 
 log = logging.getLogger(__name__)
@@ -78,6 +84,21 @@ class _Existing(Placement):
             raise _Vanished(self.relative_path)
 
 
+QUARANTINE_DIR = "quarantine"  # under the spool: receipted files recovery could not record again
+
+
+def _quarantine(spool: Spool, path: Path) -> Path:
+    """Move a file of record that no longer passes validation (an upgrade's stricter rules) out of
+    ``objects/`` instead of removing it: it may hold an acknowledged instance."""
+    target_dir = spool.root / QUARANTINE_DIR
+    target_dir.mkdir(exist_ok=True)
+    target = target_dir / path.name
+    os.replace(path, target)
+    fsync_dir(target_dir)
+    fsync_dir(path.parent)
+    return target
+
+
 def recover_index(sessions: sessionmaker[Session], spool: Spool, describe: Describe) -> Recovery:
     """Record again the files whose rows were lost, then remove what no row names (see above)."""
     with transaction(sessions, "listing files of record") as session:
@@ -100,9 +121,15 @@ def recover_index(sessions: sessionmaker[Session], spool: Spool, describe: Descr
             continue  # not where the spool puts these bytes: not one of its files of record
         try:
             incoming = describe(data)
-        except ValueError as exc:
+        except ValueError as exc:  # complete and receipted, so perhaps acknowledged: kept, set aside
             refused += 1
-            log.warning("not recording %s again: %s", relative, exc)
+            kept = _quarantine(spool, path)
+            log.warning(
+                "not recording %s again: %s; the file is kept as %s for a person to look at",
+                relative,
+                exc,
+                kept,
+            )
             continue
         found.append((content.receipt.delivery.received_at, relative, content, incoming))
     found.sort(key=lambda item: (item[0], item[1]))

@@ -33,6 +33,7 @@ from storage.ingest import AssociationInfo, Ingest, StoreOutcome
 from storage.migrate import upgrade
 from storage.models import Association, Instance, Series, Study, StudyState
 from storage.receipt import Delivery, Receipt, digest, seal
+from storage.recording import IncomingInstance
 from storage.recovery import RECOVERED_EVENT, Recovery, recover_index
 from storage.spool import Spool
 from tests.support.dicom_bytes import content_digest
@@ -292,3 +293,32 @@ def _calls(summary: str) -> int:
         if parts and parts[-1] in ("fsync", "fdatasync"):
             total += int(parts[3])
     return total
+
+
+def test_a_receipted_file_that_fails_validation_now_is_kept_aside_not_removed(
+    database: Database, tmp_path: Path
+) -> None:
+    """Its rows lost, a file that today's validation refuses (an upgrade's stricter rule) may still
+    be an acknowledged instance: recovery moves it to spool/quarantine/, byte for byte, and logs it."""
+    engine = make_engine(database.url)
+    upgrade(engine)
+    engine.dispose()
+    engine, ingest = open_ingest(database.url, tmp_path / "spool")
+    ds = ct_dataset("1.2.7.1.1.1", "1.2.7.1.1", "1.2.7.1", fill=1)
+    assert ingest.store(ct_incoming(ds), ct_chunks(ds), AFTER, received_at=at(1)) is StoreOutcome.STORED
+    path = tmp_path / "spool" / stored_instances(database.url)[ds.SOPInstanceUID].path
+    kept = path.read_bytes()
+    with ingest.sessions.begin() as session:  # as if the unflushed commit was lost
+        session.execute(delete(Instance))
+    engine.dispose()
+
+    def stricter(data: bytes) -> IncomingInstance:
+        raise ValueError("a rule this version did not have")
+
+    engine = make_engine(database.url)
+    recovery = recover_index(make_session_factory(engine), Spool(tmp_path / "spool"), stricter)
+    engine.dispose()
+
+    assert recovery == Recovery(recorded=0, refused=1, removed=0)
+    assert not path.exists()
+    assert (tmp_path / "spool" / "quarantine" / path.name).read_bytes() == kept
