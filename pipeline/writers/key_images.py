@@ -110,11 +110,7 @@ def write_key_images(
             f"lesion map shape {lesion_map.shape} differs from the volume's {volume.array.shape} "
             f"(series {volume.series_instance_uid})"
         )
-    if len(source_datasets) != len(volume.source_instances):
-        raise ValueError(
-            f"{len(source_datasets)} source headers for {len(volume.source_instances)} slices of series "
-            f"{volume.series_instance_uid}: pass one header per slice, in volume order"
-        )
+    _check_headers(source_datasets, volume)
     if saliency is not None and saliency.shape != volume.array.shape:
         raise ValueError(
             f"saliency map shape {saliency.shape} differs from the volume's {volume.array.shape}"
@@ -272,6 +268,14 @@ def box_mask(box: Detection, volume: Volume) -> tuple[int, np.ndarray]:
     return k, inside.reshape(ni, nj)
 
 
+def _check_headers(source_datasets: Sequence[Dataset], volume: Volume) -> None:
+    if len(source_datasets) != len(volume.source_instances):
+        raise ValueError(
+            f"{len(source_datasets)} source headers for {len(volume.source_instances)} slices of series "
+            f"{volume.series_instance_uid}: pass one header per slice, in volume order"
+        )
+
+
 def write_box_key_images(
     volume: Volume,
     source_datasets: Sequence[Dataset],
@@ -289,11 +293,7 @@ def write_box_key_images(
     """
     from pipeline.writers.sr_boxes import box_uid
 
-    if len(source_datasets) != len(volume.source_instances):
-        raise ValueError(
-            f"{len(source_datasets)} source headers for {len(volume.source_instances)} slices of series "
-            f"{volume.series_instance_uid}: pass one header per slice, in volume order"
-        )
+    _check_headers(source_datasets, volume)
     series_uid = result_uids(input_fingerprint, findings.algorithm, "key_images").series_instance_uid
     images: list[Dataset] = []
     for box in findings.detections:
