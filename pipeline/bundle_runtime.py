@@ -259,14 +259,15 @@ class BundleRuntime:
 
         # Several series stacked as channels (pipeline.multiseries): channel-first, as LoadImaged
         # makes of a list of files (original_channel_dim 0).
-        stacked = isinstance(volume, MultiChannelVolume)
+        channel_dim: int | str = "no_channel"
+        pixels = volume.array
         if isinstance(volume, MultiChannelVolume):  # in the order and number the bundle declares
             check_bundle_channels(self.parser.get("_meta_", {}), self.image_key, volume, self.name)
-        pixels = volume.channels if isinstance(volume, MultiChannelVolume) else volume.array
+            channel_dim, pixels = 0, volume.channels
         array = np.ascontiguousarray(pixels, dtype=np.float32)
         meta = {
             MetaKeys.SPACE: SpaceKeys.LPS,  # DICOM patient space; without it MONAI assumes RAS, silently
-            MetaKeys.ORIGINAL_CHANNEL_DIM: 0 if stacked else "no_channel",
+            MetaKeys.ORIGINAL_CHANNEL_DIM: channel_dim,
             MetaKeys.SPATIAL_SHAPE: np.asarray(volume.array.shape),
             MetaKeys.ORIGINAL_AFFINE: volume.affine.astype(np.float64),
             "filename_or_obj": volume.series_instance_uid,

@@ -362,22 +362,38 @@ def _key_objects(
     saliency: np.ndarray | None = None,
     max_images: int | None = None,
 ) -> tuple[Dataset, ...]:
+    """The key images (:func:`_key_images`) and the KOS over them and the SR; none without key images."""
+    images = _key_images(
+        measured, volume, per_slice, fingerprint, content_datetime, notes, saliency, max_images
+    )
+    if not images:
+        return ()
+    kos = write_kos(
+        images, sr, measured.findings, input_fingerprint=fingerprint, content_datetime=content_datetime
+    )
+    return (*images, kos)
+
+
+def _key_images(
+    measured: Measured,
+    volume: Volume,
+    per_slice: list[Dataset],
+    fingerprint: str,
+    content_datetime: datetime.datetime,
+    notes: list[str],
+    saliency: np.ndarray | None,
+    max_images: int | None,
+) -> tuple[Dataset, ...]:
     """One key image per lesion (its largest cross-section, outlined; the ``max_images`` largest when
-    capped) and the KOS over them and the SR."""
+    capped), or per box of a detector (the slice through its centre)."""
     if measured.lesion_map is None:  # a classification-only pipeline segments nothing; a detector has boxes
-        images = write_box_key_images(
+        return write_box_key_images(
             volume,
             per_slice,
             measured.findings,
             input_fingerprint=fingerprint,
             content_datetime=content_datetime,
         )
-        if not images:
-            return ()
-        kos = write_kos(
-            images, sr, measured.findings, input_fingerprint=fingerprint, content_datetime=content_datetime
-        )
-        return (*images, kos)
     if not measured.findings.findings:
         notes.append("no key images: nothing was segmented")
         return ()
@@ -393,16 +409,12 @@ def _key_objects(
     )
     if not key_images:
         notes.append("no key images: no lesion has a voxel in the lesion map")
-        return ()
-    if max_images is not None and len(measured.findings.findings) > max_images:
+    elif max_images is not None and len(measured.findings.findings) > max_images:
         notes.append(
             f"key images for the {len(key_images)} largest of {len(measured.findings.findings)} lesions "
             "(the pipeline's max_key_images); the others are in the SR only"
         )
-    kos = write_kos(
-        key_images, sr, measured.findings, input_fingerprint=fingerprint, content_datetime=content_datetime
-    )
-    return (*key_images, kos)
+    return key_images
 
 
 # --- the pipeline --------------------------------------------------------------------------------
