@@ -3,8 +3,9 @@
 Each receiver process keeps a pool of them in ``<spool>/slots/``, named
 ``<host>.<pid>.<boot>-<random>.slot`` and created ``SLOT_BATCH`` at a time, made durable by one
 fsync of the directory. ``<boot>`` is the kernel's boot id: after a power cut the process that
-wrote a slot is gone even if its pid now belongs to another process (or to the new receiver). ``storage.spool.Spool.store`` writes an instance into a slot, flushes it and
-renames it into place; ``Spool.recover_slots`` handles the slots of processes that died.
+wrote a slot is gone even if its pid now belongs to another process (or to the new receiver).
+``storage.spool.Spool.store`` writes an instance into a slot, flushes it and renames it into place;
+``Spool.recover_slots`` handles the slots of processes that died.
 """
 
 from __future__ import annotations
